@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Take a fresh Debian 12 / Ubuntu 22.04+ machine, as root, to a working natrace install.
+# Used by the README, .ci/run and vagrant/. Idempotent: a second run changes nothing.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${NATRACE_VENV:-$here/.venv}
+log() { printf 'provision: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "provision: run as root (sudo $0)" >&2
+    exit 2
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+packages=(bpfcc-tools python3-bpfcc libbpfcc python3-venv python3-dev
+          gcc g++ make binutils libc6-dbg
+          postgresql libpq-dev nodejs npm
+          heaptrack valgrind tmux procps util-linux)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+# nodejs from nodesource already ships npm: don't ask apt for the Debian one then.
+if [[ " ${missing[*]} " == *" npm "* ]] && command -v npm >/dev/null; then
+    missing=("${missing[@]/npm}")
+fi
+read -r -a missing <<<"${missing[*]}"
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing: ${missing[*]}"
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Kernel headers: bcc will not compile without /lib/modules/$(uname -r)/build.
+kdir=/lib/modules/$(uname -r)
+if [ ! -e "$kdir/build/include" ]; then
+    if apt-cache show "linux-headers-$(uname -r)" >/dev/null 2>&1; then
+        log "installing linux-headers-$(uname -r)"
+        apt-get install -y -qq "linux-headers-$(uname -r)" >/dev/null
+    else
+        meta=linux-headers-amd64
+        [ "$(dpkg --print-architecture)" = arm64 ] && meta=linux-headers-arm64
+        grep -qi ubuntu /etc/os-release && meta=linux-headers-generic
+        dpkg-query -W -f='${Status}' "$meta" 2>/dev/null | grep -q 'install ok installed' || {
+            log "no headers package for $(uname -r): installing $meta"
+            apt-get update -qq
+            apt-get install -y -qq "$meta" >/dev/null
+        }
+        build=$(ls -d /usr/src/linux-headers-*-"${meta#linux-headers-}" 2>/dev/null | sort -V | tail -n 1)
+        [ -n "$build" ] || build=$(ls -d /usr/src/linux-headers-*-generic 2>/dev/null | sort -V | tail -n 1)
+        common=${build%-*}-common
+        [ -d "$common" ] || common=$build
+        mkdir -p "$kdir"
+        ln -sfn "$build" "$kdir/build"
+        ln -sfn "$common" "$kdir/source"
+        log "linked $kdir/build -> $build"
+    fi
+fi
+
+# tracefs and debugfs: bcc attaches uprobes and tracepoints through them.
+mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
+mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug
+
+# The virtualenv sees the OS's bcc through --system-site-packages.
+if [ ! -x "$venv/bin/python" ]; then
+    log "creating $venv"
+    /usr/bin/python3 -m venv --system-site-packages "$venv"
+fi
+stamp=$venv/.natrace-installed
+if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
+    log "installing natrace into $venv"
+    "$venv/bin/pip" install -q --upgrade pip >/dev/null
+    "$venv/bin/pip" install -q -e "$here[test]"
+    touch "$stamp"
+fi
+log "ready: $venv/bin/natrace"

@@ -1,0 +1,11 @@
+"""`natrace doctor` (placeholder until implemented)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("doctor")
+def command() -> None:
+    """Not implemented yet."""
+    raise click.ClickException("not implemented yet")

@@ -1,0 +1,45 @@
+"""Expected failures and their exit codes.
+
+Every failure a user can cause or fix (bad PID, no root, missing kernel feature,
+corrupted file) is raised as a NatraceError subclass; the CLI prints its message
+on one line and exits with its code. Anything else is a bug and gets a traceback
+only under --debug.
+"""
+
+from __future__ import annotations
+
+
+class NatraceError(Exception):
+    """A failure the user can act on: one line of text, one exit code."""
+
+    exit_code = 1
+
+
+class UsageError(NatraceError):
+    """Bad option values or arguments."""
+
+    exit_code = 2
+
+
+class PrivilegeError(NatraceError):
+    """Not root and lacking CAP_BPF/CAP_PERFMON."""
+
+    exit_code = 2
+
+
+class TargetError(NatraceError):
+    """The target process doesn't exist, is a kernel thread, a zombie, or vanished."""
+
+    exit_code = 3
+
+
+class KernelFeatureError(NatraceError):
+    """tracefs, uprobes, headers, bcc or a tracepoint is missing."""
+
+    exit_code = 4
+
+
+class FileFormatError(NatraceError):
+    """A recording or input file is missing, truncated, corrupted or too new."""
+
+    exit_code = 2

@@ -1,0 +1,39 @@
+"""A symbolized stack frame and the module it belongs to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One return address, named as well as the symbolizer could.
+
+    `module` is the mapped file's path ("" when the address is in no known mapping);
+    `module_class` is its attribution class (libpq, addon:<name>, node, js, libc, ...).
+    """
+
+    address: int
+    module: str = ""
+    module_offset: int = 0
+    symbol: str | None = None
+    symbol_offset: int = 0
+    file: str | None = None
+    line: int | None = None
+    module_class: str = "unknown"
+
+    @property
+    def module_name(self) -> str:
+        return self.module.rsplit("/", 1)[-1] if self.module else "[unknown]"
+
+    def label(self) -> str:
+        """`symbol+0xoff` when named, else `module+0xoff`; never a bare [unknown] if the module is known."""
+        if self.symbol:
+            text = self.symbol if self.symbol_offset == 0 else f"{self.symbol}+{self.symbol_offset:#x}"
+        elif self.module:
+            text = f"{self.module_name}+{self.module_offset:#x}"
+        else:
+            text = f"[unknown {self.address:#x}]"
+        if self.file and self.line:
+            text += f" ({self.file.rsplit('/', 1)[-1]}:{self.line})"
+        return text
