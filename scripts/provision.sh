@@ -16,7 +16,13 @@ export DEBIAN_FRONTEND=noninteractive
 packages=(bpfcc-tools python3-bpfcc libbpfcc python3-venv python3-dev
           gcc g++ make binutils libc6-dbg
           postgresql libpq-dev nodejs npm
-          heaptrack valgrind tmux procps util-linux)
+          heaptrack valgrind tmux procps util-linux ruby)
+# N-API headers (/usr/include/node) are in libnode-dev on Debian 12 and Ubuntu 22.04; a
+# nodejs from nodesource ships them itself and conflicts with libnode-dev.
+[ -e /usr/include/node/node_api.h ] || packages+=(libnode-dev)
+
+apt_updated=
+apt_update() { [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }; }
 
 missing=()
 for p in "${packages[@]}"; do
@@ -29,13 +35,14 @@ fi
 read -r -a missing <<<"${missing[*]}"
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing: ${missing[*]}"
-    apt-get update -qq
+    apt_update
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # Kernel headers: bcc will not compile without /lib/modules/$(uname -r)/build.
 kdir=/lib/modules/$(uname -r)
 if [ ! -e "$kdir/build/include" ]; then
+    apt_update
     if apt-cache show "linux-headers-$(uname -r)" >/dev/null 2>&1; then
         log "installing linux-headers-$(uname -r)"
         apt-get install -y -qq "linux-headers-$(uname -r)" >/dev/null
@@ -45,12 +52,17 @@ if [ ! -e "$kdir/build/include" ]; then
         grep -qi ubuntu /etc/os-release && meta=linux-headers-generic
         dpkg-query -W -f='${Status}' "$meta" 2>/dev/null | grep -q 'install ok installed' || {
             log "no headers package for $(uname -r): installing $meta"
-            apt-get update -qq
             apt-get install -y -qq "$meta" >/dev/null
         }
         build=$(ls -d /usr/src/linux-headers-*-"${meta#linux-headers-}" 2>/dev/null | sort -V | tail -n 1)
         [ -n "$build" ] || build=$(ls -d /usr/src/linux-headers-*-generic 2>/dev/null | sort -V | tail -n 1)
+        if [ -z "$build" ]; then
+            echo "provision: $meta installed no /usr/src/linux-headers-* directory" >&2
+            exit 1
+        fi
+        # The arch-independent half: Debian's <ver>-common, Ubuntu's bare <ver>.
         common=${build%-*}-common
+        [ -d "$common" ] || common=${build%-*}
         [ -d "$common" ] || common=$build
         mkdir -p "$kdir"
         ln -sfn "$build" "$kdir/build"
