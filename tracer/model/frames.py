@@ -27,9 +27,11 @@ class Frame:
         return self.module.rsplit("/", 1)[-1] if self.module else "[unknown]"
 
     def label(self) -> str:
-        """`symbol+0xoff` when named, else `module+0xoff`; never a bare [unknown] if the module is known."""
+        """`symbol+0xoff` when named, else `module+0xoff`: never a bare [unknown] in a known module."""
         if self.symbol:
-            text = self.symbol if self.symbol_offset == 0 else f"{self.symbol}+{self.symbol_offset:#x}"
+            text = self.symbol
+            if self.symbol_offset:
+                text += f"+{self.symbol_offset:#x}"
         elif self.module:
             text = f"{self.module_name}+{self.module_offset:#x}"
         else:

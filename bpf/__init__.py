@@ -1,0 +1,1 @@
+"""BPF C sources, shipped inside the natrace package as tracer.bpfsrc."""

@@ -1,0 +1,90 @@
+/* Layouts shared by natrace's BPF programs and its Python side.
+ *
+ * The BPF C includes this file; Python reads the NATRACE_* #defines from it
+ * (tracer/bpfprog.py) and gets the struct layouts from bcc, which builds its
+ * ctypes from these very declarations. Change a layout here and both sides follow.
+ */
+#ifndef NATRACE_H
+#define NATRACE_H
+
+/* Allocator entry points, as the `kind` of a probe. */
+#define NATRACE_FN_MALLOC 1          /* (size) -- also valloc, pvalloc */
+#define NATRACE_FN_CALLOC 2          /* (n, size) */
+#define NATRACE_FN_REALLOC 3         /* (ptr, size) */
+#define NATRACE_FN_REALLOCARRAY 4    /* (ptr, n, size) */
+#define NATRACE_FN_MEMALIGN 5        /* (align, size) -- also aligned_alloc */
+#define NATRACE_FN_POSIX_MEMALIGN 6  /* (void **out, align, size) */
+#define NATRACE_FN_WRAPPER 7         /* strdup, operator new, ...: the size comes from
+                                        the first allocation made inside the call */
+
+/* Blocks are counted in 1/65536ths so that sampled estimates (1/p blocks per
+ * sampled allocation) stay exact integers in unsampled mode. */
+#define NATRACE_BLOCK_SHIFT 16
+
+/* Per-CPU counters of what the pipeline could not record. */
+#define NATRACE_CNT_STACK_EFAULT 0     /* stack walk faulted */
+#define NATRACE_CNT_STACK_EEXIST 1     /* stack-map hash collision */
+#define NATRACE_CNT_STACK_ENOMEM 2     /* stack map full */
+#define NATRACE_CNT_STACK_OTHER 3
+#define NATRACE_CNT_UNTRACKED 4        /* allocation not recorded: outstanding map full */
+#define NATRACE_CNT_UNTRACKED_BYTES 5
+#define NATRACE_CNT_SITES_FULL 6       /* allocation not recorded: site map full */
+#define NATRACE_CNT_STALE 7            /* address reused without a traced free */
+#define NATRACE_CNT_EVENTS_LOST 8      /* ring buffer full */
+#define NATRACE_CNT_ALLOC_CALLS 9      /* outermost allocator calls seen */
+#define NATRACE_CNT_FREE_CALLS 10      /* free() of a tracked block */
+#define NATRACE_CNT_SAMPLED_OUT 11     /* allocations skipped by sampling */
+#define NATRACE_NCOUNTERS 12
+
+/* Memory-mapping syscalls streamed to Python (range operations). */
+#define NATRACE_EV_MMAP 1
+#define NATRACE_EV_MUNMAP 2
+#define NATRACE_EV_MREMAP 3
+#define NATRACE_EV_BRK 4
+
+/* mem_event.flags */
+#define NATRACE_EVF_ALLOCATOR 1   /* made by the allocator itself (inside a malloc-family call) */
+#define NATRACE_EVF_ANON 2        /* anonymous mapping */
+
+/* Outstanding block, keyed by address. */
+struct alloc_info {
+    u64 size;
+    u64 ts_ns;
+    s32 stack_id;   /* negative: -errno of the failed stack capture */
+    u32 pad;
+};
+
+/* Per call site (stack id), updated with atomic adds so a snapshot taken while
+ * the program churns is exact. bytes/blocks are outstanding; allocs/alloc_bytes
+ * are totals since attach. In sampled mode all four are unbiased estimates. */
+struct site_stats {
+    s64 bytes;
+    s64 blocks_fp;      /* blocks << NATRACE_BLOCK_SHIFT */
+    u64 allocs_fp;      /* allocations << NATRACE_BLOCK_SHIFT */
+    u64 alloc_bytes;
+};
+
+/* A thread inside an allocator call; depth survives nested calls
+ * (realloc -> malloc, calloc -> malloc -> mmap). */
+struct entry_state {
+    u64 size;
+    u64 ptr;       /* realloc's old block, posix_memalign's out-pointer */
+    u32 depth;
+    u32 kind;
+};
+
+/* mmap/munmap/mremap/brk, after the call returned successfully. */
+struct mem_event {
+    u64 ts_ns;
+    u64 addr;       /* mmap: result; munmap: start; mremap: old address; brk: new break */
+    u64 len;        /* mmap/munmap: length; mremap: old length; brk: 0 */
+    u64 new_addr;   /* mremap: new address */
+    u64 new_len;    /* mremap: new length */
+    u64 caller;     /* return address into the syscall wrapper's caller (0 if unread) */
+    s32 stack_id;
+    u32 kind;
+    u32 flags;
+    u32 tid;
+};
+
+#endif

@@ -1,0 +1,81 @@
+"""Compiling natrace's BPF C sources (bpf/) with bcc.
+
+The only module that imports bcc's BPF class; it turns bcc's failures into
+NatraceErrors that say what to install or mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from tracer.errors import KernelFeatureError
+
+_HEADER = "natrace.h"
+
+
+def source_dir() -> Path:
+    """Where the BPF sources are: the repo's bpf/ or the installed package data."""
+    return Path(str(resources.files("tracer.bpfsrc")))
+
+
+def import_bcc() -> ModuleType:
+    """bcc comes from the OS, not PyPI: say which package when it is missing."""
+    try:
+        import bcc
+    except ImportError:
+        raise KernelFeatureError(
+            "bcc's Python module is missing: install python3-bpfcc (Debian/Ubuntu) or "
+            "python3-bcc (Fedora) and run natrace from a venv made with --system-site-packages"
+        ) from None
+    if not hasattr(bcc, "BPF"):
+        raise KernelFeatureError(
+            "the 'bcc' module found is PyPI's unrelated package: pip uninstall bcc, "
+            "then install python3-bpfcc from your OS"
+        )
+    return bcc
+
+
+@functools.cache
+def constants() -> dict[str, int]:
+    """The NATRACE_* #defines of bpf/natrace.h, so Python and BPF share one definition."""
+    text = (source_dir() / _HEADER).read_text()
+    return {
+        m.group(1): int(m.group(2), 0)
+        for m in re.finditer(r"^#define (NATRACE_\w+) (\S+)", text, re.MULTILINE)
+    }
+
+
+def compile_program(name: str, defines: dict[str, int | str]) -> Any:
+    """Compile bpf/<name> with -D parameters; one line of bcc's complaint on failure."""
+    bcc = import_bcc()
+    src = source_dir()
+    if not Path(f"/lib/modules/{os.uname().release}/build/include").exists():
+        raise KernelFeatureError(
+            f"no kernel headers at /lib/modules/{os.uname().release}/build: "
+            "run scripts/provision.sh (it installs and links them)"
+        )
+    cflags = [f"-I{src}", "-Wno-macro-redefined", "-Wno-unused-function"]
+    cflags += [f"-D{key}={value}" for key, value in defines.items()]
+    text = (src / name).read_text()
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return bcc.BPF(text=text, cflags=cflags)
+    except Exception as err:  # bcc raises bare Exception on compile/load failure
+        detail = _first_error_line(captured.getvalue()) or str(err).splitlines()[0]
+        raise KernelFeatureError(f"could not load the BPF program {name}: {detail}") from None
+
+
+def _first_error_line(text: str) -> str:
+    for line in text.splitlines():
+        if "error" in line.lower():
+            return line.strip()
+    return ""

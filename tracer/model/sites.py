@@ -1,0 +1,46 @@
+"""Call sites that hold memory: malloc'd blocks, anonymous mappings, heap growth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tracer.model.frames import Frame
+
+
+@dataclass
+class Site:
+    """Memory still held that was allocated through one stack.
+
+    `frames` run from the allocator's caller outwards; `charge_index` is the frame the
+    bytes are charged to (first frame outside the allocator and its wrappers, or as
+    --charge-to says). A site whose stack could not be captured has no frames and
+    says why in `lost_stack` (e.g. "EEXIST"): its bytes still count in every total.
+    """
+
+    kind: str  # "malloc", "mmap" or "brk"
+    frames: list[Frame]
+    bytes: int
+    blocks: int
+    allocs: int = 0
+    alloc_bytes: int = 0
+    charge_index: int = 0
+    allocator_internal: bool = False
+    lost_stack: str | None = None
+    stack_ids: list[int] = field(default_factory=list)
+
+    @property
+    def frame(self) -> Frame | None:
+        if not self.frames:
+            return None
+        return self.frames[min(self.charge_index, len(self.frames) - 1)]
+
+    @property
+    def module_class(self) -> str:
+        frame = self.frame
+        return frame.module_class if frame else "unknown"
+
+    def label(self) -> str:
+        frame = self.frame
+        if frame is None:
+            return f"[stack not captured: {self.lost_stack}]"
+        return frame.label()

@@ -1,0 +1,52 @@
+"""One moment of a traced process: every site that holds memory, and what was lost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tracer.model.sites import Site
+
+# What the pipeline could not record, by name, with the sentence a report prints.
+LOSS_DESCRIPTIONS = {
+    "stack_efault": "stack walks that faulted",
+    "stack_eexist": "stacks lost to stack-map collisions (raise --stack-map-size)",
+    "stack_enomem": "stacks lost: stack map full (raise --stack-map-size)",
+    "stack_other": "stacks lost for other reasons",
+    "untracked": "allocations not tracked: outstanding map full (raise --max-allocs)",
+    "untracked_bytes": "bytes in untracked allocations",
+    "sites_full": "allocations not tracked: site map full",
+    "stale": "blocks reused without a traced free (freed through an untraced path)",
+    "events_lost": "mapping events lost: ring buffer full",
+}
+
+
+@dataclass
+class Snapshot:
+    pid: int
+    command: str
+    taken_at: float  # seconds since the epoch
+    duration: float  # seconds traced
+    sample_bytes: int = 0  # 0: exact; else byte-weighted sampling period
+    min_age: float = 0.0
+    sites: list[Site] = field(default_factory=list)
+    loss: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    target_exited: bool = False
+    exit_code: int | None = None
+
+    @property
+    def mode(self) -> str:
+        return "sampled" if self.sample_bytes else "full"
+
+    def user_sites(self) -> list[Site]:
+        """Sites whose bytes belong to the program (not the allocator's own mappings)."""
+        return [s for s in self.sites if not s.allocator_internal]
+
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.user_sites())
+
+    def total_blocks(self) -> int:
+        return sum(s.blocks for s in self.user_sites())
+
+    def lost_anything(self) -> bool:
+        return any(self.loss.values())

@@ -1,0 +1,216 @@
+"""Allocation probes: the malloc family (uprobes) and anonymous mappings (tracepoints).
+
+Owns the BPF program bpf/alloc.bpf.c; hands raw per-stack counters, stacks and
+live mapping ranges to the aggregator. Nothing here symbolizes or formats.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from tracer import bpfprog
+from tracer.allocators import EntryPoint, find_entry_points
+from tracer.errors import KernelFeatureError, TargetError
+from tracer.mappings import MappingTracker, Owner
+from tracer.placement import entry_offset
+from tracer.target import Target
+
+_COUNTERS = {
+    "stack_efault": "NATRACE_CNT_STACK_EFAULT",
+    "stack_eexist": "NATRACE_CNT_STACK_EEXIST",
+    "stack_enomem": "NATRACE_CNT_STACK_ENOMEM",
+    "stack_other": "NATRACE_CNT_STACK_OTHER",
+    "untracked": "NATRACE_CNT_UNTRACKED",
+    "untracked_bytes": "NATRACE_CNT_UNTRACKED_BYTES",
+    "sites_full": "NATRACE_CNT_SITES_FULL",
+    "stale": "NATRACE_CNT_STALE",
+    "events_lost": "NATRACE_CNT_EVENTS_LOST",
+}
+_CALL_COUNTERS = {
+    "allocs": "NATRACE_CNT_ALLOC_CALLS",
+    "frees": "NATRACE_CNT_FREE_CALLS",
+    "sampled_out": "NATRACE_CNT_SAMPLED_OUT",
+}
+
+
+@dataclass(frozen=True)
+class AllocOptions:
+    sample_bytes: int = 0
+    max_allocs: int = 1 << 19
+    stack_map_size: int = 1 << 15
+    ringbuf_pages: int = 256
+
+
+@dataclass(frozen=True)
+class RawSite:
+    """Kernel counters of one stack id (negative: -errno of a failed capture)."""
+
+    stack_id: int
+    bytes: int
+    blocks: int
+    allocs: int
+    alloc_bytes: int
+
+
+@dataclass(frozen=True)
+class ProbePoint:
+    """Where one allocator function was probed, for reports and the benchmark."""
+
+    path: str
+    symbol: str
+    offset: int
+    has_return: bool
+
+
+class AllocProbes:
+    def __init__(self, options: AllocOptions) -> None:
+        self.options = options
+        self.points: list[ProbePoint] = []
+        self.mappings = MappingTracker()
+        self._bpf: Any = None
+        self._stack_cache: dict[int, tuple[int, ...]] = {}
+        self._c = bpfprog.constants()
+        self._shift = self._c["NATRACE_BLOCK_SHIFT"]
+
+    def attach(self, target: Target) -> None:
+        entry_points = find_entry_points(target.mapped_files(), target.executable())
+        if not any(ep.family_name == "malloc" for ep in entry_points):
+            raise TargetError(f"process {target.pid} maps no known allocator (no malloc found)")
+        defines: dict[str, int | str] = {
+            "TARGET_TGID": target.pid,
+            "SAMPLE_BYTES": self.options.sample_bytes,
+            "MAX_ALLOCS": self.options.max_allocs,
+            "MAX_STACKS": self.options.stack_map_size,
+            "RINGBUF_PAGES": self.options.ringbuf_pages,
+        }
+        if target.launched:
+            defines["WAIT_EXEC"] = 1
+        self._bpf = bpfprog.compile_program("alloc.bpf.c", defines)
+        try:
+            for ep in entry_points:
+                self._attach_entry_point(ep, target.pid)
+        except Exception as err:
+            self.detach()
+            if not target.alive():
+                raise TargetError(f"process {target.pid} exited while natrace attached") from None
+            raise KernelFeatureError(f"could not attach uprobes: {err}") from None
+        self._bpf["mem_events"].open_ring_buffer(self._on_mem_event)
+
+    def _attach_entry_point(self, ep: EntryPoint, pid: int) -> None:
+        offset = 0
+        if not ep.has_return:
+            with open(ep.path, "rb") as fh:
+                fh.seek(ep.file_offset)
+                offset = entry_offset(fh.read(ep.size), ignores_null_first_arg=True)
+        self._bpf.attach_uprobe(name=ep.path, addr=ep.vaddr + offset, fn_name=ep.program, pid=pid)
+        if ep.has_return:
+            self._bpf.attach_uretprobe(name=ep.path, addr=ep.vaddr, fn_name="alloc_return",
+                                       pid=pid)
+        self.points.append(ProbePoint(ep.path, ep.symbol, offset, ep.has_return))
+
+    def poll(self) -> None:
+        """Drain streamed mapping events (the producer never wakes us: we poll)."""
+        if self._bpf is not None:
+            self._bpf.ring_buffer_consume()
+
+    def _on_mem_event(self, _ctx: Any, data: Any, _size: int) -> None:
+        ev = self._bpf["mem_events"].event(data)
+        kind = ev.kind
+        c = self._c
+        internal = bool(ev.flags & c["NATRACE_EVF_ALLOCATOR"])
+        if kind == c["NATRACE_EV_MMAP"]:
+            if ev.flags & c["NATRACE_EVF_ANON"]:
+                owner = Owner(self._syscall_stack(ev.stack_id, ev.caller), "mmap", internal)
+                self.mappings.mmap(ev.addr, ev.len, owner)
+            else:
+                self.mappings.munmap(ev.addr, ev.len)  # a file mapping replaced the range
+        elif kind == c["NATRACE_EV_MUNMAP"]:
+            self.mappings.munmap(ev.addr, ev.len)
+        elif kind == c["NATRACE_EV_MREMAP"]:
+            self.mappings.mremap(ev.addr, ev.len, ev.new_addr, ev.new_len)
+        elif kind == c["NATRACE_EV_BRK"]:
+            owner = Owner(self._syscall_stack(ev.stack_id, ev.caller), "brk", internal)
+            self.mappings.brk(ev.addr, owner)
+
+    def _syscall_stack(self, stack_id: int, caller: int) -> tuple[int, ...]:
+        """The stack of a syscall, with the wrapper's caller put back in: the
+        frame-pointer walk from inside a libc wrapper skips it."""
+        stack = self.stack(stack_id)
+        if stack and caller and (len(stack) < 2 or stack[1] != caller):
+            stack = (stack[0], caller, *stack[1:])
+        return stack
+
+    def stack(self, stack_id: int) -> tuple[int, ...]:
+        if stack_id < 0:
+            return ()
+        cached = self._stack_cache.get(stack_id)
+        if cached is None:
+            try:
+                cached = tuple(self._bpf["stacks"].walk(stack_id))
+            except KeyError:
+                cached = ()
+            self._stack_cache[stack_id] = cached
+        return cached
+
+    def sites(self) -> list[RawSite]:
+        shift = self._shift
+        out = []
+        for key, value in self._bpf["sites"].items():
+            if value.allocs_fp == 0 and value.blocks_fp == 0:
+                continue
+            out.append(RawSite(key.value, value.bytes, value.blocks_fp >> shift,
+                               value.allocs_fp >> shift, value.alloc_bytes))
+        return out
+
+    def sites_older_than(self, min_age: float) -> list[RawSite]:
+        """Outstanding blocks at least `min_age` seconds old, summed per stack."""
+        cutoff = time.monotonic_ns() - int(min_age * 1e9)
+        acc: dict[int, list[int]] = {}
+        for _addr, info in self._iter_allocs():
+            if info.ts_ns > cutoff:
+                continue
+            slot = acc.setdefault(info.stack_id, [0, 0])
+            slot[0] += self._weight_bytes(info.size)
+            slot[1] += self._weight_blocks_fp(info.size)
+        return [RawSite(sid, b, n >> self._shift, 0, 0) for sid, (b, n) in acc.items()]
+
+    def _iter_allocs(self) -> Iterator[tuple[Any, Any]]:
+        table = self._bpf["allocs"]
+        try:
+            yield from table.items_lookup_batch()
+        except Exception:  # kernels without batch ops
+            yield from table.items()
+
+    def _weight_bytes(self, size: int) -> int:
+        rate = self.options.sample_bytes
+        return max(size, rate) if rate else size
+
+    def _weight_blocks_fp(self, size: int) -> int:
+        rate = self.options.sample_bytes
+        if rate and size < rate:
+            return (rate << self._shift) // max(size, 1)
+        return 1 << self._shift
+
+    def counters(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(what was lost, call counts), summed over CPUs."""
+        table = self._bpf["counters"]
+
+        def total(macro: str) -> int:
+            return int(sum(table[ctypes.c_int(self._c[macro])]))
+
+        return ({name: total(m) for name, m in _COUNTERS.items()},
+                {name: total(m) for name, m in _CALL_COUNTERS.items()})
+
+    def detach(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+
+def stack_error_name(stack_id: int) -> str:
+    return errno.errorcode.get(-stack_id, str(-stack_id))

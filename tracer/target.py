@@ -1,0 +1,214 @@
+"""The traced process: attached by PID, or launched by natrace with probes in place first."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tracer.errors import TargetError, UsageError
+
+
+@dataclass
+class Target:
+    """A process natrace traces. `child` is set when natrace launched it."""
+
+    pid: int
+    argv: list[str] = field(default_factory=list)
+    launched: bool = False
+    _gate: int | None = None
+    exit_code: int | None = None
+
+    def alive(self) -> bool:
+        if self.launched:
+            if self.exit_code is None:
+                self._reap(os.WNOHANG)
+            return self.exit_code is None
+        try:
+            with open(f"/proc/{self.pid}/stat") as fh:
+                return _stat_state(fh.read()) not in ("Z", "X")
+        except OSError:
+            return False
+
+    def mapped_files(self) -> list[str]:
+        """Files the target maps now (or, before exec, the files it will load)."""
+        if self._gate is not None:
+            return planned_libraries(self.argv)
+        return mapped_files(self.pid)
+
+    def executable(self) -> str | None:
+        if self._gate is not None:
+            return resolve_command(self.argv[0])
+        try:
+            return os.readlink(f"/proc/{self.pid}/exe").removesuffix(" (deleted)")
+        except OSError:
+            return None
+
+    def release(self) -> None:
+        """Let a launched child exec its command (probes are in place by now)."""
+        if self._gate is not None:
+            os.write(self._gate, b"go")
+            os.close(self._gate)
+            self._gate = None
+
+    def _reap(self, options: int) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, options)
+        except ChildProcessError:
+            self.exit_code = self.exit_code if self.exit_code is not None else 0
+            return
+        if pid:
+            self.exit_code = os.waitstatus_to_exitcode(status)
+            if self.exit_code < 0:  # killed by a signal: the shell's convention
+                self.exit_code = 128 - self.exit_code
+
+    def wait(self) -> int | None:
+        """Wait for a launched child and return its exit code (None if attached)."""
+        if self.launched and self.exit_code is None:
+            self._reap(0)
+        return self.exit_code
+
+    def terminate(self) -> None:
+        """Stop a child natrace launched (never an attached process)."""
+        if not self.alive():
+            return
+        self.release()
+        os.kill(self.pid, signal.SIGTERM)
+        for _ in range(50):
+            if not self.alive():
+                return
+            time.sleep(0.1)
+        os.kill(self.pid, signal.SIGKILL)
+        self.wait()
+
+
+def _stat_state(stat: str) -> str:
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def attach(pid: int) -> Target:
+    """Validate a PID for attaching: exists, user-space, not a zombie, not natrace itself."""
+    if pid <= 0:
+        raise UsageError(f"invalid PID {pid}: give the PID of a running process")
+    if pid == os.getpid():
+        raise TargetError("natrace cannot trace itself: give another PID")
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except FileNotFoundError:
+        raise TargetError(f"no process with PID {pid}: check the PID with ps") from None
+    except PermissionError:
+        raise TargetError(f"cannot read /proc/{pid}: run natrace as root") from None
+    state = _stat_state(stat)
+    if state in ("Z", "X"):
+        raise TargetError(f"process {pid} is a zombie: it has exited and has no memory to trace")
+    flags = int(stat.rsplit(")", 1)[1].split()[6])
+    if flags & 0x00200000 or not mapped_files(pid):  # PF_KTHREAD
+        raise TargetError(f"process {pid} is a kernel thread: give a user-space process")
+    return Target(pid=pid, argv=argv)
+
+
+def launch(argv: Sequence[str]) -> Target:
+    """Fork the command held at a gate: it execs only after release(), so probes
+    attached in between see its first allocation. Never run through a shell."""
+    if not argv:
+        raise UsageError("no command given: natrace run -- CMD ARGS")
+    exe = resolve_command(argv[0])
+    if exe is None:
+        raise TargetError(f"command not found: {argv[0]}")
+    if not os.access(exe, os.X_OK):
+        raise TargetError(f"command is not executable: {exe}")
+    read_end, write_end = os.pipe()
+    args = [exe, *argv[1:]]
+    pid = os.fork()
+    if pid == 0:  # child: wait at the gate, then become the command
+        try:
+            os.close(write_end)
+            os.read(read_end, 2)  # "go", or EOF if natrace died: exec either way
+            os.close(read_end)
+            os.execv(exe, args)
+        finally:
+            os._exit(127)
+    os.close(read_end)
+    return Target(pid=pid, argv=args, launched=True, _gate=write_end)
+
+
+def resolve_command(name: str) -> str | None:
+    if "/" in name:
+        return os.path.abspath(name) if os.path.exists(name) else None
+    return shutil.which(name)
+
+
+def mapped_files(pid: int) -> list[str]:
+    """Distinct file paths in /proc/PID/maps (empty for kernel threads or on error)."""
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            lines = fh.readlines()
+    except OSError:
+        return []
+    paths: dict[str, None] = {}
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            paths.setdefault(parts[5].rstrip("\n").removesuffix(" (deleted)"), None)
+    return list(paths)
+
+
+_LDD_LINE = re.compile(r"=>\s+(/\S+)|^\s*(/\S+)\s+\(")
+
+
+def planned_libraries(argv: Sequence[str]) -> list[str]:
+    """Shared libraries a command will load, from its dynamic loader's --list mode
+    (honours LD_PRELOAD and LD_LIBRARY_PATH). Scripts are followed to their interpreter."""
+    exe = resolve_command(argv[0])
+    if exe is None:
+        return []
+    exe = _interpreter_of_script(exe) or exe
+    interp = _elf_interpreter(exe)
+    if interp is None:
+        return [exe]  # static: the allocator lives in the executable
+    try:
+        out = subprocess.run([interp, "--list", exe], capture_output=True, text=True,
+                             timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return [exe]
+    libs = [m.group(1) or m.group(2) for m in map(_LDD_LINE.search, out.splitlines()) if m]
+    return [exe, *libs]
+
+
+def _interpreter_of_script(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(256)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].split()
+    if not words:
+        return None
+    interp = words[0].decode(errors="replace")
+    if interp.endswith("/env") and len(words) > 1:
+        return shutil.which(words[1].decode(errors="replace"))
+    return interp
+
+
+def _elf_interpreter(path: str) -> str | None:
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as fh:
+            for seg in ELFFile(fh).iter_segments():
+                if seg["p_type"] == "PT_INTERP":
+                    return str(seg.get_interp_name())  # type: ignore[attr-defined]
+    except (OSError, ELFError):
+        return None
+    return None
