@@ -1,0 +1,165 @@
+"""Which module a frame belongs to, and which frame an allocation is charged to.
+
+A stack taken at malloc starts inside the allocator (malloc itself, strdup,
+operator new, ...). Those frames are the same for every allocation and tell nothing:
+the *responsible* frame is the first one outside them. Users can also charge to the
+first frame in a module they care about (`--charge-to module:libpq`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Sequence
+
+from tracer.model.frames import Frame
+
+#: Module classes whose malloc-family frames are skipped.
+DEFAULT_ALLOCATOR_MODULES: frozenset[str] = frozenset({"libc", "libstdc++"})
+
+#: Functions that allocate on behalf of their caller (names after `normalize_symbol`).
+DEFAULT_WRAPPER_SYMBOLS: frozenset[str] = frozenset({
+    # the malloc family and glibc's internal names for it
+    "malloc", "calloc", "realloc", "reallocarray", "free", "memalign", "posix_memalign",
+    "aligned_alloc", "valloc", "pvalloc", "libc_malloc", "libc_calloc", "libc_realloc",
+    "libc_reallocarray", "libc_memalign", "libc_valloc", "libc_pvalloc", "libc_free",
+    "int_malloc", "int_realloc", "int_memalign", "int_free", "mid_memalign", "sysmalloc",
+    "malloc_hook_ini", "realloc_hook_ini", "memalign_hook_ini", "tcache_init",
+    "malloc_consolidate", "alloc_perturb",
+    # libc functions that return malloc'ed memory
+    "strdup", "strndup", "wcsdup", "asprintf", "vasprintf", "asprintf_chk",
+    "vasprintf_chk", "realpath", "canonicalize_file_name", "getline", "getdelim",
+    "open_memstream", "open_wmemstream", "scandir", "scandir64", "get_current_dir_name",
+    "getcwd", "tempnam", "libc_alloc_buffer_allocate", "libc_dynarray_emplace_enlarge",
+    "libc_dynarray_resize", "libc_scratch_buffer_grow", "libc_scratch_buffer_set_array_size",
+    # C++ allocation functions
+    "operator new", "operator new[]",
+})
+
+_CLASS_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^libpq\.so(\..*)?$"), "libpq"),
+    (re.compile(r"^(libc|libm|libdl|librt|libpthread)(\.so.*|-[\d.]+\.so)$"
+                r"|^ld-linux.*$|^ld-[\d.]+\.so$"), "libc"),
+    (re.compile(r"^libstdc\+\+\.so.*$"), "libstdc++"),
+]
+_SO_VERSION = re.compile(r"\.so(\.[^/]*)?$")
+_CLONE_SUFFIX = re.compile(r"\.(cold|part|isra|constprop|lto_priv|localalias)(\.\d+)*.*$")
+
+
+def basename(path: str) -> str:
+    """Last path component without the kernel's ` (deleted)` suffix."""
+    if path.endswith(" (deleted)"):
+        path = path[: -len(" (deleted)")]
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def module_class(path: str) -> str:
+    """Attribution class of a module path.
+
+    libpq, addon:<stem> for `*.node`, node, js ([jit]), libc (glibc and the loader),
+    libstdc++, a bracketed pseudo-mapping's name ([vdso] -> vdso), otherwise the file's
+    basename with the version after `.so` cut (libfoo.so.1.2 -> libfoo.so).
+    """
+    if not path:
+        return "unknown"
+    if path == "[jit]":
+        return "js"
+    if path.startswith("[") and path.endswith("]"):
+        return path[1:-1] or "unknown"
+    name = basename(path)
+    if name.startswith("memfd:"):
+        name = name[len("memfd:"):]
+    if name.endswith(".node"):
+        return "addon:" + name[: -len(".node")]
+    if name in ("node", "nodejs"):
+        return "node"
+    for pattern, cls in _CLASS_PATTERNS:
+        if pattern.match(name):
+            return cls
+    return _SO_VERSION.sub(".so", name) or "unknown"
+
+
+def normalize_symbol(name: str) -> str:
+    """A symbol reduced to what the wrapper list names.
+
+    Drops symbol versions (@GLIBC_2.2.5), GCC clone suffixes (.cold, .isra.0), glibc's
+    internal prefixes (__GI_, __libc_ -> libc_, leading underscores) and C++ parameter
+    lists; mangled operator new (_Znwm, _ZnamRKSt9nothrow_t, ...) becomes `operator new`.
+    """
+    name = name.split("@", 1)[0]
+    name = _CLONE_SUFFIX.sub("", name)
+    if name.startswith("_Znw"):
+        return "operator new"
+    if name.startswith("_Zna"):
+        return "operator new[]"
+    if name.startswith("operator new"):
+        rest = name[len("operator new"):].lstrip()
+        return "operator new[]" if rest.startswith("[]") else "operator new"
+    if name.startswith("__GI_"):
+        name = name[len("__GI_"):]
+    paren = name.find("(")
+    if paren > 0:
+        name = name[:paren]
+    return name.lstrip("_")
+
+
+def is_allocator_frame(frame: Frame, allocator_modules: Collection[str] = DEFAULT_ALLOCATOR_MODULES,
+                       wrapper_symbols: Collection[str] = DEFAULT_WRAPPER_SYMBOLS) -> bool:
+    """Is this frame the allocator itself or a libc/libstdc++ wrapper around it?"""
+    if not frame.symbol:
+        return False
+    if frame.module_class not in allocator_modules and basename(frame.module) not in \
+            allocator_modules:
+        return False
+    return normalize_symbol(frame.symbol) in wrapper_symbols or frame.symbol in wrapper_symbols
+
+
+def responsible_frame(frames: Sequence[Frame],
+                      allocator_modules: Collection[str] = DEFAULT_ALLOCATOR_MODULES,
+                      wrapper_symbols: Collection[str] = DEFAULT_WRAPPER_SYMBOLS) -> int:
+    """Index of the first frame outside the allocator and its wrappers.
+
+    -1 for an empty stack; the last index when every frame is an allocator frame.
+    """
+    for i, frame in enumerate(frames):
+        if not is_allocator_frame(frame, allocator_modules, wrapper_symbols):
+            return i
+    return len(frames) - 1
+
+
+def parse_charge_to(spec: str) -> str | None:
+    """Validate a `--charge-to` value: None for `first`, the NAME for `module:NAME`.
+
+    Raises ValueError on anything else (the CLI turns it into a one-line error).
+    """
+    if spec == "first":
+        return None
+    if spec.startswith("module:") and spec[len("module:"):]:
+        return spec[len("module:"):]
+    raise ValueError(f"--charge-to must be 'first' or 'module:NAME', not {spec!r}")
+
+
+def _module_matches(frame: Frame, name: str) -> bool:
+    if not frame.module:
+        return frame.module_class == name
+    base = basename(frame.module)
+    return name in (frame.module_class, base, _SO_VERSION.sub(".so", base)) or (
+        frame.module_class == "addon:" + name)
+
+
+def charge_frame(frames: Sequence[Frame], charge_to: str = "first",
+                 allocator_modules: Collection[str] = DEFAULT_ALLOCATOR_MODULES,
+                 wrapper_symbols: Collection[str] = DEFAULT_WRAPPER_SYMBOLS) -> int:
+    """Index of the frame an allocation is charged to under `--charge-to`.
+
+    `first`: the responsible frame. `module:NAME`: the first frame at or after the
+    responsible one whose module class or basename is NAME (libpq, addon:vault, vault,
+    libfoo.so, libfoo.so.1), else the responsible frame.
+    """
+    want = parse_charge_to(charge_to)
+    start = responsible_frame(frames, allocator_modules, wrapper_symbols)
+    if want is None or start < 0:
+        return start
+    for i in range(start, len(frames)):
+        if _module_matches(frames[i], want):
+            return i
+    return start

@@ -1,0 +1,511 @@
+"""Function symbols of one ELF file, indexed once and cached on disk.
+
+A return address is only useful to a person once it has a name. Names come from
+.symtab when the file has it, else from a separate debug file (found by build-id or
+.gnu_debuglink, like gdb does), else from .dynsym. pyelftools is used for the headers
+and DWARF only: the symbol tables themselves are decoded with `struct.iter_unpack`,
+because node's ~110k-entry .symtab takes pyelftools tens of seconds per symbol object.
+
+Every failure on a hostile or truncated file ends in "no symbols", never an exception.
+"""
+
+from __future__ import annotations
+
+import array
+import bisect
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from elftools.elf.elffile import ELFFile
+
+DEFAULT_DEBUG_DIRS: tuple[str, ...] = ("/usr/lib/debug",)
+CACHE_VERSION = 1
+_MAGIC = b"NATSYM1\0"
+_FUNC_TYPES = (2, 10)  # STT_FUNC, STT_GNU_IFUNC
+_SHN_UNDEF, _SHN_LORESERVE = 0, 0xFF00
+_MAX_LINE_SCAN = 16 << 20  # decode all of .debug_line without aranges only below this
+
+#: Counters that tests (and `natrace doctor`) read: how often we indexed vs. hit the cache.
+STATS: collections.Counter[str] = collections.Counter()
+
+
+def default_cache_dir() -> str:
+    """$XDG_CACHE_HOME/natrace, else ~/.cache/natrace."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "natrace")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A PT_LOAD program header: how file offsets become virtual addresses."""
+
+    vaddr: int
+    offset: int
+    filesz: int
+    memsz: int
+    flags: int
+
+
+class ElfSymbols:
+    """Sorted function symbols of one ELF file, plus lazily decoded line info.
+
+    `cache_dir=None` uses the default cache directory, `cache_dir=""` disables the cache.
+    `logical_path` is the path the traced process knows the file by (used to find a
+    .gnu_debuglink target under the debug dirs when `path` is a /proc/PID/root path).
+    """
+
+    def __init__(self, path: str, *, debug_dirs: Sequence[str] | None = None,
+                 cache_dir: str | None = None, logical_path: str | None = None) -> None:
+        self.path = path
+        self.logical_path = logical_path or path
+        self.debug_dirs = tuple(DEFAULT_DEBUG_DIRS if debug_dirs is None else debug_dirs)
+        self.cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+        self.build_id: str | None = None
+        self.debug_file: str | None = None
+        self.source = "none"  # symtab | debug | dynsym | none
+        self.segments: list[Segment] = []
+        self.from_cache = False
+        self.cache_path: str | None = None
+        self.error: str | None = None
+        self._starts: array.array[int] = array.array("Q")
+        self._sizes: array.array[int] = array.array("Q")
+        self._names: list[str] = []
+        self._line_file: str | None = None  # file whose .debug_line we read
+        self._lines: _LineTable | None = None
+        try:
+            self._load()
+        except Exception as e:  # hostile input: pyelftools raises many kinds of errors
+            self.error = f"{type(e).__name__}: {e}"
+            self._starts, self._sizes, self._names = array.array("Q"), array.array("Q"), []
+
+    # -- public ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def symbols(self) -> Iterator[tuple[int, int, str]]:
+        """(vaddr, size, name) for every indexed function, by address."""
+        return zip(self._starts, self._sizes, self._names)
+
+    def address_of(self, name: str) -> int | None:
+        """Vaddr of the function named `name` (linear; for tests and diagnostics)."""
+        for start, _, n in self.symbols():
+            if n == name:
+                return start
+        return None
+
+    def lookup(self, vaddr: int) -> tuple[str, int] | None:
+        """(symbol, offset into it) of the function covering `vaddr`, or None.
+
+        A sized symbol covers [start, start+size); a zero-size one covers up to the
+        next symbol (or the end of its segment).
+        """
+        starts = self._starts
+        i = bisect.bisect_right(starts, vaddr) - 1
+        if i < 0:
+            return None
+        start, size = starts[i], self._sizes[i]
+        if size == 0:
+            end = starts[i + 1] if i + 1 < len(starts) else self._segment_end(start)
+            if end is None or vaddr < end:
+                return self._names[i], vaddr - start
+            return None
+        # Walk back a little: a small symbol may sit inside a bigger one.
+        for j in range(i, max(-1, i - 4), -1):
+            start, size = starts[j], self._sizes[j]
+            if start <= vaddr < start + size:
+                return self._names[j], vaddr - start
+        return None
+
+    def file_offset_to_vaddr(self, offset: int) -> int | None:
+        """The link-time virtual address of a file offset, through the PT_LOAD headers."""
+        for s in self.segments:
+            if s.offset <= offset < s.offset + max(s.filesz, 1):
+                return offset - s.offset + s.vaddr
+        return None
+
+    @property
+    def has_debug_line(self) -> bool:
+        return self._line_file is not None
+
+    def line_for(self, vaddr: int) -> tuple[str, int] | None:
+        """(source file, line) of `vaddr` from .debug_line; decoded on first use only."""
+        if self._line_file is None:
+            return None
+        try:
+            if self._lines is None:
+                self._lines = _LineTable(self._line_file)
+            return self._lines.lookup(vaddr)
+        except Exception:  # broken DWARF: no line info, never an exception
+            self._line_file = None
+            return None
+
+    # -- loading --------------------------------------------------------------------
+
+    def _segment_end(self, vaddr: int) -> int | None:
+        for s in self.segments:
+            if s.vaddr <= vaddr < s.vaddr + s.memsz:
+                return s.vaddr + s.memsz
+        return None
+
+    def _load(self) -> None:
+        with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            elf = ELFFile(f)
+            self.segments = _load_segments(elf)
+            self.build_id = _build_id(elf)
+            has_symtab = _has_entries(elf, ".symtab")
+            debug_stamp = None
+            if not has_symtab:
+                self.debug_file = self._find_debug_file(elf)
+                if self.debug_file is not None:
+                    ds = os.stat(self.debug_file)
+                    debug_stamp = [self.debug_file, ds.st_size, ds.st_mtime_ns]
+            stamp = {"v": CACHE_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                     "build_id": self.build_id, "debug": debug_stamp}
+            self.cache_path = self._cache_file()
+            if self.cache_path and self._read_cache(stamp):
+                return
+            self._index(elf, f, has_symtab)
+            STATS["indexed"] += 1
+            if self.cache_path:
+                self._write_cache(stamp)
+
+    def _index(self, elf: ELFFile, f: IO[bytes], has_symtab: bool) -> None:
+        tables: list[tuple[str, list[tuple[int, int, int, str]]]] = []
+        if has_symtab:
+            self.source = "symtab"
+            tables.append(("symtab", _read_symbols(elf, f, ".symtab")))
+        elif self.debug_file is not None:
+            with open(self.debug_file, "rb") as df:
+                syms = _read_symbols(ELFFile(df), df, ".symtab")
+            if syms:
+                self.source = "debug"
+                tables.append(("debug", syms))
+        if not tables:
+            syms = _read_symbols(elf, f, ".dynsym")
+            if syms:
+                self.source = "dynsym"
+                tables.append(("dynsym", syms))
+        best: dict[int, tuple[tuple[int, int, int, int], int, str]] = {}
+        for _, syms in tables:
+            for value, size, bind, name in syms:
+                rank = (_BIND_RANK.get(bind, 3), 0 if size else 1,
+                        len(name) - len(name.lstrip("_")), len(name))
+                old = best.get(value)
+                if old is None:
+                    best[value] = (rank, size, name)
+                else:
+                    size = max(size, old[1])
+                    best[value] = (rank, size, name) if rank < old[0] else (old[0], size, old[2])
+        keys = sorted(best)
+        self._starts = array.array("Q", keys)
+        self._sizes = array.array("Q", (best[k][1] for k in keys))
+        self._names = [best[k][2] for k in keys]
+        self._line_file = self._find_line_file(elf)
+
+    def _find_line_file(self, elf: ELFFile) -> str | None:
+        if self.debug_file is not None and _file_has_section(self.debug_file, ".debug_line"):
+            return self.debug_file
+        if elf.get_section_by_name(".debug_line") is not None:
+            return self.path
+        return None
+
+    def _find_debug_file(self, elf: ELFFile) -> str | None:
+        candidates: list[tuple[str, int | None]] = []
+        if self.build_id and len(self.build_id) > 2:
+            for d in self.debug_dirs:
+                candidates.append(
+                    (f"{d}/.build-id/{self.build_id[:2]}/{self.build_id[2:]}.debug", None))
+        link = _debuglink(elf)
+        if link is not None:
+            name, crc = link
+            for base in (os.path.dirname(self.path), os.path.dirname(self.logical_path)):
+                candidates.append((os.path.join(base, name), crc))
+                candidates.append((os.path.join(base, ".debug", name), crc))
+            logical_dir = os.path.dirname(os.path.abspath(self.logical_path))
+            for d in self.debug_dirs:
+                candidates.append((d + os.path.join(logical_dir, name), crc))
+        seen: set[str] = set()
+        for cand, want_crc in candidates:
+            if cand in seen or not os.path.isfile(cand):
+                continue
+            seen.add(cand)
+            if os.path.realpath(cand) == os.path.realpath(self.path):
+                continue
+            if self._debug_file_matches(cand, want_crc):
+                return cand
+        return None
+
+    def _debug_file_matches(self, cand: str, crc: int | None) -> bool:
+        try:
+            with open(cand, "rb") as df:
+                delf = ELFFile(df)
+                if self.build_id and _build_id(delf) not in (None, self.build_id):
+                    return False
+                if crc is not None and self.build_id is None and _crc32_file(df) != crc:
+                    return False
+                return _has_entries(delf, ".symtab")
+        except Exception:
+            return False
+
+    # -- disk cache -----------------------------------------------------------------
+
+    def _cache_file(self) -> str | None:
+        if not self.cache_dir:
+            return None
+        if self.build_id:
+            key = self.build_id
+        else:
+            key = "path-" + hashlib.sha1(
+                os.path.abspath(self.path).encode("utf-8", "surrogateescape")).hexdigest()
+        return os.path.join(self.cache_dir, key + ".nsym")
+
+    def _read_cache(self, stamp: dict[str, Any]) -> bool:
+        assert self.cache_path is not None
+        try:
+            with open(self.cache_path, "rb") as c:
+                data = c.read()
+        except OSError:
+            return False
+        try:
+            if data[:8] != _MAGIC:
+                return False
+            (hlen,) = struct.unpack_from("<I", data, 8)
+            header = json.loads(data[12:12 + hlen])
+            if header.get("stamp") != stamp:
+                return False
+            n = header["count"]
+            pos = 12 + hlen
+            starts = array.array("Q")
+            starts.frombytes(data[pos:pos + 8 * n])
+            sizes = array.array("Q")
+            sizes.frombytes(data[pos + 8 * n:pos + 16 * n])
+            blob = data[pos + 16 * n:].decode("utf-8", "surrogateescape")
+            names = blob.split("\0") if n else []
+            if len(starts) != n or len(sizes) != n or len(names) != n:
+                return False
+            self._starts, self._sizes, self._names = starts, sizes, names
+            self.source = header["source"]
+            where = header.get("lines")
+            self._line_file = (self.debug_file if where == "debug"
+                               else self.path if where == "main" else None)
+            self.from_cache = True
+            STATS["cache_hit"] += 1
+            return True
+        except (ValueError, KeyError, TypeError, struct.error):
+            return False
+
+    def _write_cache(self, stamp: dict[str, Any]) -> None:
+        assert self.cache_path is not None
+        lines = None
+        if self._line_file is not None:
+            lines = "debug" if self._line_file == self.debug_file else "main"
+        header = json.dumps({"stamp": stamp, "count": len(self._names), "source": self.source,
+                             "lines": lines, "path": self.path}).encode()
+        tmp = f"{self.cache_path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            with open(tmp, "wb") as c:
+                c.write(_MAGIC + struct.pack("<I", len(header)) + header)
+                c.write(self._starts.tobytes())
+                c.write(self._sizes.tobytes())
+                c.write("\0".join(self._names).encode("utf-8", "surrogateescape"))
+            os.replace(tmp, self.cache_path)
+            STATS["cache_write"] += 1
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+_BIND_RANK = {1: 0, 2: 1, 0: 2}  # GLOBAL before WEAK before LOCAL
+
+
+def _load_segments(elf: ELFFile) -> list[Segment]:
+    out = []
+    for i in range(elf.num_segments()):
+        seg = elf.get_segment(i)
+        if seg["p_type"] == "PT_LOAD":
+            out.append(Segment(seg["p_vaddr"], seg["p_offset"], seg["p_filesz"],
+                               seg["p_memsz"], seg["p_flags"]))
+    return out
+
+
+def _build_id(elf: ELFFile) -> str | None:
+    for sec in elf.iter_sections():
+        if sec["sh_type"] != "SHT_NOTE":
+            continue
+        for note in sec.iter_notes():  # type: ignore[attr-defined]
+            if note["n_type"] == "NT_GNU_BUILD_ID" and isinstance(note["n_desc"], str):
+                return note["n_desc"].lower()
+    return None
+
+
+def _debuglink(elf: ELFFile) -> tuple[str, int] | None:
+    sec = elf.get_section_by_name(".gnu_debuglink")
+    if sec is None:
+        return None
+    data = sec.data()
+    end = data.find(b"\0")
+    if end <= 0:
+        return None
+    name = data[:end].decode("utf-8", "surrogateescape")
+    if "/" in name:
+        return None
+    crc_at = (end + 4) & ~3
+    if len(data) < crc_at + 4:
+        return None
+    fmt = "<I" if elf.little_endian else ">I"
+    return name, struct.unpack_from(fmt, data, crc_at)[0]
+
+
+def _crc32_file(f: IO[bytes]) -> int:
+    f.seek(0)
+    crc = 0
+    while chunk := f.read(1 << 20):
+        crc = zlib.crc32(chunk, crc)
+    return crc & 0xFFFFFFFF
+
+
+def _has_entries(elf: ELFFile, name: str) -> bool:
+    sec = elf.get_section_by_name(name)
+    return sec is not None and sec["sh_type"] != "SHT_NOBITS" and sec["sh_size"] > 0
+
+
+def _file_has_section(path: str, name: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            sec = ELFFile(f).get_section_by_name(name)
+            return sec is not None and sec["sh_type"] != "SHT_NOBITS"
+    except Exception:
+        return False
+
+
+def _raw_section(f: IO[bytes], offset: int, size: int, file_size: int) -> bytes:
+    if offset >= file_size or size <= 0:
+        return b""
+    f.seek(offset)
+    return f.read(min(size, file_size - offset))
+
+
+def _read_symbols(elf: ELFFile, f: IO[bytes], name: str) -> list[tuple[int, int, int, str]]:
+    """(value, size, bind, name) of the defined function symbols in one symbol table."""
+    sec = elf.get_section_by_name(name)
+    if sec is None or sec["sh_type"] == "SHT_NOBITS":
+        return []
+    file_size = os.fstat(f.fileno()).st_size
+    link = sec["sh_link"]
+    if not 0 < link < elf.num_sections():
+        return []
+    strsec = elf.get_section(link)
+    strtab = _raw_section(f, strsec["sh_offset"], strsec["sh_size"], file_size)
+    raw = _raw_section(f, sec["sh_offset"], sec["sh_size"], file_size)
+    end = "<" if elf.little_endian else ">"
+    if elf.elfclass == 64:
+        fmt, order = end + "IBBHQQ", (0, 1, 3, 4, 5)  # name info shndx value size
+    else:
+        fmt, order = end + "IIIBBH", (0, 3, 5, 1, 2)
+    width = struct.calcsize(fmt)
+    raw = raw[: len(raw) - len(raw) % width]
+    out = []
+    n_name, n_info, n_shndx, n_value, n_size = order
+    for ent in struct.iter_unpack(fmt, raw):
+        info = ent[n_info]
+        if (info & 0xF) not in _FUNC_TYPES:
+            continue
+        shndx, value = ent[n_shndx], ent[n_value]
+        if shndx == _SHN_UNDEF or shndx >= _SHN_LORESERVE or value == 0:
+            continue
+        off = ent[n_name]
+        stop = strtab.find(b"\0", off)
+        if off >= len(strtab) or stop == off:
+            continue
+        sym = strtab[off:stop if stop >= 0 else None].decode("utf-8", "surrogateescape")
+        out.append((value, ent[n_size], info >> 4, sym))
+    return out
+
+
+class _LineTable:
+    """Address -> (file, line) from .debug_line, decoded one compile unit at a time."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "rb")  # noqa: SIM115 - kept open for lazy decoding
+        self._dwarf = ELFFile(self._file).get_dwarf_info()
+        self._aranges = None
+        try:
+            self._aranges = self._dwarf.get_aranges()
+        except Exception:
+            self._aranges = None
+        self._per_cu: dict[int, tuple[list[tuple[int, int]], list[tuple[str, int] | None]]] = {}
+        self._all: tuple[list[tuple[int, int]], list[tuple[str, int] | None]] | None = None
+
+    def lookup(self, vaddr: int) -> tuple[str, int] | None:
+        table = None
+        if self._aranges is not None:
+            cu_off = self._aranges.cu_offset_at_addr(vaddr)
+            if cu_off is not None:
+                table = self._per_cu.get(cu_off)
+                if table is None:
+                    cu = self._dwarf.get_CU_at(cu_off)
+                    table = self._per_cu[cu_off] = _decode([cu], self._dwarf)
+        if table is None:
+            if self._all is None:
+                sec = self._dwarf.debug_line_sec
+                if sec is None or sec.size > _MAX_LINE_SCAN:
+                    return None
+                self._all = _decode(list(self._dwarf.iter_CUs()), self._dwarf)
+            table = self._all
+        keys, rows = table
+        i = bisect.bisect_right(keys, (vaddr, 2)) - 1
+        return rows[i] if i >= 0 else None
+
+
+def _decode(cus: list[Any], dwarf: Any) -> tuple[list[tuple[int, int]],
+                                                 list[tuple[str, int] | None]]:
+    entries: list[tuple[tuple[int, int], tuple[str, int] | None]] = []
+    for cu in cus:
+        lp = dwarf.line_program_for_CU(cu)
+        if lp is None:
+            continue
+        header = lp.header
+        version = header["version"]
+        files, dirs = header["file_entry"], header["include_directory"]
+        names: dict[int, str] = {}
+        for ent in lp.get_entries():
+            state = ent.state
+            if state is None:
+                continue
+            if state.end_sequence:
+                entries.append(((state.address, 0), None))
+                continue
+            fname = names.get(state.file)
+            if fname is None:
+                fname = names[state.file] = _file_name(files, dirs, state.file, version)
+            entries.append(((state.address, 1), (fname, state.line)))
+    entries.sort(key=lambda e: e[0])
+    return [e[0] for e in entries], [e[1] for e in entries]
+
+
+def _file_name(files: Any, dirs: Any, index: int, version: int) -> str:
+    i = index if version >= 5 else index - 1
+    if not 0 <= i < len(files):
+        return "?"
+    entry = files[i]
+    name = entry.name.decode("utf-8", "replace") if isinstance(entry.name, bytes) else str(
+        entry.name)
+    if name.startswith("/"):
+        return name
+    d = entry.dir_index if version >= 5 else entry.dir_index - 1
+    if 0 <= d < len(dirs):
+        dname = dirs[d]
+        dname = dname.decode("utf-8", "replace") if isinstance(dname, bytes) else str(dname)
+        return os.path.join(dname, name)
+    return name

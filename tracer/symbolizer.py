@@ -1,0 +1,155 @@
+"""Raw user-space addresses of one traced process -> named `Frame`s.
+
+Works from our own `MapsHistory` and our own indexed ELF files, not from the live
+process, so stacks can still be named after a library was dlclose'd or the process
+exited. Every address is symbolized at most once (memoized); every file is indexed at
+most once per symbolizer (and once per build-id across runs, through the disk cache).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+from tracer.attribution import module_class
+from tracer.demangle import demangle
+from tracer.elfsyms import ElfSymbols
+from tracer.model.frames import Frame
+from tracer.perfmap import PerfMap, perf_map_path
+from tracer.procmaps import Mapping, MapsHistory
+
+JIT_MODULE = "[jit]"
+ANON_MODULE = "[anon]"
+
+
+class Symbolizer:
+    """Names addresses of the process described by `maps`.
+
+    `return_addresses=True` (the default) treats addresses as return addresses: the
+    symbol and source line are looked up at addr-1, the call instruction, so a call at
+    the very end of a function is not charged to the next one. `symbol_offset` is still
+    reported from the address itself, as perf and gdb do.
+    `lines=True` adds DWARF file:line where a file has .debug_line (slower).
+    """
+
+    def __init__(self, maps: MapsHistory, pid: int | None = None,
+                 cache_dir: str | None = None, *, debug_dirs: Sequence[str] | None = None,
+                 perf_map: str | PerfMap | None = None, lines: bool = False,
+                 demangle_names: bool = True) -> None:
+        self.maps = maps
+        self.pid = pid if pid is not None else maps.pid
+        self.cache_dir = cache_dir
+        self.debug_dirs = debug_dirs
+        self.lines = lines
+        self.demangle_names = demangle_names
+        self._elves: dict[tuple[str, int, str], ElfSymbols | None] = {}
+        self._memo: dict[tuple[int, bool], Frame] = {}
+        self._perf: PerfMap | None = perf_map if isinstance(perf_map, PerfMap) else None
+        self._perf_path: str | None = perf_map if isinstance(perf_map, str) else None
+        if self._perf is None and self._perf_path is None and self.pid is not None:
+            self._perf_path = perf_map_path(self.pid)
+
+    # -- public ---------------------------------------------------------------------
+
+    def frame(self, addr: int, return_address: bool = True) -> Frame:
+        """The named frame for one address (memoized)."""
+        key = (addr, return_address)
+        got = self._memo.get(key)
+        if got is None:
+            got = self._memo[key] = self._symbolize(addr, return_address)
+        return got
+
+    def frames(self, addrs: Iterable[int], return_addresses: bool = True) -> list[Frame]:
+        """Frames for a stack, innermost first."""
+        return [self.frame(a, return_addresses) for a in addrs]
+
+    def preload(self) -> int:
+        """Index every executable file mapped now; returns how many were opened.
+
+        Call this while the process is alive when it may exit before its stacks are
+        named: files reached through /proc/PID/root or map_files vanish with it.
+        """
+        n = 0
+        for m in self.maps.mappings:
+            if m.file_backed and m.executable and self.elf_for(m) is not None:
+                n += 1
+        return n
+
+    def elf_for(self, mapping: Mapping) -> ElfSymbols | None:
+        """The indexed ELF file behind a mapping (shared by all mappings of the file)."""
+        key = (mapping.clean_path, mapping.inode, mapping.dev)
+        if key in self._elves:
+            return self._elves[key]
+        elf = None
+        path = self.maps.module_path(mapping)
+        if path is not None:
+            elf = ElfSymbols(path, debug_dirs=self.debug_dirs, cache_dir=self.cache_dir,
+                             logical_path=mapping.clean_path)
+            if elf.error is not None and not elf.segments:
+                elf = None
+        self._elves[key] = elf
+        return elf
+
+    @property
+    def perf_map(self) -> PerfMap | None:
+        if self._perf is None and self._perf_path is not None and os.path.exists(
+                self._perf_path):
+            self._perf = PerfMap(self._perf_path)
+        return self._perf
+
+    # -- work -----------------------------------------------------------------------
+
+    def _symbolize(self, addr: int, return_address: bool) -> Frame:
+        m = self.maps.find(addr)
+        if m is None and self.maps.refresh():
+            m = self.maps.find(addr)
+        if m is None or (m.anon and m.executable and not m.special):
+            jit = self._jit_frame(addr, m)
+            if jit is not None:
+                return jit
+        if m is None:
+            return Frame(addr)
+        if not m.file_backed:
+            name = m.path or ANON_MODULE
+            return Frame(addr, name, addr - m.start, module_class=module_class(name))
+        return self._file_frame(addr, m, return_address)
+
+    def _jit_frame(self, addr: int, m: Mapping | None) -> Frame | None:
+        pm = self.perf_map
+        hit = None
+        if pm is not None:
+            hit = pm.lookup(addr)
+            if hit is None and pm.refresh():
+                hit = pm.lookup(addr)
+        if hit is not None:
+            name, off = hit
+            return Frame(addr, JIT_MODULE, addr - m.start if m else 0, name, off,
+                         module_class="js")
+        if m is not None and pm is not None:
+            # Executable anonymous memory in a process that writes a perf map is JIT code
+            # whose line we have not seen (yet).
+            return Frame(addr, JIT_MODULE, addr - m.start, module_class="js")
+        return None
+
+    def _file_frame(self, addr: int, m: Mapping, return_address: bool) -> Frame:
+        path = m.clean_path
+        cls = module_class(path)
+        offset = m.file_offset(addr)
+        elf = self.elf_for(m)
+        vaddr = elf.file_offset_to_vaddr(offset) if elf is not None else None
+        if elf is None or vaddr is None:
+            return Frame(addr, path, offset, module_class=cls)
+        probe = vaddr - 1 if return_address and vaddr > 0 else vaddr
+        symbol, sym_off = None, 0
+        hit = elf.lookup(probe)
+        if hit is not None:
+            symbol, sym_off = hit
+            sym_off += vaddr - probe
+            if self.demangle_names:
+                symbol = demangle(symbol)
+        file, line = None, None
+        if self.lines and elf.has_debug_line:
+            where = elf.line_for(probe)
+            if where is not None:
+                file, line = where
+        return Frame(addr, path, vaddr, symbol, sym_off, file, line, cls)
