@@ -242,6 +242,16 @@ int free_enter(struct pt_regs *ctx) {
     return 0;
 }
 
+#ifdef WAIT_EXEC
+/* A launched target calling exit() stops itself, so natrace can read its maps
+ * and final counters before the address space is gone; natrace then resumes it. */
+int exit_enter(struct pt_regs *ctx) {
+    if (is_armed())
+        bpf_send_signal(19 /* SIGSTOP */);
+    return 0;
+}
+#endif
+
 /* ---- anonymous mappings ------------------------------------------------ */
 
 static __always_inline int syscall_enter(u64 a0, u64 a1, u64 a2, u64 a3, u32 flags) {
@@ -316,9 +326,12 @@ static __always_inline int syscall_exit(void *ctx, u32 kind, long ret) {
 }
 
 #define MAP_ANONYMOUS_FLAG 0x20
+#define PROT_EXEC_FLAG 0x4
 
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap) {
     u32 flags = (args->flags & MAP_ANONYMOUS_FLAG) ? NATRACE_EVF_ANON : 0;
+    if (args->prot & PROT_EXEC_FLAG)
+        flags |= NATRACE_EVF_EXEC;
     return syscall_enter(args->addr, args->len, args->prot, args->flags, flags);
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_mmap) { return syscall_exit(args, NATRACE_EV_MMAP, args->ret); }

@@ -45,6 +45,7 @@
 /* mem_event.flags */
 #define NATRACE_EVF_ALLOCATOR 1   /* made by the allocator itself (inside a malloc-family call) */
 #define NATRACE_EVF_ANON 2        /* anonymous mapping */
+#define NATRACE_EVF_EXEC 4        /* executable mapping: the process's module list changed */
 
 /* Outstanding block, keyed by address. */
 struct alloc_info {

@@ -10,7 +10,7 @@ offset 0: the return probe must see the return address on top of the stack.
 
 from __future__ import annotations
 
-import capstone  # type: ignore[import-untyped]
+import capstone
 from capstone import x86_const
 
 _MAX_SCAN = 12  # instructions from the entry

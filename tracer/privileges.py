@@ -9,7 +9,7 @@ from __future__ import annotations
 from tracer.doctor import check_privileges
 from tracer.errors import PrivilegeError
 
-PRIVILEGE_MESSAGE = "natrace needs root or CAP_BPF+CAP_PERFMON: run it with sudo"
+PRIVILEGE_MESSAGE = "tracing needs root or CAP_BPF+CAP_PERFMON: run natrace with sudo"
 
 
 def require_tracing_privileges() -> None:

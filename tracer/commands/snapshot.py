@@ -1,11 +1,26 @@
-"""`natrace snapshot` (placeholder until implemented)."""
+"""`natrace snapshot -p PID`: attach to a running process, trace a while, report."""
 
 from __future__ import annotations
 
 import click
 
+from tracer import target as targets
+from tracer.commands import common
+from tracer.units import Duration
+
 
 @click.command("snapshot")
-def command() -> None:
-    """Not implemented yet."""
-    raise click.ClickException("not implemented yet")
+@click.option("-p", "--pid", type=int, required=True, help="Process to attach to.")
+@click.option("--duration", type=Duration(), default=10.0, show_default=True,
+              help="How long to trace (e.g. 30s, 2m); the report covers allocations made "
+                   "meanwhile and still unfreed.")
+@common.trace_options
+def command(pid: int, duration: float, top: int, as_json: bool, sample: int | None,
+            min_age: float | None, charge_to: str, max_allocs: int,
+            stack_map_size: int) -> None:
+    """Attach to PID without restarting it and report unfreed native memory by call site."""
+    options = common.session_options(sample, min_age, charge_to, max_allocs, stack_map_size)
+    common.check_privileges()
+    target = targets.attach(pid)
+    snap = common.trace(target, options, duration)
+    common.print_report(snap, as_json, top)

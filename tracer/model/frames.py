@@ -27,7 +27,7 @@ class Frame:
         return self.module.rsplit("/", 1)[-1] if self.module else "[unknown]"
 
     def label(self) -> str:
-        """`symbol+0xoff` when named, else `module+0xoff`: never a bare [unknown] in a known module."""
+        """`symbol+0xoff`, else `module+0xoff`: never a bare [unknown] in a known module."""
         if self.symbol:
             text = self.symbol
             if self.symbol_offset:

@@ -48,5 +48,14 @@ class Snapshot:
     def total_blocks(self) -> int:
         return sum(s.blocks for s in self.user_sites())
 
+    def by_module(self) -> list[tuple[str, int, int, list[Site]]]:
+        """(module class, bytes, blocks, its sites) for user sites, largest first."""
+        groups: dict[str, list[Site]] = {}
+        for site in self.user_sites():
+            groups.setdefault(site.module_class, []).append(site)
+        rows = [(name, sum(s.bytes for s in sites), sum(s.blocks for s in sites), sites)
+                for name, sites in groups.items()]
+        return sorted(rows, key=lambda r: (-r[1], r[0]))
+
     def lost_anything(self) -> bool:
         return any(self.loss.values())

@@ -72,6 +72,7 @@ class AllocProbes:
         self.options = options
         self.points: list[ProbePoint] = []
         self.mappings = MappingTracker()
+        self.modules_changed = False  # set when the target maps executable code
         self._bpf: Any = None
         self._stack_cache: dict[int, tuple[int, ...]] = {}
         self._c = bpfprog.constants()
@@ -94,6 +95,11 @@ class AllocProbes:
         try:
             for ep in entry_points:
                 self._attach_entry_point(ep, target.pid)
+            if target.launched:
+                libc = next((ep.path for ep in entry_points if "libc" in ep.path), None)
+                if libc:
+                    self._bpf.attach_uprobe(name=libc, sym="exit", fn_name="exit_enter",
+                                            pid=target.pid)
         except Exception as err:
             self.detach()
             if not target.alive():
@@ -123,6 +129,8 @@ class AllocProbes:
         kind = ev.kind
         c = self._c
         internal = bool(ev.flags & c["NATRACE_EVF_ALLOCATOR"])
+        if ev.flags & c["NATRACE_EVF_EXEC"]:
+            self.modules_changed = True
         if kind == c["NATRACE_EV_MMAP"]:
             if ev.flags & c["NATRACE_EVF_ANON"]:
                 owner = Owner(self._syscall_stack(ev.stack_id, ev.caller), "mmap", internal)

@@ -1,0 +1,81 @@
+"""Options and steps shared by the tracing commands (run, snapshot)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from tracer.attribution import parse_charge_to
+from tracer.model.snapshot import Snapshot
+from tracer.privileges import require_tracing_privileges
+from tracer.probes.alloc import AllocOptions
+from tracer.reporters import json as json_report
+from tracer.reporters import text as text_report
+from tracer.session import Session, SessionOptions
+from tracer.target import Target
+from tracer.units import Duration, Size
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_OPTIONS = [
+    click.option("--top", "top", type=click.IntRange(min=1), default=10, show_default=True,
+                 help="Call sites to list."),
+    click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    click.option("--sample", "sample", type=Size(), default=None,
+                 help="Byte-weighted sampling: each byte recorded with probability 1/SIZE "
+                      "(e.g. 512K). Default: exact."),
+    click.option("--min-age", "min_age", type=Duration(), default=None,
+                 help="Leave out allocations younger than this."),
+    click.option("--charge-to", "charge_to", default="first", show_default=True,
+                 help="Frame that holds the bytes: 'first' outside the allocator, or "
+                      "'module:NAME' (e.g. module:libpq)."),
+    click.option("--max-allocs", "max_allocs", type=click.IntRange(min=1024), default=1 << 19,
+                 show_default=True, help="Outstanding blocks the kernel map can hold."),
+    click.option("--stack-map-size", "stack_map_size", type=click.IntRange(min=1024),
+                 default=1 << 15, show_default=True, help="Distinct stacks the kernel can hold."),
+]
+
+
+def trace_options(f: F) -> F:
+    for option in reversed(_OPTIONS):
+        f = option(f)
+    return f
+
+
+def session_options(sample: int | None, min_age: float | None, charge_to: str,
+                    max_allocs: int, stack_map_size: int) -> SessionOptions:
+    try:
+        parse_charge_to(charge_to)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--charge-to") from None
+    alloc = AllocOptions(sample_bytes=sample or 0, max_allocs=max_allocs,
+                         stack_map_size=stack_map_size)
+    return SessionOptions(alloc=alloc, charge_to=charge_to, min_age=min_age or 0.0)
+
+
+def trace(target: Target, options: SessionOptions, duration: float | None) -> Snapshot:
+    """Attach, trace until done, snapshot; probes are detached whatever happens."""
+    session = Session(target, options)
+    try:
+        session.start()
+        what = "launched" if target.launched else "attached to"
+        until = f"for {duration:g} s" if duration else "until it exits"
+        click.echo(f"natrace: {what} PID {target.pid} ({len(session.probes.points)} probes), "
+                   f"tracing {until}; Ctrl-C stops", err=True)
+        session.run(duration)
+        return session.snapshot()
+    finally:
+        session.close()
+
+
+def print_report(snap: Snapshot, as_json: bool, top: int) -> None:
+    out = json_report.render(snap) if as_json else text_report.render(snap, top)
+    sys.stdout.write(out)
+    sys.stdout.flush()
+
+
+def check_privileges() -> None:
+    require_tracing_privileges()

@@ -1,0 +1,65 @@
+"""`--json`: the report as one JSON document (shape documented in README.md)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tracer.model.frames import Frame
+from tracer.model.sites import Site
+from tracer.model.snapshot import Snapshot
+
+FORMAT_VERSION = 1
+
+
+def to_dict(snap: Snapshot) -> dict[str, Any]:
+    return {
+        "format": "natrace-report",
+        "version": FORMAT_VERSION,
+        "pid": snap.pid,
+        "command": snap.command,
+        "taken_at": snap.taken_at,
+        "duration": round(snap.duration, 3),
+        "mode": snap.mode,
+        "sample_bytes": snap.sample_bytes,
+        "min_age": snap.min_age,
+        "target_exited": snap.target_exited,
+        "exit_code": snap.exit_code,
+        "totals": {"bytes": snap.total_bytes(), "blocks": snap.total_blocks(),
+                   "sites": len(snap.user_sites())},
+        "modules": [{"module": name, "bytes": b, "blocks": n, "sites": len(sites)}
+                    for name, b, n, sites in snap.by_module()],
+        "sites": [_site(s) for s in snap.sites],
+        "loss": snap.loss,
+        "calls": snap.calls,
+    }
+
+
+def _site(site: Site) -> dict[str, Any]:
+    frame = site.frame
+    return {
+        "kind": site.kind,
+        "bytes": site.bytes,
+        "blocks": site.blocks,
+        "allocs": site.allocs,
+        "alloc_bytes": site.alloc_bytes,
+        "allocator_internal": site.allocator_internal,
+        "label": site.label(),
+        "function": frame.symbol if frame else None,
+        "module": frame.module if frame else None,
+        "module_class": site.module_class,
+        "lost_stack": site.lost_stack,
+        "charge_index": site.charge_index,
+        "stack": [_frame(f) for f in site.frames],
+    }
+
+
+def _frame(f: Frame) -> dict[str, Any]:
+    return {"address": f.address, "module": f.module, "module_offset": f.module_offset,
+            "module_class": f.module_class, "symbol": f.symbol,
+            "symbol_offset": f.symbol_offset, "file": f.file, "line": f.line,
+            "label": f.label()}
+
+
+def render(snap: Snapshot) -> str:
+    return json.dumps(to_dict(snap), indent=2) + "\n"

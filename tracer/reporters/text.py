@@ -1,0 +1,96 @@
+"""The human-readable report printed by `run` and `snapshot`."""
+
+from __future__ import annotations
+
+import time
+
+from tracer.model.sites import Site
+from tracer.model.snapshot import LOSS_DESCRIPTIONS, Snapshot
+
+STACK_FRAMES_SHOWN = 4
+
+
+def size(n: float) -> str:
+    """Bytes as a person reads them: exact below 10 KiB, then KiB/MiB/GiB."""
+    if abs(n) < 10 * 1024:
+        return f"{int(n):,} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def render(snap: Snapshot, top: int = 10) -> str:
+    lines = [_headline(snap)]
+    user = snap.user_sites()
+    total = snap.total_bytes()
+    est = "~" if snap.sample_bytes else ""
+    lines.append(f"Unfreed: {est}{total:,} bytes in {est}{snap.total_blocks():,} blocks at "
+                 f"{len(user)} call sites" + (f" (allocations older than {snap.min_age:g} s)"
+                                              if snap.min_age else ""))
+    if snap.sample_bytes:
+        lines.append(f"Sampled: one byte in {snap.sample_bytes:,}; figures are unbiased "
+                     "estimates")
+    lines.append("")
+    lines += _modules(snap, total)
+    lines.append("")
+    lines.append(f"Top {min(top, len(user))} call sites by unfreed bytes:")
+    lines.append(f"  {'BYTES':>14} {'BLOCKS':>9} {'%':>6}  {'KIND':6} {'MODULE':16} CALL SITE")
+    for site in user[:top]:
+        lines += _site(site, total)
+    internal = [s for s in snap.sites if s.allocator_internal]
+    if internal:
+        lines.append("")
+        lines.append("Held by the allocator for itself (arenas, heap; already counted "
+                     "as blocks above):")
+        for kind in ("mmap", "brk"):
+            held = [s for s in internal if s.kind == kind]
+            if held:
+                lines.append(f"  {kind:5} {size(sum(s.bytes for s in held)):>12} in "
+                             f"{sum(s.blocks for s in held)} ranges")
+    lines.append("")
+    lines += _loss(snap)
+    return "\n".join(lines) + "\n"
+
+
+def _headline(snap: Snapshot) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.taken_at))
+    state = ""
+    if snap.target_exited:
+        state = ", target exited" + (f" (code {snap.exit_code})"
+                                     if snap.exit_code is not None else "")
+    return (f"natrace report: PID {snap.pid} ({snap.command}) at {when}, traced "
+            f"{snap.duration:.1f} s{state}, mode {snap.mode}")
+
+
+def _modules(snap: Snapshot, total: int) -> list[str]:
+    out = ["Unfreed bytes by module:"]
+    for name, nbytes, blocks, sites in snap.by_module():
+        out.append(f"  {name:24} {nbytes:>14,} B {_pct(nbytes, total):>6}  "
+                   f"{blocks:,} blocks, {len(sites)} sites")
+    return out
+
+
+def _site(site: Site, total: int) -> list[str]:
+    frame = site.frame
+    module = frame.module_class if frame else "-"
+    out = [f"  {site.bytes:>14,} {site.blocks:>9,} {_pct(site.bytes, total):>6}  "
+           f"{site.kind:6} {module[:16]:16} {site.label()}"]
+    for f in site.frames[site.charge_index + 1: site.charge_index + 1 + STACK_FRAMES_SHOWN]:
+        out.append(f"  {'':>14} {'':>9} {'':>6}  {'':6} {'':16}   <- {f.label()} "
+                   f"[{f.module_name}]")
+    return out
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "-"
+
+
+def _loss(snap: Snapshot) -> list[str]:
+    lost = {k: v for k, v in snap.loss.items() if v}
+    if not lost:
+        return ["Nothing lost: every allocation and stack was recorded."]
+    out = ["Not recorded (figures above leave these out):"]
+    out += [f"  {v:>12,}  {LOSS_DESCRIPTIONS.get(k, k)}" for k, v in lost.items()]
+    return out

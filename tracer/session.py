@@ -1,0 +1,147 @@
+"""One tracing session: a target, its probes, and the loop that keeps them drained.
+
+The engine under `run` and `snapshot` (and later `top`, `record`): attach or launch,
+poll until a deadline, a signal or the target's exit, then turn what the probes hold
+into a model Snapshot. Probes are always detached, whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from types import FrameType
+
+from tracer.aggregator import Aggregator
+from tracer.model.snapshot import Snapshot
+from tracer.probes.alloc import AllocOptions, AllocProbes
+from tracer.procmaps import MapsHistory
+from tracer.symbolizer import Symbolizer
+from tracer.target import Target
+
+POLL_SECONDS = 0.05
+
+
+@dataclass
+class SessionOptions:
+    alloc: AllocOptions = field(default_factory=AllocOptions)
+    charge_to: str = "first"
+    min_age: float = 0.0
+
+
+class Session:
+    def __init__(self, target: Target, options: SessionOptions) -> None:
+        self.target = target
+        self.options = options
+        self.probes = AllocProbes(options.alloc)
+        self.maps: MapsHistory | None = None
+        self.started = 0.0
+        self.stop_requested: str | None = None
+        self.exiting = False  # a launched target is held stopped inside exit()
+
+    def start(self) -> None:
+        """Probes in place, then (for a launched command) let it run."""
+        self.probes.attach(self.target)
+        self.started = time.monotonic()
+        if not self.target.launched:
+            self.maps = MapsHistory(self.target.pid)
+        self.target.release()
+
+    def run(self, duration: float | None) -> None:
+        """Poll until `duration` passes, a signal arrives, or the target exits."""
+        deadline = None if duration is None else self.started + duration
+        with _stop_signals(self):
+            while self.stop_requested is None:
+                self._poll()
+                if self._target_stopped_at_exit() or not self.target.alive():
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                time.sleep(POLL_SECONDS)
+        self._poll()
+
+    def _poll(self) -> None:
+        self.probes.poll()
+        if self.probes.modules_changed or self.maps is None:
+            self.probes.modules_changed = False
+            self._refresh_maps()
+
+    def _refresh_maps(self) -> None:
+        if self.maps is None:
+            try:
+                self.maps = MapsHistory(self.target.pid)
+            except OSError:
+                return
+        else:
+            self.maps.refresh()
+
+    def _target_stopped_at_exit(self) -> bool:
+        """A launched target stops itself in exit(): read its maps while they exist."""
+        if not self.target.launched:
+            return False
+        try:
+            pid, status = os.waitpid(self.target.pid, os.WNOHANG | os.WUNTRACED)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return False
+        if os.WIFSTOPPED(status):
+            self.exiting = True
+            self._refresh_maps()
+            self.probes.poll()
+            return True
+        self.target.exit_code = os.waitstatus_to_exitcode(status)
+        if self.target.exit_code < 0:
+            self.target.exit_code = 128 - self.target.exit_code
+        return False
+
+    def snapshot(self) -> Snapshot:
+        self._refresh_maps()
+        maps = self.maps or MapsHistory.from_lines([], pid=self.target.pid)
+        symbolizer = Symbolizer(maps, self.target.pid)
+        aggregator = Aggregator(symbolizer, self.options.charge_to)
+        if self.options.min_age > 0:
+            raw = self.probes.sites_older_than(self.options.min_age)
+            mappings = []
+        else:
+            raw = self.probes.sites()
+            mappings = list(self.probes.mappings.totals())
+        loss, calls = self.probes.counters()
+        return Snapshot(
+            pid=self.target.pid,
+            command=" ".join(self.target.argv),
+            taken_at=time.time(),
+            duration=time.monotonic() - self.started,
+            sample_bytes=self.options.alloc.sample_bytes,
+            min_age=self.options.min_age,
+            sites=aggregator.sites(raw, self.probes.stack, mappings),
+            loss=loss,
+            calls=calls,
+            target_exited=self.exiting or not self.target.alive(),
+            exit_code=self.target.exit_code,
+        )
+
+    def close(self) -> None:
+        """Detach every probe; let a launched target that stopped in exit() finish."""
+        self.probes.detach()
+        if self.target.launched and self.target.exit_code is None:
+            with suppress(ProcessLookupError):
+                os.kill(self.target.pid, signal.SIGCONT)
+
+
+@contextmanager
+def _stop_signals(session: Session) -> Iterator[None]:
+    """SIGINT/SIGTERM/SIGHUP end the session cleanly (probes detached, report written)."""
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        session.stop_requested = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM,
+                                                       signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
