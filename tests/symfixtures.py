@@ -37,13 +37,13 @@ def build_id(path: Path) -> str:
     with open(path, "rb") as f:
         for sec in ELFFile(f).iter_sections():
             if sec["sh_type"] == "SHT_NOTE":
-                for note in sec.iter_notes():
+                for note in sec.iter_notes():  # type: ignore[attr-defined]
                     if note["n_type"] == "NT_GNU_BUILD_ID":
                         return str(note["n_desc"])
     raise AssertionError(f"{path} has no build-id")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build() -> Built:
     """Compile everything into tests/fixtures/build/symbols (gitignored)."""
     if BUILD.exists():
