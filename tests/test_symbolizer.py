@@ -89,8 +89,10 @@ def test_memoized(tmp_path: Path) -> None:
 def test_jit_and_unknown_addresses(tmp_path: Path) -> None:
     perf = tmp_path / "perf-42.map"
     perf.write_text("7f0000200100 80 LazyCompile:*handler /app/server.js:10:3\n"
-                    "9f0000000000 40 JS:~gone /app/a.js:1:1\n")
+                    "9f0000000000 40 JS:~gone /app/a.js:1:1\n"
+                    "7f0000300100 20 JS:~flipped /app/b.js:2:2\n")
     lines = ["7f0000200000-7f0000210000 rwxp 00000000 00:00 0\n",
+             "7f0000300000-7f0000310000 rw-p 00000000 00:00 0\n",  # V8 code page, W^X
              "7ffd10000000-7ffd10002000 r-xp 00000000 00:00 0 [vdso]\n"]
     s = Symbolizer(MapsHistory.from_lines(lines), cache_dir=str(tmp_path), perf_map=str(perf))
     f = s.frame(0x7F0000200110)
@@ -99,6 +101,10 @@ def test_jit_and_unknown_addresses(tmp_path: Path) -> None:
     unnamed = s.frame(0x7F0000208000)
     assert (unnamed.module, unnamed.module_class, unnamed.symbol) == ("[jit]", "js", None)
     assert s.frame(0x9F0000000010).symbol == "JS:~gone /app/a.js:1:1"  # no mapping left
+    flipped = s.frame(0x7F0000300104)
+    assert (flipped.module_class, flipped.symbol) == ("js", "JS:~flipped /app/b.js:2:2")
+    data = s.frame(0x7F0000308000)  # writable anonymous memory the perf map does not name
+    assert (data.module, data.module_class) == ("[anon]", "anon")
     vdso = s.frame(0x7FFD10000100)
     assert vdso.module == "[vdso]" and vdso.module_class == "vdso"
     assert vdso.label() == "[vdso]+0x100"

@@ -103,7 +103,9 @@ class Symbolizer:
         m = self.maps.find(addr)
         if m is None and self.maps.refresh():
             m = self.maps.find(addr)
-        if m is None or (m.anon and m.executable and not m.special):
+        # V8 flips its code pages between rw- and r-x (W^X), so any anonymous memory can
+        # hold JIT code: ask the perf map before calling it plain anonymous memory.
+        if m is None or (m.anon and not m.vdso):
             jit = self._jit_frame(addr, m)
             if jit is not None:
                 return jit
@@ -125,7 +127,7 @@ class Symbolizer:
             name, off = hit
             return Frame(addr, JIT_MODULE, addr - m.start if m else 0, name, off,
                          module_class="js")
-        if m is not None and pm is not None:
+        if m is not None and m.executable and not m.special and pm is not None:
             # Executable anonymous memory in a process that writes a perf map is JIT code
             # whose line we have not seen (yet).
             return Frame(addr, JIT_MODULE, addr - m.start, module_class="js")
