@@ -249,9 +249,11 @@ class ElfSymbols:
         try:
             with open(cand, "rb") as df:
                 delf = ELFFile(df)
-                if self.build_id and _build_id(delf) not in (None, self.build_id):
-                    return False
-                if crc is not None and self.build_id is None and _crc32_file(df) != crc:
+                theirs = _build_id(delf)
+                if self.build_id and theirs:
+                    if theirs != self.build_id:
+                        return False
+                elif crc is not None and _crc32_file(df) != crc:
                     return False
                 return _has_entries(delf, ".symtab")
         except Exception:
