@@ -33,6 +33,8 @@ DEFAULT_WRAPPER_SYMBOLS: frozenset[str] = frozenset({
     "libc_dynarray_resize", "libc_scratch_buffer_grow", "libc_scratch_buffer_set_array_size",
     # C++ allocation functions
     "operator new", "operator new[]",
+    # the syscall wrappers behind anonymous mappings and heap growth
+    "mmap", "mmap64", "munmap", "mremap", "brk", "sbrk",
 })
 
 _CLASS_PATTERNS: list[tuple[re.Pattern[str], str]] = [

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 from tracer.attribution import parse_charge_to
+from tracer.errors import UsageError
 from tracer.model.snapshot import Snapshot
 from tracer.privileges import require_tracing_privileges
 from tracer.probes.alloc import AllocOptions
@@ -24,6 +28,8 @@ _OPTIONS = [
     click.option("--top", "top", type=click.IntRange(min=1), default=10, show_default=True,
                  help="Call sites to list."),
     click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None,
+                 help="Write the report to this file (mode 0600) instead of stdout."),
     click.option("--sample", "sample", type=Size(), default=None,
                  help="Byte-weighted sampling: each byte recorded with probability 1/SIZE "
                       "(e.g. 512K). Default: exact."),
@@ -71,10 +77,27 @@ def trace(target: Target, options: SessionOptions, duration: float | None) -> Sn
         session.close()
 
 
-def print_report(snap: Snapshot, as_json: bool, top: int) -> None:
+def print_report(snap: Snapshot, as_json: bool, top: int, output: str | None) -> None:
     out = json_report.render(snap) if as_json else text_report.render(snap, top)
-    sys.stdout.write(out)
-    sys.stdout.flush()
+    if output:
+        write_private(output, out)
+    else:
+        sys.stdout.write(out)
+        sys.stdout.flush()
+
+
+def write_private(path: str, text: str) -> None:
+    """Write atomically (temporary file, then rename) with mode 0600."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".natrace-")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise UsageError(f"cannot write {path}: {err.strerror}") from None
 
 
 def check_privileges() -> None:

@@ -12,7 +12,7 @@ from tracer.commands import common
 @common.trace_options
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
-def command(ctx: click.Context, argv: tuple[str, ...], top: int, as_json: bool,
+def command(ctx: click.Context, argv: tuple[str, ...], top: int, as_json: bool, output: str | None,
             sample: int | None, min_age: float | None, charge_to: str, max_allocs: int,
             stack_map_size: int) -> None:
     """Run CMD from its first allocation and report what it left unfreed.
@@ -26,6 +26,6 @@ def command(ctx: click.Context, argv: tuple[str, ...], top: int, as_json: bool,
         snap = common.trace(target, options, duration=None)
     finally:
         target.release()  # a failed attach must not leave the child at its gate
-    common.print_report(snap, as_json, top)
+    common.print_report(snap, as_json, top, output)
     code = target.wait()
     ctx.exit(code or 0)

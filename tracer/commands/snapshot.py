@@ -15,7 +15,7 @@ from tracer.units import Duration
               help="How long to trace (e.g. 30s, 2m); the report covers allocations made "
                    "meanwhile and still unfreed.")
 @common.trace_options
-def command(pid: int, duration: float, top: int, as_json: bool, sample: int | None,
+def command(pid: int, duration: float, top: int, as_json: bool, output: str | None, sample: int | None,
             min_age: float | None, charge_to: str, max_allocs: int,
             stack_map_size: int) -> None:
     """Attach to PID without restarting it and report unfreed native memory by call site."""
@@ -23,4 +23,4 @@ def command(pid: int, duration: float, top: int, as_json: bool, sample: int | No
     common.check_privileges()
     target = targets.attach(pid)
     snap = common.trace(target, options, duration)
-    common.print_report(snap, as_json, top)
+    common.print_report(snap, as_json, top, output)

@@ -1,0 +1,39 @@
+"""Builds the allocation-tracing fixtures from tests/fixtures/src (once per test run).
+
+Each fixture's source states its ground truth (bytes, blocks, function names);
+tests/test_alloc_tracing.py asserts those exact figures.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+SRC = Path(__file__).parent / "fixtures" / "src"
+BUILD = Path(__file__).parent / "fixtures" / "build" / "alloc"
+CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer"]
+
+
+@dataclass(frozen=True)
+class Built:
+    leaky: Path
+    plugin: Path  # plugin.node, dlopen'ed by leaky --plugin
+    leaky_cpp: Path
+
+
+def _run(*cmd: str | Path) -> None:
+    subprocess.run([str(c) for c in cmd], check=True, capture_output=True)
+
+
+@functools.cache
+def build() -> Built:
+    BUILD.mkdir(parents=True, exist_ok=True)
+    b = BUILD
+    _run("gcc", *CFLAGS, "-shared", "-fPIC", "-o", b / "libleak.so", SRC / "libleak.c")
+    _run("gcc", *CFLAGS, "-shared", "-fPIC", "-o", b / "plugin.node", SRC / "plugin.c")
+    _run("gcc", *CFLAGS, "-pthread", "-o", b / "leaky", SRC / "leaky.c", f"-L{b}", "-lleak",
+         f"-Wl,-rpath,{b}", "-ldl")
+    _run("g++", *CFLAGS, "-o", b / "leaky_cpp", SRC / "leaky_cpp.cpp")
+    return Built(b / "leaky", b / "plugin.node", b / "leaky_cpp")

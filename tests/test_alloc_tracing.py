@@ -1,0 +1,157 @@
+"""Allocation tracing against fixtures with exact ground truth (tests/fixtures/src/leaky.c).
+
+Real probes on real processes: `natrace run -- CMD` and `natrace snapshot -p PID`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from allocfixtures import build
+
+pytestmark = pytest.mark.bpf
+
+NATRACE = str(Path(sys.executable).with_name("natrace"))
+
+# function -> (bytes, blocks) still allocated when leaky finishes (from leaky.c)
+LEAKY_TRUTH = {
+    "leak_malloc": (10_000, 10),
+    "leak_calloc": (2_000, 5),
+    "leak_realloc_chain": (4_096, 1),
+    "leak_posix_memalign": (768, 3),
+    "leak_aligned_alloc": (1_024, 2),
+    "leak_strdup": (84, 7),
+    "thread_leak": (20_000, 100),
+    "churn": (2_112, 33),
+    "lib_leak": (999, 3),
+}
+PLUGIN_TRUTH = {"plugin_leak": (2_220, 5)}
+
+
+def malloc_sites(report: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    return {s["function"]: (s["bytes"], s["blocks"]) for s in report["sites"]
+            if s["kind"] == "malloc" and not s["allocator_internal"] and s["function"]}
+
+
+def site(report: dict[str, Any], function: str, kind: str = "malloc") -> dict[str, Any]:
+    found = [s for s in report["sites"] if s["function"] == function and s["kind"] == kind]
+    assert len(found) == 1, (function, kind, [s["label"] for s in report["sites"]])
+    return found[0]
+
+
+def run_json(tmp_path: Path, *args: str) -> tuple[dict[str, Any], int]:
+    out = tmp_path / "report.json"
+    proc = subprocess.run([NATRACE, "run", "--json", "-o", str(out), *args],
+                          capture_output=True, text=True, timeout=180)
+    assert out.exists(), proc.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    return json.loads(out.read_text()), proc.returncode
+
+
+def assert_leaky_truth(report: dict[str, Any], with_plugin: bool) -> None:
+    sites = malloc_sites(report)
+    truth = {**LEAKY_TRUTH, **(PLUGIN_TRUTH if with_plugin else {})}
+    for function, expected in truth.items():
+        assert sites.get(function) == expected, (function, sites)
+    assert "no_leak" not in sites
+    assert "temporary" not in sites
+    mmap = site(report, "leak_mmap", "mmap")
+    assert (mmap["bytes"], mmap["blocks"]) == (12 * 4096, 2)  # 16 pages, 4 unmapped mid-way
+    assert site(report, "plugin_leak" if with_plugin else "leak_malloc")["stack"]
+    assert not any(report["loss"].values()), report["loss"]
+
+
+def test_run_exact_figures_for_every_entry_point(tmp_path: Path) -> None:
+    fx = build()
+    report, code = run_json(tmp_path, "--", str(fx.leaky), "--churn", "1000000", "--plugin",
+                            str(fx.plugin), "--exit", "3")
+    assert code == 3  # natrace run exits with the child's code
+    assert report["target_exited"] is True
+    assert_leaky_truth(report, with_plugin=True)
+    plugin = site(report, "plugin_leak")
+    assert plugin["module_class"] == "addon:plugin"
+    assert site(report, "lib_leak")["module"].endswith("libleak.so")
+    assert report["calls"]["allocs"] >= 1_000_000
+
+
+def test_cxx_new_is_charged_to_its_caller(tmp_path: Path) -> None:
+    report, code = run_json(tmp_path, "--", str(build().leaky_cpp))
+    assert code == 0
+    sites = malloc_sites(report)
+    assert sites["make_widgets()"] == (6 * 48, 6)
+    assert sites["make_array()"] == (400, 1)
+    assert "temporary_strings()" not in sites
+
+
+def test_snapshot_attaches_to_a_running_process() -> None:
+    fx = build()
+    target = subprocess.Popen([str(fx.leaky), "--wait", "--churn", "200000", "--plugin",
+                               str(fx.plugin)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    assert target.stdout is not None and target.stdin is not None
+    try:
+        assert target.stdout.readline().startswith("ready")
+        tracer = subprocess.Popen([NATRACE, "snapshot", "-p", str(target.pid), "--duration",
+                                   "120", "--json"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None
+        attached = tracer.stderr.readline()
+        assert "attached to PID" in attached, attached + tracer.stderr.read()
+        target.stdin.write("x")
+        target.stdin.flush()
+        assert target.stdout.readline().strip() == "done"
+        tracer.send_signal(signal.SIGINT)  # stop early: the report is still written
+        out, err = tracer.communicate(timeout=60)
+        assert tracer.returncode == 0, err
+        report = json.loads(out)
+        assert report["target_exited"] is False
+        assert_leaky_truth(report, with_plugin=True)
+        assert target.poll() is None  # the target runs on, unharmed
+    finally:
+        target.kill()
+        target.wait()
+
+
+def test_sampled_mode_estimates_within_ten_percent(tmp_path: Path) -> None:
+    report, _ = run_json(tmp_path, "--sample", "16K", "--", str(build().leaky), "--many", "50000")
+    assert report["mode"] == "sampled"
+    got_bytes, got_blocks = malloc_sites(report)["leak_many"]
+    assert abs(got_bytes - 50_000_000) / 50_000_000 < 0.10
+    assert abs(got_blocks - 50_000) / 50_000 < 0.10
+
+
+def test_min_age_leaves_out_young_allocations(tmp_path: Path) -> None:
+    report, _ = run_json(tmp_path, "--min-age", "1h", "--", str(build().leaky))
+    assert report["totals"]["bytes"] == 0
+
+
+def test_run_missing_command_is_one_line() -> None:
+    proc = subprocess.run([NATRACE, "run", "--", "/nonexistent/cmd"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 3
+    assert proc.stderr.strip() == "natrace: command not found: /nonexistent/cmd"
+
+
+def test_snapshot_bad_pid_is_one_line() -> None:
+    proc = subprocess.run([NATRACE, "snapshot", "-p", "999999999"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 3
+    assert "no process with PID 999999999" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unprivileged_run_exits_2() -> None:
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "--inh-caps=-all", NATRACE, "run", "--", "true"],
+                          capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"})
+    assert proc.returncode == 2, proc.stderr
+    assert "root or CAP_BPF+CAP_PERFMON" in proc.stderr
+    assert "Traceback" not in proc.stderr
