@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from types import FrameType
@@ -28,6 +28,7 @@ POLL_SECONDS = 0.05
 @dataclass
 class SessionOptions:
     alloc: AllocOptions = field(default_factory=AllocOptions)
+    allocs: bool = True  # False: triage mode, no malloc-family probes
     charge_to: str = "first"
     min_age: float = 0.0
 
@@ -50,16 +51,24 @@ class Session:
             self.maps = MapsHistory(self.target.pid)
         self.target.release()
 
-    def run(self, duration: float | None) -> None:
-        """Poll until `duration` passes, a signal arrives, or the target exits."""
+    def run(self, duration: float | None, interval: float | None = None,
+            on_interval: Callable[[Session], None] | None = None) -> None:
+        """Poll until `duration` passes, a signal arrives, or the target exits;
+        call `on_interval` every `interval` seconds meanwhile (recordings, live views)."""
         deadline = None if duration is None else self.started + duration
+        next_tick = None if interval is None else self.started + interval
         with _stop_signals(self):
             while self.stop_requested is None:
                 self._poll()
                 if self._target_stopped_at_exit() or not self.target.alive():
                     break
-                if deadline is not None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     break
+                if next_tick is not None and interval is not None and now >= next_tick:
+                    next_tick = now + interval
+                    if on_interval is not None:
+                        on_interval(self)
                 time.sleep(POLL_SECONDS)
         self._poll()
 

@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
@@ -51,15 +52,27 @@ def trace_options(f: F) -> F:
     return f
 
 
-def session_options(sample: int | None, min_age: float | None, charge_to: str,
-                    max_allocs: int, stack_map_size: int) -> SessionOptions:
-    try:
-        parse_charge_to(charge_to)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--charge-to") from None
-    alloc = AllocOptions(sample_bytes=sample or 0, max_allocs=max_allocs,
-                         stack_map_size=stack_map_size)
-    return SessionOptions(alloc=alloc, charge_to=charge_to, min_age=min_age or 0.0)
+@dataclass(frozen=True)
+class TraceArgs:
+    """The values of trace_options, as one object commands pass along."""
+
+    top: int
+    as_json: bool
+    output: str | None
+    session: SessionOptions
+
+    @classmethod
+    def from_options(cls, opts: dict[str, Any]) -> TraceArgs:
+        try:
+            parse_charge_to(opts["charge_to"])
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--charge-to") from None
+        alloc = AllocOptions(sample_bytes=opts["sample"] or 0, max_allocs=opts["max_allocs"],
+                             stack_map_size=opts["stack_map_size"])
+        session = SessionOptions(alloc=alloc, charge_to=opts["charge_to"],
+                                 min_age=opts["min_age"] or 0.0)
+        return cls(top=opts["top"], as_json=opts["as_json"], output=opts["output"],
+                   session=session)
 
 
 def trace(target: Target, options: SessionOptions, duration: float | None) -> Snapshot:
@@ -77,10 +90,10 @@ def trace(target: Target, options: SessionOptions, duration: float | None) -> Sn
         session.close()
 
 
-def print_report(snap: Snapshot, as_json: bool, top: int, output: str | None) -> None:
-    out = json_report.render(snap) if as_json else text_report.render(snap, top)
-    if output:
-        write_private(output, out)
+def print_report(snap: Snapshot, args: TraceArgs) -> None:
+    out = json_report.render(snap) if args.as_json else text_report.render(snap, args.top)
+    if args.output:
+        write_private(args.output, out)
     else:
         sys.stdout.write(out)
         sys.stdout.flush()

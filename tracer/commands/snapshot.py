@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from tracer import target as targets
@@ -15,12 +17,10 @@ from tracer.units import Duration
               help="How long to trace (e.g. 30s, 2m); the report covers allocations made "
                    "meanwhile and still unfreed.")
 @common.trace_options
-def command(pid: int, duration: float, top: int, as_json: bool, output: str | None, sample: int | None,
-            min_age: float | None, charge_to: str, max_allocs: int,
-            stack_map_size: int) -> None:
+def command(pid: int, duration: float, **opts: Any) -> None:
     """Attach to PID without restarting it and report unfreed native memory by call site."""
-    options = common.session_options(sample, min_age, charge_to, max_allocs, stack_map_size)
+    args = common.TraceArgs.from_options(opts)
     common.check_privileges()
     target = targets.attach(pid)
-    snap = common.trace(target, options, duration)
-    common.print_report(snap, as_json, top, output)
+    snap = common.trace(target, args.session, duration)
+    common.print_report(snap, args)
