@@ -11,12 +11,9 @@ from collections.abc import Callable, Iterable
 
 from tracer.attribution import charge_frame
 from tracer.mappings import Owner
-from tracer.model.frames import Frame
-from tracer.model.sites import Site
+from tracer.model.sites import Site, SiteKey
 from tracer.probes.alloc import RawSite, stack_error_name
 from tracer.symbolizer import Symbolizer
-
-SiteKey = tuple[str, bool, str, str]
 
 
 class Aggregator:
@@ -53,7 +50,7 @@ class Aggregator:
 
     @staticmethod
     def _add(groups: dict[SiteKey, Site], heaviest: dict[SiteKey, int], site: Site) -> None:
-        key = (site.kind, site.allocator_internal, *_function_key(site.frame, site.lost_stack))
+        key = site.key
         have = groups.get(key)
         if have is None:
             groups[key] = site
@@ -68,10 +65,3 @@ class Aggregator:
         have.alloc_bytes += site.alloc_bytes
         have.stack_ids += site.stack_ids
 
-
-def _function_key(frame: Frame | None, lost: str | None) -> tuple[str, str]:
-    if frame is None:
-        return ("", f"lost:{lost}")
-    if frame.symbol:
-        return (frame.module, frame.symbol)
-    return (frame.module, f"{frame.module_offset:#x}" if frame.module else f"{frame.address:#x}")

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from tracer.model.frames import Frame
 
+SiteKey = tuple[str, bool, str, str]
+
 
 @dataclass
 class Site:
@@ -38,6 +40,21 @@ class Site:
     def module_class(self) -> str:
         frame = self.frame
         return frame.module_class if frame else "unknown"
+
+    @property
+    def key(self) -> SiteKey:
+        """Identity of the site across stacks and snapshots: kind, allocator-internal, and
+        the function it is charged to (module+symbol, else module+offset)."""
+        frame = self.frame
+        if frame is None:
+            where = ("", f"lost:{self.lost_stack}")
+        elif frame.symbol:
+            where = (frame.module, frame.symbol)
+        elif frame.module:
+            where = (frame.module, f"{frame.module_offset:#x}")
+        else:
+            where = ("", f"{frame.address:#x}")
+        return (self.kind, self.allocator_internal, *where)
 
     def label(self) -> str:
         frame = self.frame
