@@ -64,4 +64,3 @@ class Aggregator:
         have.allocs += site.allocs
         have.alloc_bytes += site.alloc_bytes
         have.stack_ids += site.stack_ids
-
