@@ -59,8 +59,7 @@ class Session:
         next_tick = None if interval is None else self.started + interval
         with _stop_signals(self):
             while self.stop_requested is None:
-                self._poll()
-                if self._target_stopped_at_exit() or not self.target.alive():
+                if not self.poll():
                     break
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
@@ -71,6 +70,12 @@ class Session:
                         on_interval(self)
                 time.sleep(POLL_SECONDS)
         self._poll()
+
+    def poll(self) -> bool:
+        """One step of `run`'s loop, for callers that keep their own clock (live views):
+        drain the probes; False once the target has exited or stopped in exit()."""
+        self._poll()
+        return not self._target_stopped_at_exit() and self.target.alive()
 
     def _poll(self) -> None:
         self.probes.poll()
