@@ -108,11 +108,7 @@ class AllocProbes:
         self._bpf["mem_events"].open_ring_buffer(self._on_mem_event)
 
     def _attach_entry_point(self, ep: EntryPoint, pid: int) -> None:
-        offset = 0
-        if not ep.has_return:
-            with open(ep.path, "rb") as fh:
-                fh.seek(ep.file_offset)
-                offset = entry_offset(fh.read(ep.size), ignores_null_first_arg=True)
+        offset = entry_probe_offset(ep)
         self._bpf.attach_uprobe(name=ep.path, addr=ep.vaddr + offset, fn_name=ep.program, pid=pid)
         if ep.has_return:
             self._bpf.attach_uretprobe(name=ep.path, addr=ep.vaddr, fn_name="alloc_return",
@@ -218,6 +214,17 @@ class AllocProbes:
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
+
+
+def entry_probe_offset(ep: EntryPoint) -> int:
+    """Where in `ep` its entry uprobe goes: past free's NULL test when that reaches an
+    emulated instruction; 0 for functions that also get a uretprobe. Public so the
+    benchmark's empty-probe floor sits exactly where natrace's probes do."""
+    if ep.has_return:
+        return 0
+    with open(ep.path, "rb") as fh:
+        fh.seek(ep.file_offset)
+        return entry_offset(fh.read(ep.size), ignores_null_first_arg=True)
 
 
 def stack_error_name(stack_id: int) -> str:
