@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from tracer.aggregator import Aggregator
+from tracer.mappings import Owner
+from tracer.memwatch import MemoryWatch
 from tracer.model.snapshot import Snapshot
 from tracer.probes.alloc import AllocOptions, AllocProbes
 from tracer.procmaps import MapsHistory
@@ -31,6 +33,7 @@ class SessionOptions:
     allocs: bool = True  # False: triage mode, no malloc-family probes
     charge_to: str = "first"
     min_age: float = 0.0
+    memory_interval: float = 1.0  # seconds between RSS/VMS samples
 
 
 class Session:
@@ -42,10 +45,12 @@ class Session:
         self.started = 0.0
         self.stop_requested: str | None = None
         self.exiting = False  # a launched target is held stopped inside exit()
+        self.memory = MemoryWatch(target.pid, options.memory_interval)
 
     def start(self) -> None:
         """Probes in place, then (for a launched command) let it run."""
-        self.probes.attach(self.target)
+        if self.options.allocs:
+            self.probes.attach(self.target)
         self.started = time.monotonic()
         if not self.target.launched:
             self.maps = MapsHistory(self.target.pid)
@@ -79,6 +84,7 @@ class Session:
 
     def _poll(self) -> None:
         self.probes.poll()
+        self.memory.tick()
         if self.probes.modules_changed or self.maps is None:
             self.probes.modules_changed = False
             self._refresh_maps()
@@ -117,13 +123,16 @@ class Session:
         maps = self.maps or MapsHistory.from_lines([], pid=self.target.pid)
         symbolizer = Symbolizer(maps, self.target.pid)
         aggregator = Aggregator(symbolizer, self.options.charge_to)
-        if self.options.min_age > 0:
+        mappings: list[tuple[Owner, int, int]] = []
+        if not self.options.allocs:
+            raw = []
+        elif self.options.min_age > 0:
             raw = self.probes.sites_older_than(self.options.min_age)
-            mappings = []
         else:
             raw = self.probes.sites()
             mappings = list(self.probes.mappings.totals())
-        loss, calls = self.probes.counters()
+        loss, calls = self.probes.counters() if self.options.allocs else ({}, {})
+        sites = aggregator.sites(raw, self.probes.stack, mappings)
         return Snapshot(
             pid=self.target.pid,
             command=" ".join(self.target.argv),
@@ -131,11 +140,13 @@ class Session:
             duration=time.monotonic() - self.started,
             sample_bytes=self.options.alloc.sample_bytes,
             min_age=self.options.min_age,
-            sites=aggregator.sites(raw, self.probes.stack, mappings),
+            sites=sites,
             loss=loss,
             calls=calls,
             target_exited=self.exiting or not self.target.alive(),
             exit_code=self.target.exit_code,
+            memory=self.memory.report(sites, traced=self.options.allocs,
+                                      from_start=self.target.launched),
         )
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tracer.model.memory import MemoryReport
 from tracer.model.sites import Site
 
 # What the pipeline could not record, by name, with the sentence a report prints.
@@ -33,6 +34,7 @@ class Snapshot:
     calls: dict[str, int] = field(default_factory=dict)
     target_exited: bool = False
     exit_code: int | None = None
+    memory: MemoryReport | None = None  # RSS timeline, regions, arenas, reconciliation
 
     @property
     def mode(self) -> str:
