@@ -16,6 +16,7 @@
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 #include "natrace.h"
+#include "target.bpf.h"
 
 BPF_HASH(allocs, u64, struct alloc_info, MAX_ALLOCS);
 BPF_HASH(sites, s32, struct site_stats, MAX_STACKS + 16);
@@ -30,27 +31,6 @@ struct syscall_args {
     u32 flags;
 };
 BPF_HASH(pending, u32, struct syscall_args, 16384);
-
-#ifdef WAIT_EXEC
-BPF_ARRAY(armed, u32, 1);
-
-TRACEPOINT_PROBE(sched, sched_process_exec) {
-    if ((bpf_get_current_pid_tgid() >> 32) != TARGET_TGID)
-        return 0;
-    int zero = 0;
-    u32 one = 1;
-    armed.update(&zero, &one);
-    return 0;
-}
-
-static __always_inline int is_armed(void) {
-    int zero = 0;
-    u32 *a = armed.lookup(&zero);
-    return a && *a;
-}
-#else
-static __always_inline int is_armed(void) { return 1; }
-#endif
 
 static __always_inline void count(u32 which, u64 n) {
     u64 *c = counters.lookup(&which);
@@ -242,16 +222,6 @@ int free_enter(struct pt_regs *ctx) {
     return 0;
 }
 
-#ifdef WAIT_EXEC
-/* A launched target calling exit() stops itself, so natrace can read its maps
- * and final counters before the address space is gone; natrace then resumes it. */
-int exit_enter(struct pt_regs *ctx) {
-    if (is_armed())
-        bpf_send_signal(19 /* SIGSTOP */);
-    return 0;
-}
-#endif
-
 /* ---- anonymous mappings ------------------------------------------------ */
 
 static __always_inline int syscall_enter(u64 a0, u64 a1, u64 a2, u64 a3, u32 flags) {
@@ -263,12 +233,8 @@ static __always_inline int syscall_enter(u64 a0, u64 a1, u64 a2, u64 a3, u32 fla
     struct entry_state *st = entries.lookup(&tid);
     if (st && st->depth > 0)
         args.flags |= NATRACE_EVF_ALLOCATOR;
-    /* libc's syscall wrappers push nothing: *sp is the return address into
-     * the function that called mmap, which a frame-pointer walk would skip. */
-    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-    u64 sp = 0;
-    bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp);
-    bpf_probe_read_user(&args.caller, sizeof(args.caller), (void *)sp);
+    /* *sp: the wrapper's caller (see user_sp) */
+    bpf_probe_read_user(&args.caller, sizeof(args.caller), (void *)user_sp());
     pending.update(&tid, &args);
     return 0;
 }

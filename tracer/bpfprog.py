@@ -64,7 +64,7 @@ def compile_program(name: str, defines: dict[str, int | str]) -> Any:
         )
     cflags = [f"-I{src}", "-Wno-macro-redefined", "-Wno-unused-function"]
     cflags += [f"-D{key}={value}" for key, value in defines.items()]
-    text = (src / name).read_text()
+    text = _paste_bpf_headers((src / name).read_text(), src)
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -72,6 +72,15 @@ def compile_program(name: str, defines: dict[str, int | str]) -> Any:
     except Exception as err:  # bcc raises bare Exception on compile/load failure
         detail = _first_error_line(captured.getvalue()) or str(err).splitlines()[0]
         raise KernelFeatureError(f"could not load the BPF program {name}: {detail}") from None
+
+
+_BPF_HEADER_INCLUDE = re.compile(r'^#include "([\w.-]+\.bpf\.h)"$', re.MULTILINE)
+
+
+def _paste_bpf_headers(text: str, src: Path) -> str:
+    """Replace `#include "x.bpf.h"` by the file's text: bcc rewrites map calls and
+    builds tracepoint argument structs only in the main source, never in headers."""
+    return _BPF_HEADER_INCLUDE.sub(lambda m: (src / m.group(1)).read_text(), text)
 
 
 def _first_error_line(text: str) -> str:

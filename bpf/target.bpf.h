@@ -1,0 +1,55 @@
+/* Pieces every natrace BPF program needs about its target process.
+ *
+ * Included by each compile unit (alloc.bpf.c, triage.bpf.c): each gets its own copy
+ * of the `armed` map and the exec tracepoint. bcc rewrites map calls (armed.lookup)
+ * and generates tracepoint argument structs only in the main source, so
+ * tracer/bpfprog.py pastes *.bpf.h includes into it before compiling.
+ *
+ * Compile-time parameters:
+ *   TARGET_TGID  the traced process
+ *   WAIT_EXEC    defined when natrace launched the target: record nothing until the
+ *                child has exec'd the command
+ */
+#ifndef NATRACE_TARGET_BPF_H
+#define NATRACE_TARGET_BPF_H
+
+#ifdef WAIT_EXEC
+BPF_ARRAY(armed, u32, 1);
+
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    if ((bpf_get_current_pid_tgid() >> 32) != TARGET_TGID)
+        return 0;
+    int zero = 0;
+    u32 one = 1;
+    armed.update(&zero, &one);
+    return 0;
+}
+
+static __always_inline int is_armed(void) {
+    int zero = 0;
+    u32 *a = armed.lookup(&zero);
+    return a && *a;
+}
+
+/* A launched target calling exit() stops itself, so natrace can read its maps
+ * and final counters before the address space is gone; natrace then resumes it. */
+int exit_enter(struct pt_regs *ctx) {
+    if (is_armed())
+        bpf_send_signal(19 /* SIGSTOP */);
+    return 0;
+}
+#else
+static __always_inline int is_armed(void) { return 1; }
+#endif
+
+/* The user stack pointer at the syscall or fault being traced. libc's syscall
+ * wrappers push nothing, so *sp is the return address into the function that called
+ * them, which a frame-pointer walk would skip. */
+static __always_inline u64 user_sp(void) {
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 sp = 0;
+    bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp);
+    return sp;
+}
+
+#endif
