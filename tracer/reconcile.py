@@ -18,6 +18,8 @@ from tracer.model.sites import Site
 
 # glibc functions that map a new arena heap (symbol names from libc's .symtab)
 HEAP_MAKERS = frozenset({"new_heap", "alloc_new_heap", "_int_new_arena", "arena_get2"})
+# glibc functions that map a new thread's stack: its RSS is counted as "thread stacks"
+STACK_MAKERS = frozenset({"pthread_create", "allocate_stack"})
 MALLOC_HEAPS = ("heap", "arena")  # backings where malloc's small blocks live
 
 
@@ -28,7 +30,8 @@ def reconcile(rss_by_backing: Mapping[str, int], sites: Sequence[Site], traced: 
     rss = sum(rss_by_backing.values())
     user = [s for s in sites if not s.allocator_internal]
     malloc = sum(s.bytes for s in user if s.kind == "malloc")
-    mapped = sum(s.bytes for s in user if s.kind != "malloc")
+    mapped = sum(s.bytes for s in user if s.kind != "malloc"
+                 and not any(_named(f, STACK_MAKERS) for f in s.frames))
     heaps = sum(rss_by_backing.get(b, 0) for b in MALLOC_HEAPS)
     anon = rss_by_backing.get("anonymous", 0)
     shares = [Share("file mappings (code, libraries, mapped files)",
@@ -64,9 +67,10 @@ def traced_heap_bytes(sites: Sequence[Site]) -> int | None:
     """Bytes the allocator mapped for arena heaps while traced (None: no such stack
     could be named, so tracing cannot confirm the arenas)."""
     found = [s for s in sites if s.allocator_internal and s.kind == "mmap"
-             and any(_makes_heap(f) for f in s.frames)]
+             and any(_named(f, HEAP_MAKERS) for f in s.frames)]
     return sum(s.bytes for s in found) if found else None
 
 
-def _makes_heap(frame: Frame) -> bool:
-    return frame.symbol in HEAP_MAKERS
+def _named(frame: Frame, names: frozenset[str]) -> bool:
+    """The frame is one of `names` (symbol versions such as @GLIBC_2.2.5 ignored)."""
+    return bool(frame.symbol) and frame.symbol.split("@", 1)[0] in names

@@ -225,11 +225,12 @@ class _HeaderReader:
 
 
 def dominance(arenas: ArenaSummary, vms: int, rss: int) -> list[str]:
-    """Which of VMS and RSS arenas make up most of."""
+    """Which of VMS and RSS arenas make up most of (ignoring less than one heap's worth:
+    a small process is not worth retuning)."""
     out = []
-    if vms and arenas.reserved > DOMINATES * vms:
+    if arenas.reserved >= HEAP_MAX_SIZE and arenas.reserved > DOMINATES * vms:
         out.append("VMS")
-    if rss and arenas.rss > DOMINATES * rss:
+    if arenas.rss >= HEAP_MAX_SIZE and arenas.rss > DOMINATES * rss:
         out.append("RSS")
     return out
 

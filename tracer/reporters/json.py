@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any
 
 from tracer.model.frames import Frame
+from tracer.model.memory import MemoryReport, Region
 from tracer.model.sites import Site
 from tracer.model.snapshot import Snapshot
 
@@ -32,6 +34,7 @@ def to_dict(snap: Snapshot) -> dict[str, Any]:
         "sites": [_site(s) for s in snap.sites],
         "loss": snap.loss,
         "calls": snap.calls,
+        "memory": _memory(snap.memory) if snap.memory is not None else None,
     }
 
 
@@ -52,6 +55,37 @@ def _site(site: Site) -> dict[str, Any]:
         "charge_index": site.charge_index,
         "stack": [_frame(f) for f in site.frames],
     }
+
+
+def _memory(mem: MemoryReport) -> dict[str, Any]:
+    """Samples, regions, arenas and reconciliation as plain values (bytes throughout)."""
+    reg, ar, rec = mem.regions, mem.arenas, mem.reconciliation
+    return {
+        "timeline": [asdict(s) for s in mem.timeline],
+        "regions": None if reg is None else {
+            "count": reg.regions, "writable": reg.writable,
+            "max_map_count": reg.max_map_count, "headroom": reg.headroom,
+            "by_backing": [asdict(b) for b in reg.by_backing],
+            "largest_by_size": [_region(r) for r in reg.largest_by_size],
+            "largest_by_rss": [_region(r) for r in reg.largest_by_rss],
+        },
+        "arenas": None if ar is None else {
+            "arenas": ar.arenas, "heaps": len(ar.heaps), "reserved": ar.reserved,
+            "rss": ar.rss, "threads": ar.threads, "verified": ar.verified,
+            "dominates": ar.dominates, "advice": ar.advice(),
+            "traced_heap_bytes": ar.traced_heap_bytes,
+            "heap_list": [asdict(h) for h in ar.heaps],
+        },
+        "reconciliation": None if rec is None else {
+            "rss": rec.rss, "traced": rec.traced, "malloc_bytes": rec.malloc_bytes,
+            "mmap_bytes": rec.mmap_bytes, "unexplained": rec.unexplained,
+            "remainder": [asdict(s) for s in rec.remainder],
+        },
+    }
+
+
+def _region(r: Region) -> dict[str, Any]:
+    return {**asdict(r), "size": r.size}
 
 
 def _frame(f: Frame) -> dict[str, Any]:

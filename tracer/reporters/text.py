@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from tracer.model.memory import ArenaSummary, MemoryReport, Reconciliation, RegionSummary
 from tracer.model.sites import Site
 from tracer.model.snapshot import LOSS_DESCRIPTIONS, Snapshot
 
@@ -49,6 +50,9 @@ def render(snap: Snapshot, top: int = 10) -> str:
             if held:
                 lines.append(f"  {kind:5} {size(sum(s.bytes for s in held)):>12} in "
                              f"{sum(s.blocks for s in held)} ranges")
+    if snap.memory is not None:
+        lines.append("")
+        lines += _memory(snap.memory)
     lines.append("")
     lines += _loss(snap)
     return "\n".join(lines) + "\n"
@@ -93,4 +97,80 @@ def _loss(snap: Snapshot) -> list[str]:
         return ["Nothing lost: every allocation and stack was recorded."]
     out = ["Not recorded (figures above leave these out):"]
     out += [f"  {v:>12,}  {LOSS_DESCRIPTIONS.get(k, k)}" for k, v in lost.items()]
+    return out
+
+
+def _memory(mem: MemoryReport) -> list[str]:
+    out = []
+    last, first = mem.last, (mem.timeline[0] if mem.timeline else None)
+    if last is not None and first is not None:
+        span = last.at - first.at
+        out.append(f"Memory ({len(mem.timeline)} samples over {span:.1f} s):")
+        line = f"  RSS {size(last.rss)}"
+        if len(mem.timeline) > 1:
+            line += f" ({_signed(last.rss - first.rss)} since {size(first.rss)})"
+        line += f", VMS {size(last.vms)}"
+        for name, value in (("USS", last.uss), ("PSS", last.pss), ("swap", last.swap)):
+            if value is not None:
+                line += f", {name} {size(value)}"
+        out.append(line)
+        if len(mem.timeline) > 2:
+            step = max(1, len(mem.timeline) // 8)
+            points = mem.timeline[::step][-8:]
+            out.append("  RSS over time: " + " -> ".join(size(s.rss) for s in points))
+    if mem.regions is not None:
+        out += _regions(mem.regions)
+    if mem.arenas is not None:
+        out += _arenas(mem.arenas)
+    if mem.reconciliation is not None:
+        out += _reconciliation(mem.reconciliation)
+    return out
+
+
+def _signed(n: int) -> str:
+    return ("+" if n >= 0 else "-") + size(abs(n))
+
+
+def _regions(reg: RegionSummary) -> list[str]:
+    line = f"Regions: {reg.regions:,} ({reg.writable:,} writable)"
+    if reg.max_map_count is not None and reg.headroom is not None:
+        line += f"; vm.max_map_count {reg.max_map_count:,}: {reg.headroom:,} left"
+        if reg.headroom < reg.max_map_count // 10:
+            line += " (close to the limit: mmap will fail with ENOMEM)"
+    out = [line, f"  {'BACKING':22} {'REGIONS':>9} {'SIZE':>12} {'RSS':>12}"]
+    out += [f"  {b.backing[:22]:22} {b.regions:>9,} {size(b.size):>12} {size(b.rss):>12}"
+            for b in reg.by_backing]
+    for title, regions in (("by size", reg.largest_by_size), ("by RSS", reg.largest_by_rss)):
+        out.append(f"  Largest {title}:")
+        out += [f"    {r.start:#014x}-{r.end:#014x} {r.perms} {size(r.size):>12} "
+                f"RSS {size(r.rss):>12}  {r.backing}" + (f" {r.path}" if r.path and
+                                                          r.backing == "file" else "")
+                for r in regions]
+    return out
+
+
+def _arenas(ar: ArenaSummary) -> list[str]:
+    if not ar.heaps:
+        return ["glibc arenas: none besides the main arena"]
+    threads = f", {ar.threads} threads" if ar.threads is not None else ""
+    how = "verified from heap headers" if ar.verified else "from region shapes only"
+    out = [f"glibc arenas: {ar.arenas} in {len(ar.heaps)} heaps of 64 MiB "
+           f"({size(ar.reserved)} reserved, {size(ar.rss)} resident){threads}; {how}"]
+    if ar.traced_heap_bytes is not None:
+        out.append(f"  allocation tracing saw the allocator map {size(ar.traced_heap_bytes)} "
+                   "for arena heaps")
+    advice = ar.advice()
+    if advice:
+        out.append(f"  ! {advice}")
+    return out
+
+
+def _reconciliation(rec: Reconciliation) -> list[str]:
+    out = [f"Where RSS goes ({size(rec.rss)} resident):"]
+    rows = []
+    if rec.traced:
+        rows += [("live malloc blocks (traced)", rec.malloc_bytes),
+                 ("live anonymous mappings (traced, mapped size)", rec.mmap_bytes)]
+    rows += [(s.owner, s.bytes) for s in rec.remainder]
+    out += [f"  {size(n):>12} {_pct(n, rec.rss):>6}  {owner}" for owner, n in rows]
     return out
