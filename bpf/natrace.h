@@ -88,4 +88,78 @@ struct mem_event {
     u32 tid;
 };
 
+/* ---- triage: futex waits, memory syscalls, page faults (bpf/triage.bpf.c) ---- */
+
+/* Futex commands are the kernel's FUTEX_* numbers (op & 127); the futex2 syscalls,
+ * which have no op, get these pseudo-commands. */
+#define NATRACE_FUTEX2_WAIT 64
+#define NATRACE_FUTEX2_WAKE 65
+#define NATRACE_FUTEX2_WAITV 66
+#define NATRACE_FUTEX2_REQUEUE 67
+#define NATRACE_FUTEX_PRIVATE_FLAG 128
+
+/* Wait times in a log2 histogram: slot i counts waits of [2^i, 2^(i+1)) ns. */
+#define NATRACE_HIST_SLOTS 40
+
+/* Words of user stack kept above sp, once per stack id, so that Python can find the
+ * return address into the caller of libc frames the frame-pointer walk skips. */
+#define NATRACE_WINDOW_WORDS 32
+
+/* Memory syscalls, as the `sys` of a key. */
+#define NATRACE_MS_MMAP 0
+#define NATRACE_MS_MUNMAP 1
+#define NATRACE_MS_MREMAP 2
+#define NATRACE_MS_MPROTECT 3
+#define NATRACE_MS_MADVISE 4
+#define NATRACE_MS_BRK 5
+#define NATRACE_MS_COUNT 6
+
+/* Per-CPU counters of the triage program. */
+#define NATRACE_TC_STACK_LOST 0      /* stack capture failed (the event kept its -errno bucket) */
+#define NATRACE_TC_KEYS_FULL 1       /* an event not counted: aggregation map full */
+#define NATRACE_TC_EXEC_MMAPS 2      /* executable mappings made: the module list changed */
+#define NATRACE_TC_FAULTS 3          /* page faults seen (all, attributed or not) */
+#define NATRACE_TC_COUNT 4
+
+struct futex_key {
+    u64 uaddr;      /* the lock word */
+    s32 stack_id;   /* caller's stack; negative: -errno of a failed capture */
+    u32 cmd;        /* FUTEX_* command or NATRACE_FUTEX2_* */
+};
+
+struct futex_stats {
+    u64 calls;
+    u64 private_calls;   /* FUTEX_PRIVATE_FLAG set */
+    u64 wait_ns;         /* time inside the call (blocking commands: time blocked) */
+    u64 max_ns;
+    u64 woken;           /* sum of positive return values (wake/requeue: threads woken) */
+    u64 err_eagain;
+    u64 err_etimedout;
+    u64 err_eintr;
+    u64 err_other;
+    u64 hist[NATRACE_HIST_SLOTS];
+};
+
+struct memsys_key {
+    u32 sys;        /* NATRACE_MS_* */
+    s32 stack_id;   /* NATRACE_NO_STACK in the per-syscall totals */
+};
+#define NATRACE_NO_STACK 0x7fffffff
+
+struct memsys_stats {
+    u64 calls;
+    u64 errors;
+    u64 ns;
+    u64 bytes;      /* successful calls: length (mremap: new length; brk: |change|) */
+};
+
+struct memsys_err_key {
+    u32 sys;
+    u32 err;        /* errno */
+};
+
+struct stack_window {
+    u64 words[NATRACE_WINDOW_WORDS];
+};
+
 #endif

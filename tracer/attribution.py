@@ -165,3 +165,18 @@ def charge_frame(frames: Sequence[Frame], charge_to: str = "first",
         if _module_matches(frames[i], want):
             return i
     return start
+
+
+#: Module classes a lock wait, syscall or page fault is never charged to: libc (which
+#: holds pthread since glibc 2.34, and the loader) and libstdc++ (std::mutex & co.).
+RUNTIME_MODULES: frozenset[str] = frozenset({"libc", "libstdc++"})
+
+
+def first_frame_outside(frames: Sequence[Frame],
+                        modules: Collection[str] = RUNTIME_MODULES) -> int:
+    """Index of the first frame whose module class is not in `modules`: the program's
+    call site of a libc function. -1 for an empty stack; the last index when all are."""
+    for i, frame in enumerate(frames):
+        if frame.module_class not in modules:
+            return i
+    return len(frames) - 1

@@ -19,6 +19,7 @@ from tracer.errors import KernelFeatureError, TargetError
 from tracer.mappings import MappingTracker, Owner
 from tracer.placement import entry_offset
 from tracer.target import Target
+from tracer.unwind import splice_caller
 
 _COUNTERS = {
     "stack_efault": "NATRACE_CNT_STACK_EFAULT",
@@ -144,10 +145,7 @@ class AllocProbes:
     def _syscall_stack(self, stack_id: int, caller: int) -> tuple[int, ...]:
         """The stack of a syscall, with the wrapper's caller put back in: the
         frame-pointer walk from inside a libc wrapper skips it."""
-        stack = self.stack(stack_id)
-        if stack and caller and (len(stack) < 2 or stack[1] != caller):
-            stack = (stack[0], caller, *stack[1:])
-        return stack
+        return splice_caller(self.stack(stack_id), caller)
 
     def stack(self, stack_id: int) -> tuple[int, ...]:
         if stack_id < 0:

@@ -1,0 +1,43 @@
+"""A call site named by a symbolized stack: where a lock wait, syscall or fault came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tracer.model.frames import Frame
+
+
+@dataclass
+class CallSite:
+    """`frames` innermost first; `charge_index` is the frame the figures belong to (the
+    first outside libc/libstdc++). A stack that could not be captured has no frames and
+    says why in `lost_stack`."""
+
+    frames: list[Frame] = field(default_factory=list)
+    charge_index: int = 0
+    lost_stack: str | None = None
+
+    @property
+    def frame(self) -> Frame | None:
+        if not self.frames:
+            return None
+        return self.frames[min(self.charge_index, len(self.frames) - 1)]
+
+    @property
+    def function(self) -> str | None:
+        frame = self.frame
+        return frame.symbol if frame else None
+
+    @property
+    def via(self) -> str | None:
+        """The outermost libc/libstdc++ function the call site went through (e.g.
+        pthread_mutex_lock), None when it called the kernel directly."""
+        if self.charge_index <= 0 or not self.frames:
+            return None
+        return self.frames[min(self.charge_index, len(self.frames)) - 1].symbol
+
+    def label(self) -> str:
+        frame = self.frame
+        if frame is None:
+            return f"[stack not captured: {self.lost_stack or 'empty stack'}]"
+        return frame.label()

@@ -1,0 +1,183 @@
+"""Triage probes: futex waits, memory syscalls and page faults, tracepoints only.
+
+Owns the BPF program bpf/triage.bpf.c; hands raw per-key counters, stacks and the
+stack windows (user words above sp) to tracer/triage.py. Nothing here symbolizes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from tracer import bpfprog, doctor
+from tracer.errors import KernelFeatureError, TargetError
+from tracer.target import Target
+
+# Optional tracepoints: (category/event of the enter tracepoint, -D flag when present).
+_OPTIONAL = [
+    ("syscalls/sys_enter_futex_wait", "HAVE_FUTEX_WAIT"),
+    ("syscalls/sys_enter_futex_wake", "HAVE_FUTEX_WAKE"),
+    ("syscalls/sys_enter_futex_waitv", "HAVE_FUTEX_WAITV"),
+    ("syscalls/sys_enter_futex_requeue", "HAVE_FUTEX_REQUEUE"),
+    ("exceptions/page_fault_user", "HAVE_PAGE_FAULT_USER"),
+]
+_ALWAYS = ["syscalls/sys_{}_futex"] + [f"syscalls/sys_{{}}_{s}" for s in
+                                       ("mmap", "munmap", "mremap", "mprotect", "madvise", "brk")]
+MEMSYS_NAMES = ("mmap", "munmap", "mremap", "mprotect", "madvise", "brk")
+
+
+@dataclass(frozen=True)
+class TriageOptions:
+    max_keys: int = 1 << 14
+    stack_map_size: int = 1 << 14
+
+
+@dataclass(frozen=True)
+class RawFutex:
+    """Kernel counters of one (lock word, caller stack, futex command)."""
+
+    uaddr: int
+    stack_id: int
+    cmd: int
+    calls: int
+    private_calls: int
+    wait_ns: int
+    max_ns: int
+    woken: int
+    errors: dict[str, int]  # EAGAIN, ETIMEDOUT, EINTR, other
+    hist: tuple[int, ...]  # log2 slots of the time spent in the call
+
+
+@dataclass(frozen=True)
+class RawMemsys:
+    """Kernel counters of one memory syscall, in total (stack_id None) or per stack."""
+
+    syscall: str
+    stack_id: int | None
+    calls: int
+    errors: int
+    ns: int
+    bytes: int
+
+
+class TriageProbes:
+    def __init__(self, options: TriageOptions) -> None:
+        self.options = options
+        self.points: list[str] = []  # tracepoints attached (category:event)
+        self.has_faults = False
+        self.modules_changed = False  # set when the target maps executable code
+        self._bpf: Any = None
+        self._exec_mmaps = 0
+        self._stack_cache: dict[int, tuple[int, ...]] = {}
+        self._c = bpfprog.constants()
+
+    def attach(self, target: Target, stop_at_exit: bool = False) -> None:
+        """Compile and attach; `stop_at_exit` makes a launched target stop in exit()
+        (what the allocation probes otherwise do) so its maps outlive its last call."""
+        tracefs, _ = doctor.find_tracefs()
+        events = os.path.join(tracefs or "/sys/kernel/tracing", "events")
+        defines: dict[str, int | str] = {
+            "TARGET_TGID": target.pid,
+            "MAX_KEYS": self.options.max_keys,
+            "MAX_STACKS": self.options.stack_map_size,
+        }
+        present = [ev for ev, _ in _OPTIONAL if os.path.isdir(os.path.join(events, ev))]
+        for ev, flag in _OPTIONAL:
+            if ev in present:
+                defines[flag] = 1
+        if target.launched:
+            defines["WAIT_EXEC"] = 1
+        self._bpf = bpfprog.compile_program("triage.bpf.c", defines)
+        self.has_faults = "exceptions/page_fault_user" in present
+        names = [p.format(d) for p in _ALWAYS for d in ("enter", "exit")]
+        names += [ev for ev in present if not ev.startswith("syscalls/")]
+        names += [ev.replace("enter", d) for ev in present if ev.startswith("syscalls/")
+                  for d in ("enter", "exit")]
+        self.points = sorted(n.replace("/", ":") for n in names)
+        if stop_at_exit and target.launched:
+            libc = next((p for p in target.mapped_files()
+                         if os.path.basename(p).startswith("libc.so")), None)
+            if libc:
+                try:
+                    self._bpf.attach_uprobe(name=libc, sym="exit", fn_name="exit_enter",
+                                            pid=target.pid)
+                except Exception as err:
+                    self.detach()
+                    if not target.alive():
+                        raise TargetError(f"process {target.pid} exited while natrace "
+                                          "attached") from None
+                    raise KernelFeatureError(f"could not attach a uprobe on exit: {err}") \
+                        from None
+
+    def poll(self) -> None:
+        """Nothing streams: only notice new executable mappings (the maps changed)."""
+        if self._bpf is None:
+            return
+        n = self._counter("NATRACE_TC_EXEC_MMAPS")
+        if n != self._exec_mmaps:
+            self._exec_mmaps = n
+            self.modules_changed = True
+
+    def _counter(self, macro: str) -> int:
+        return int(sum(self._bpf["counters"][ctypes.c_int(self._c[macro])]))
+
+    def counters(self) -> dict[str, int]:
+        return {"stack_lost": self._counter("NATRACE_TC_STACK_LOST"),
+                "keys_full": self._counter("NATRACE_TC_KEYS_FULL"),
+                "faults": self._counter("NATRACE_TC_FAULTS")}
+
+    def futexes(self) -> list[RawFutex]:
+        out = []
+        for k, v in self._bpf["futexes"].items():
+            out.append(RawFutex(
+                k.uaddr, k.stack_id, k.cmd, v.calls, v.private_calls, v.wait_ns, v.max_ns,
+                v.woken, {"EAGAIN": v.err_eagain, "ETIMEDOUT": v.err_etimedout,
+                          "EINTR": v.err_eintr, "other": v.err_other},
+                tuple(v.hist)))
+        return out
+
+    def memsys(self) -> list[RawMemsys]:
+        no_stack = self._c["NATRACE_NO_STACK"]
+        return [RawMemsys(MEMSYS_NAMES[k.sys], None if k.stack_id == no_stack else k.stack_id,
+                          v.calls, v.errors, v.ns, v.bytes)
+                for k, v in self._bpf["memsys"].items()]
+
+    def memsys_errors(self) -> dict[tuple[str, str], int]:
+        """(syscall, errno name) -> failed calls."""
+        return {(MEMSYS_NAMES[k.sys], errno.errorcode.get(k.err, str(k.err))): v.value
+                for k, v in self._bpf["memsys_errors"].items()}
+
+    def faults(self) -> dict[int, int]:
+        """Stack id -> page faults."""
+        if not self.has_faults:
+            return {}
+        return {k.value: v.value for k, v in self._bpf["faults"].items()}
+
+    def stack(self, stack_id: int) -> tuple[int, ...]:
+        if stack_id < 0:
+            return ()
+        cached = self._stack_cache.get(stack_id)
+        if cached is None:
+            try:
+                cached = tuple(self._bpf["stacks"].walk(stack_id))
+            except KeyError:
+                cached = ()
+            self._stack_cache[stack_id] = cached
+        return cached
+
+    def window(self, stack_id: int) -> tuple[int, ...]:
+        """The user words above sp when this stack was first seen (empty if unread)."""
+        if stack_id < 0:
+            return ()
+        try:
+            return tuple(self._bpf["windows"][ctypes.c_int(stack_id)].words)
+        except KeyError:
+            return ()
+
+    def detach(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
