@@ -73,4 +73,4 @@ def traced_heap_bytes(sites: Sequence[Site]) -> int | None:
 
 def _named(frame: Frame, names: frozenset[str]) -> bool:
     """The frame is one of `names` (symbol versions such as @GLIBC_2.2.5 ignored)."""
-    return bool(frame.symbol) and frame.symbol.split("@", 1)[0] in names
+    return frame.symbol is not None and frame.symbol.split("@", 1)[0] in names
