@@ -14,15 +14,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 from tracer.aggregator import Aggregator
 from tracer.mappings import Owner
 from tracer.memwatch import MemoryWatch
 from tracer.model.snapshot import Snapshot
 from tracer.probes.alloc import AllocOptions, AllocProbes
+from tracer.probes.triage import TriageOptions, TriageProbes
 from tracer.procmaps import MapsHistory
 from tracer.symbolizer import Symbolizer
 from tracer.target import Target
+from tracer.triage import TriageBuilder
 
 POLL_SECONDS = 0.05
 
@@ -31,6 +34,10 @@ POLL_SECONDS = 0.05
 class SessionOptions:
     alloc: AllocOptions = field(default_factory=AllocOptions)
     allocs: bool = True  # False: triage mode, no malloc-family probes
+    triage: bool = True  # futex, memory-syscall and page-fault tracepoints
+    triage_probes: TriageOptions = field(default_factory=TriageOptions)
+    lock_share: float = 0.05  # a lock is contended above this share of traced time blocked
+    lock_p99: float = 0.010  # ... or when its p99 wait is above this many seconds
     charge_to: str = "first"
     min_age: float = 0.0
     memory_interval: float = 1.0  # seconds between RSS/VMS samples
@@ -41,6 +48,7 @@ class Session:
         self.target = target
         self.options = options
         self.probes = AllocProbes(options.alloc)
+        self.triage = TriageProbes(options.triage_probes) if options.triage else None
         self.maps: MapsHistory | None = None
         self.started = 0.0
         self.stop_requested: str | None = None
@@ -51,6 +59,8 @@ class Session:
         """Probes in place, then (for a launched command) let it run."""
         if self.options.allocs:
             self.probes.attach(self.target)
+        if self.triage is not None:
+            self.triage.attach(self.target, stop_at_exit=not self.options.allocs)
         self.started = time.monotonic()
         if not self.target.launched:
             self.maps = MapsHistory(self.target.pid)
@@ -82,10 +92,20 @@ class Session:
         self._poll()
         return not self._target_stopped_at_exit() and self.target.alive()
 
+    @property
+    def probe_count(self) -> int:
+        """Uprobes and tracepoints attached."""
+        return len(self.probes.points) + (len(self.triage.points) if self.triage else 0)
+
     def _poll(self) -> None:
         self.probes.poll()
         self.memory.tick()
-        if self.probes.modules_changed or self.maps is None:
+        changed = self.probes.modules_changed
+        if self.triage is not None:
+            self.triage.poll()
+            changed |= self.triage.modules_changed
+            self.triage.modules_changed = False
+        if changed or self.maps is None:
             self.probes.modules_changed = False
             self._refresh_maps()
 
@@ -133,11 +153,13 @@ class Session:
             mappings = list(self.probes.mappings.totals())
         loss, calls = self.probes.counters() if self.options.allocs else ({}, {})
         sites = aggregator.sites(raw, self.probes.stack, mappings)
+        duration = time.monotonic() - self.started
         return Snapshot(
             pid=self.target.pid,
             command=" ".join(self.target.argv),
             taken_at=time.time(),
-            duration=time.monotonic() - self.started,
+            duration=duration,
+            allocs=self.options.allocs,
             sample_bytes=self.options.alloc.sample_bytes,
             min_age=self.options.min_age,
             sites=sites,
@@ -147,11 +169,28 @@ class Session:
             exit_code=self.target.exit_code,
             memory=self.memory.report(sites, traced=self.options.allocs,
                                       from_start=self.target.launched),
+            **self._triage_report(symbolizer, duration),
         )
+
+    def _triage_report(self, symbolizer: Symbolizer, duration: float) -> dict[str, Any]:
+        """The Snapshot fields of the triage probes: locks, syscalls, faults."""
+        if self.triage is None:
+            return {}
+        builder = TriageBuilder(self.triage, symbolizer)
+        return {
+            "locks": builder.locks(self.triage.futexes(), duration, self.options.lock_share,
+                                   int(self.options.lock_p99 * 1e9)),
+            "syscalls": builder.syscalls(self.triage.memsys(), self.triage.memsys_errors(),
+                                         duration),
+            "faults": builder.faults(self.triage.faults(), self.triage.counters()["faults"]),
+            "triage_loss": {k: v for k, v in self.triage.counters().items() if k != "faults"},
+        }
 
     def close(self) -> None:
         """Detach every probe; let a launched target that stopped in exit() finish."""
         self.probes.detach()
+        if self.triage is not None:
+            self.triage.detach()
         if self.target.launched and self.target.exit_code is None:
             with suppress(ProcessLookupError):
                 os.kill(self.target.pid, signal.SIGCONT)

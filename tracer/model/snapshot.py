@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tracer.model.faults import FaultSummary
+from tracer.model.locks import LockReport
 from tracer.model.memory import MemoryReport
 from tracer.model.sites import Site
+from tracer.model.syscalls import SyscallSummary
 
 # What the pipeline could not record, by name, with the sentence a report prints.
 LOSS_DESCRIPTIONS = {
@@ -18,6 +21,8 @@ LOSS_DESCRIPTIONS = {
     "sites_full": "allocations not tracked: site map full",
     "stale": "blocks reused without a traced free (freed through an untraced path)",
     "events_lost": "mapping events lost: ring buffer full",
+    "stack_lost": "triage events whose stack could not be captured",
+    "keys_full": "triage events not counted: aggregation map full",
 }
 
 
@@ -35,9 +40,16 @@ class Snapshot:
     target_exited: bool = False
     exit_code: int | None = None
     memory: MemoryReport | None = None  # RSS timeline, regions, arenas, reconciliation
+    allocs: bool = True  # False: triage mode (no malloc-family probes)
+    locks: LockReport | None = None  # futex waits per lock word (triage probes)
+    syscalls: SyscallSummary | None = None  # mmap, munmap, mremap, mprotect, madvise, brk
+    faults: FaultSummary | None = None  # user page faults per call site
+    triage_loss: dict[str, int] = field(default_factory=dict)  # what the triage probes lost
 
     @property
     def mode(self) -> str:
+        if not self.allocs:
+            return "triage"
         return "sampled" if self.sample_bytes else "full"
 
     def user_sites(self) -> list[Site]:
