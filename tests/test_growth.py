@@ -11,7 +11,7 @@ from tracer.growth import GrowthPolicy, GrowthTracker, fit
 MIB = 1024 * 1024
 
 
-def feed(tracker: GrowthTracker, seconds: int, **series: object) -> None:
+def feed(tracker: GrowthTracker[str], seconds: int, **series: object) -> None:
     """series: name -> function of t (seconds) giving bytes; one observation a second."""
     for t in range(seconds):
         tracker.observe(float(t), {k: f(t) for k, f in series.items()})  # type: ignore[operator]
@@ -33,7 +33,7 @@ def test_fit_of_flat_or_short_series_is_zero() -> None:
 
 
 def test_big_cache_that_stopped_growing_is_not_a_suspect_small_steady_leak_is() -> None:
-    tracker = GrowthTracker()
+    tracker = GrowthTracker[str]()
     feed(tracker, 60,
          cache=lambda t: 100 * MIB,
          leak=lambda t: 5 * MIB + t * MIB / 60)  # 1 MiB per minute
@@ -43,7 +43,7 @@ def test_big_cache_that_stopped_growing_is_not_a_suspect_small_steady_leak_is() 
 
 
 def test_step_up_then_plateau_is_not_a_suspect() -> None:
-    tracker = GrowthTracker()
+    tracker = GrowthTracker[str]()
     feed(tracker, 60, step=lambda t: MIB if t < 20 else 50 * MIB)
     f = tracker.fit("step")
     assert f.per_minute > 0 and f.recent_per_minute == 0
@@ -52,7 +52,7 @@ def test_step_up_then_plateau_is_not_a_suspect() -> None:
 
 def test_churn_is_not_a_suspect_even_with_a_drift() -> None:
     rng = random.Random(1)
-    tracker = GrowthTracker()
+    tracker = GrowthTracker[str]()
     feed(tracker, 60, churn=lambda t: rng.choice([0, 8 * MIB]) + t * 100)
     assert tracker.fit("churn").r2 < 0.8
     assert not tracker.suspect("churn")
@@ -60,24 +60,24 @@ def test_churn_is_not_a_suspect_even_with_a_drift() -> None:
 
 def test_noisy_leak_is_still_a_suspect() -> None:
     rng = random.Random(2)
-    tracker = GrowthTracker()
+    tracker = GrowthTracker[str]()
     feed(tracker, 60, leak=lambda t: t * 640 * 1024 + rng.randint(0, 256 * 1024))
     assert tracker.suspect("leak")
 
 
 def test_too_few_samples_or_too_slow_is_not_a_suspect() -> None:
-    tracker = GrowthTracker(GrowthPolicy(min_samples=5))
+    tracker = GrowthTracker[str](GrowthPolicy(min_samples=5))
     feed(tracker, 4, fast=lambda t: (t + 1) * MIB)
     assert not tracker.suspect("fast")
     tracker.observe(4.0, {"fast": 5 * MIB})
     assert tracker.suspect("fast")
-    slow = GrowthTracker()
+    slow = GrowthTracker[str]()
     feed(slow, 60, slow=lambda t: 1000 + t * 10)  # 600 B/min: noise
     assert not slow.suspect("slow")
 
 
 def test_window_forgets_old_samples() -> None:
-    tracker = GrowthTracker(GrowthPolicy(window=10))
+    tracker = GrowthTracker[str](GrowthPolicy(window=10))
     feed(tracker, 100, x=lambda t: t * MIB if t < 50 else 50 * MIB)
     f = tracker.fit("x")
     assert f.samples == 11 and f.per_minute == 0
@@ -85,7 +85,7 @@ def test_window_forgets_old_samples() -> None:
 
 
 def test_missing_key_counts_as_freed_and_is_forgotten_when_all_zero() -> None:
-    tracker = GrowthTracker(GrowthPolicy(window=5))
+    tracker = GrowthTracker[str](GrowthPolicy(window=5))
     tracker.observe(0.0, {"a": 100.0})
     tracker.observe(1.0, {})
     assert tracker.fit("a").samples == 2
@@ -95,6 +95,6 @@ def test_missing_key_counts_as_freed_and_is_forgotten_when_all_zero() -> None:
 
 
 def test_suspects_fastest_first() -> None:
-    tracker = GrowthTracker()
+    tracker = GrowthTracker[str]()
     feed(tracker, 30, slow=lambda t: t * 10 * 1024 * 60, fast=lambda t: t * MIB)
     assert tracker.suspects() == ["fast", "slow"]

@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class Series:
         return [v for _, v in self.points]
 
 
-class GrowthTracker:
+class GrowthTracker(Generic[K]):
     """Per-key series of bytes, fed one observation (all keys at one time) at a time.
 
     A key missing from an observation holds 0 bytes then (everything it held was
@@ -95,10 +98,10 @@ class GrowthTracker:
 
     def __init__(self, policy: GrowthPolicy | None = None) -> None:
         self.policy = policy or GrowthPolicy()
-        self._series: dict[Hashable, Series] = {}
-        self._fits: dict[Hashable, Fit] = {}
+        self._series: dict[K, Series] = {}
+        self._fits: dict[K, Fit] = {}
 
-    def observe(self, t: float, values: dict[Hashable, float]) -> None:
+    def observe(self, t: float, values: dict[K, float]) -> None:
         for key in self._series.keys() - values.keys():
             self._series[key].add(t, 0.0)
         for key, value in values.items():
@@ -110,13 +113,13 @@ class GrowthTracker:
             del self._series[key]
         self._fits = {k: s.fit() for k, s in self._series.items()}
 
-    def fit(self, key: Hashable) -> Fit:
+    def fit(self, key: K) -> Fit:
         return self._fits.get(key) or Fit(0.0, 0.0, 0, 0.0, 0.0)
 
-    def suspect(self, key: Hashable) -> bool:
+    def suspect(self, key: K) -> bool:
         return self.policy.is_suspect(self.fit(key))
 
-    def suspects(self) -> list[Hashable]:
+    def suspects(self) -> list[K]:
         """Suspect keys, fastest-growing first."""
         keys = [k for k, f in self._fits.items() if self.policy.is_suspect(f)]
         return sorted(keys, key=lambda k: -self._fits[k].per_minute)

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import click
 
-from tracer.commands import doctor, run, snapshot
+from tracer.commands import doctor, run, snapshot, top
 
-COMMANDS: list[click.Command] = [doctor.command, run.command, snapshot.command]
+COMMANDS: list[click.Command] = [doctor.command, run.command, snapshot.command, top.command]

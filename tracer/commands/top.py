@@ -1,0 +1,78 @@
+"""`natrace top -p PID` / `natrace top -- CMD ARGS`: a live view of unfreed native memory.
+
+Full-screen (Textual) on a terminal; otherwise a plain frame every interval, like
+`top -b`. Either way the probes are detached on the way out and the target keeps running.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from typing import Any
+
+import click
+
+from tracer import target as targets
+from tracer.commands import common
+from tracer.errors import NatraceError, UsageError
+from tracer.live import LiveDriver, LiveState
+from tracer.reporters import json as json_report
+from tracer.reporters import text as text_report
+from tracer.session import Session
+from tracer.tui.app import Writer, report_name, run_tui
+from tracer.tui.batch import run_batch
+from tracer.tui.views import VIEWS
+from tracer.units import Duration
+
+
+@click.command("top")
+@click.option("-p", "--pid", type=int, default=None, help="Process to attach to.")
+@click.option("--interval", type=Duration(), default=1.0, show_default=True,
+              help="Time between refreshes (e.g. 1s, 500ms).")
+@click.option("-n", "--iterations", type=click.IntRange(min=1), default=None,
+              help="When stdout is not a terminal: frames to print before detaching "
+                   "(default: until the target exits or Ctrl-C).")
+@click.option("--view", type=click.Choice(list(VIEWS)), default="sites", show_default=True,
+              help="Table shown first (full-screen) or printed (batch).")
+@common.trace_options
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+def command(pid: int | None, interval: float, iterations: int | None, view: str,
+            argv: tuple[str, ...], **opts: Any) -> None:
+    """Watch call sites, modules and memory of a live process, refreshed every interval.
+
+    Give -p PID to attach, or -- CMD ARGS to launch. Leak suspects (LEAK) are sites
+    whose unfreed bytes keep growing, not the largest. Keys: v/1-5 view, s sort,
+    p pause, / filter, Enter stack, w write the report (-o FILE, --json), q quit.
+    Quitting detaches every probe and leaves the process running.
+    """
+    args = common.TraceArgs.from_options(opts)
+    if (pid is None) == (not argv):
+        raise UsageError("give either -p PID or -- CMD ARGS: natrace top -p PID")
+    common.check_privileges()
+    target = targets.attach(pid) if pid is not None else targets.launch(list(argv))
+    session = Session(target, args.session)
+    try:
+        session.start()
+        if sys.stdout.isatty():
+            run_tui(LiveDriver(session, interval), _writer(args), view)
+        else:
+            width = shutil.get_terminal_size((120, 24)).columns
+            run_batch(session, interval, iterations, view, width, args.top)
+    finally:
+        session.close()
+        target.release()  # a failed attach must not leave a launched child at its gate
+
+
+def _writer(args: common.TraceArgs) -> Writer:
+    """The `w` key: the current state as the run/snapshot report, to -o FILE or a
+    timestamped file in the current directory."""
+    def write(state: LiveState) -> str:
+        snap = state.snapshot
+        path = args.output or report_name(snap.pid, "json" if args.as_json else "txt")
+        text = json_report.render(snap) if args.as_json else text_report.render(snap, args.top)
+        try:
+            common.write_private(path, text)
+        except NatraceError as err:
+            return str(err)
+        return f"wrote {path}"
+    return write

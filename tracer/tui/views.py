@@ -1,0 +1,202 @@
+"""The tables and header `natrace top` shows, as plain text cells.
+
+Pure functions of a LiveState: the Textual app puts them in widgets, the batch
+printer aligns them in columns; neither decides what a row says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tracer.live import LiveState
+from tracer.model.sites import Site
+from tracer.reporters.text import size
+
+SPARK = "▁▂▃▄▅▆▇█"
+SUSPECT = "LEAK"
+UNAVAILABLE = "not available in this mode"
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    width: int  # characters; 0: takes what is left
+    numeric: bool = False
+
+
+@dataclass
+class Row:
+    key: str
+    cells: tuple[str, ...]
+    sort: tuple[float | str, ...]  # one value per column, what sorting compares
+    module: str = ""
+    site: Site | None = None  # the call site behind the row, for its stack
+
+    def matches(self, text: str) -> bool:
+        """`module:NAME` matches the module exactly; other text any cell, ignoring case."""
+        if text.startswith("module:"):
+            return self.module == text[len("module:"):]
+        needle = text.lower()
+        return any(needle in c.lower() for c in self.cells)
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[Column]
+    rows: list[Row] = field(default_factory=list)
+    empty: str = "nothing yet"
+
+
+def sorted_rows(rows: list[Row], column: int | None, descending: bool) -> list[Row]:
+    """Rows by one column (None: as built, which is each view's ranking)."""
+    if column is None:
+        return list(rows)
+    return sorted(rows, key=lambda r: r.sort[column], reverse=descending)
+
+
+def filtered_rows(rows: list[Row], text: str) -> list[Row]:
+    return [r for r in rows if r.matches(text)] if text else list(rows)
+
+
+def rate(per_minute: float) -> str:
+    if abs(per_minute) < 1:
+        return "0"
+    return ("+" if per_minute > 0 else "-") + size(abs(per_minute))
+
+
+def sites_table(state: LiveState) -> Table:
+    """Call sites: suspects first (fastest growth first), then by unfreed bytes."""
+    rank = {key: i for i, key in enumerate(state.suspects)}
+    rows = []
+    for site in state.snapshot.user_sites():
+        key = site.key
+        fit = state.fit(key)
+        suspect = key in rank
+        symbol = site.label() if site.kind == "malloc" else f"[{site.kind}] {site.label()}"
+        rows.append(Row(
+            key="\0".join(str(k) for k in key),
+            cells=(SUSPECT if suspect else "", size(site.bytes), f"{site.blocks:,}",
+                   rate(fit.per_minute), site.module_class, symbol),
+            sort=(rank.get(key, len(rank)), site.bytes, site.blocks, fit.per_minute,
+                  site.module_class, symbol),
+            module=site.module_class,
+            site=site,
+        ))
+    rows.sort(key=lambda r: (r.sort[0], -float(r.sort[1])))
+    return Table("Call sites", [Column("", 4), Column("UNFREED", 11, True),
+                                Column("BLOCKS", 9, True), Column("GROWTH/MIN", 11, True),
+                                Column("MODULE", 12), Column("SYMBOL", 0)], rows)
+
+
+def modules_table(state: LiveState) -> Table:
+    rows = []
+    for name, nbytes, blocks, sites in state.snapshot.by_module():
+        growth = sum(state.fit(s.key).per_minute for s in sites)
+        leaks = sum(1 for s in sites if s.key in state.suspects)
+        rows.append(Row(
+            key=name,
+            cells=(name, size(nbytes), f"{blocks:,}", f"{len(sites):,}", rate(growth),
+                   f"{leaks:,}" if leaks else ""),
+            sort=(name, nbytes, blocks, len(sites), growth, leaks),
+            module=name,
+        ))
+    return Table("Modules", [Column("MODULE", 0), Column("UNFREED", 11, True),
+                             Column("BLOCKS", 9, True), Column("SITES", 6, True),
+                             Column("GROWTH/MIN", 11, True), Column("LEAKS", 5, True)], rows)
+
+
+def regions_table(state: LiveState) -> Table:
+    """What backs the address space (totals per backing), then the largest regions."""
+    columns = [Column("REGION", 27), Column("SIZE", 11, True), Column("RSS", 11, True),
+               Column("PERMS", 5), Column("BACKING / PATH", 0)]
+    memory = state.snapshot.memory
+    summary = memory.regions if memory is not None else None
+    if summary is None:
+        return Table("Regions", columns, empty=UNAVAILABLE)
+    rows = [Row(key=f"backing:{t.backing}",
+                cells=(f"{t.regions:,} {t.backing} regions", size(t.size), size(t.rss), "",
+                       f"total {t.backing}"),
+                sort=("", t.size, t.rss, "", t.backing), module=t.backing)
+            for t in summary.by_backing]
+    largest = {r.start: r for r in [*summary.largest_by_rss, *summary.largest_by_size]}
+    for r in sorted(largest.values(), key=lambda r: (-r.rss, -r.size)):
+        rows.append(Row(key=f"{r.start:x}",
+                        cells=(f"{r.start:x}-{r.end:x}", size(r.size), size(r.rss), r.perms,
+                               f"{r.backing} {r.path}".rstrip()),
+                        sort=(f"{r.start:016x}", r.size, r.rss, r.perms, r.backing),
+                        module=r.backing))
+    return Table("Regions", columns, rows)
+
+
+def unavailable_table(title: str) -> Callable[[LiveState], Table]:
+    def build(_state: LiveState) -> Table:
+        return Table(title, [Column(title.upper(), 0)], empty=UNAVAILABLE)
+    return build
+
+
+# name -> (key that shows it, builder); the order of the help bar
+VIEWS: dict[str, tuple[str, Callable[[LiveState], Table]]] = {
+    "sites": ("1", sites_table),
+    "modules": ("2", modules_table),
+    "locks": ("3", unavailable_table("Locks")),
+    "syscalls": ("4", unavailable_table("Memory syscalls")),
+    "regions": ("5", regions_table),
+}
+
+
+def sparkline(values: list[float], width: int) -> str:
+    """The last `width` values as block characters scaled between their min and max."""
+    values = values[-width:]
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    if high == low:
+        return SPARK[0] * len(values)
+    scale = (len(SPARK) - 1) / (high - low)
+    return "".join(SPARK[round((v - low) * scale)] for v in values)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def header_lines(state: LiveState, paused: bool = False) -> list[str]:
+    """Four lines of at most ~80 columns: who and how; the target's memory; what is
+    unfreed and suspect; what tracing costs and missed."""
+    snap, proc = state.snapshot, state.process
+    flags = [f"EXITED ({snap.exit_code})" if state.ended and snap.exit_code is not None
+             else "EXITED" if state.ended else "", "PAUSED" if paused else ""]
+    up = f" up {duration(proc.uptime)}" if proc.uptime is not None else ""
+    first = " ".join(w for w in (f"PID {snap.pid}{up} traced {duration(snap.duration)} "
+                                 f"mode {state.mode}", *flags, f"cmd {snap.command}") if w)
+    rss = size(proc.rss[-1]) if proc.rss else "-"
+    growth = f" {rate(proc.rss_fit.per_minute)}/min" if proc.rss_fit else ""
+    second = f"RSS {rss} {sparkline(proc.rss, 16)}{growth}"
+    third = f"unfreed {size(snap.total_bytes())}  leak suspects {len(state.suspects)}"
+    memory = snap.memory
+    if memory is not None and memory.regions is not None:
+        second += f"  regions {memory.regions.regions:,} ({memory.regions.writable:,} w)"
+    if memory is not None and memory.arenas is not None:
+        third += f"  glibc arenas {memory.arenas.arenas}"
+    fourth = (f"events {state.events_per_s:,.0f}/s  lost {state.lost:,}  natrace "
+              f"CPU {proc.self_cpu:.0f}% RSS {size(proc.self_rss)}")
+    return [first, second, third, fourth]
+
+
+def stack_lines(site: Site) -> list[str]:
+    """Every frame of the site's heaviest stack, the charged one marked with `=>`."""
+    if not site.frames:
+        return [site.label()]
+    out = []
+    for i, frame in enumerate(site.frames):
+        mark = "=>" if i == site.charge_index else "  "
+        out.append(f"{mark} #{i:<2} {frame.label()}  [{frame.module_name}]")
+    return out
+
