@@ -10,6 +10,7 @@ from tracer.model.frames import Frame
 from tracer.model.memory import MemoryReport, Region
 from tracer.model.sites import Site
 from tracer.model.snapshot import Snapshot
+from tracer.reporters import triage as triage_report
 
 FORMAT_VERSION = 1
 
@@ -35,6 +36,7 @@ def to_dict(snap: Snapshot) -> dict[str, Any]:
         "loss": snap.loss,
         "calls": snap.calls,
         "memory": _memory(snap.memory) if snap.memory is not None else None,
+        **triage_report.to_dict(snap),
     }
 
 

@@ -7,6 +7,7 @@ import time
 from tracer.model.memory import ArenaSummary, MemoryReport, Reconciliation, RegionSummary
 from tracer.model.sites import Site
 from tracer.model.snapshot import LOSS_DESCRIPTIONS, Snapshot
+from tracer.reporters import triage as triage_report
 
 STACK_FRAMES_SHOWN = 4
 
@@ -24,6 +25,11 @@ def size(n: float) -> str:
 
 def render(snap: Snapshot, top: int = 10) -> str:
     lines = [_headline(snap)]
+    if not snap.allocs:  # triage mode: no malloc probes, the triage sections lead
+        lines += triage_report.text_lines(snap, top)[1:]
+        if snap.memory is not None:
+            lines += [""] + _memory(snap.memory)
+        return "\n".join(lines) + "\n"
     user = snap.user_sites()
     total = snap.total_bytes()
     est = "~" if snap.sample_bytes else ""
@@ -50,6 +56,7 @@ def render(snap: Snapshot, top: int = 10) -> str:
             if held:
                 lines.append(f"  {kind:5} {size(sum(s.bytes for s in held)):>12} in "
                              f"{sum(s.blocks for s in held)} ranges")
+    lines += triage_report.text_lines(snap, top)
     if snap.memory is not None:
         lines.append("")
         lines += _memory(snap.memory)
