@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tracer.commands import doctor, run, snapshot, top
+from tracer.commands import doctor, guard, run, snapshot, top
 
-COMMANDS: list[click.Command] = [doctor.command, run.command, snapshot.command, top.command]
+COMMANDS: list[click.Command] = [doctor.command, run.command, snapshot.command, top.command,
+                                 guard.command]
