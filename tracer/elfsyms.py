@@ -341,6 +341,15 @@ def _load_segments(elf: ELFFile) -> list[Segment]:
     return out
 
 
+def read_build_id(path: str) -> str | None:
+    """The GNU build id (hex) of an ELF file; None when it has none or cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return _build_id(ELFFile(fh))
+    except Exception:  # hostile or vanished files: no build id, like "no symbols"
+        return None
+
+
 def _build_id(elf: ELFFile) -> str | None:
     for sec in elf.iter_sections():
         if sec["sh_type"] != "SHT_NOTE":
