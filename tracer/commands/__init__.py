@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from tracer.commands import doctor, guard, run, snapshot, top
+from tracer.commands import diff, doctor, flamegraph, guard, record, report, run, snapshot, top
 
 COMMANDS: list[click.Command] = [doctor.command, run.command, snapshot.command, top.command,
-                                 guard.command]
+                                 record.command, report.command, diff.command,
+                                 flamegraph.command, guard.command]

@@ -25,12 +25,21 @@ from tracer.units import Duration, Size
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_OPTIONS = [
+_REPORT_OPTIONS = [
     click.option("--top", "top", type=click.IntRange(min=1), default=10, show_default=True,
                  help="Call sites to list."),
     click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
     click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None,
                  help="Write the report to this file (mode 0600) instead of stdout."),
+    click.option("--record", "record", type=click.Path(dir_okay=False), default=None,
+                 help="Also save the final snapshot as a recording (see natrace record)."),
+    click.option("--flamegraph", "flamegraph", type=click.Path(dir_okay=False), default=None,
+                 help="Also write an unfreed-bytes flamegraph; the format follows the "
+                      "extension (.html, .svg, .folded, .pb.gz, .speedscope.json)."),
+]
+
+# What a Session needs (no report options): `natrace record` takes only these.
+_SESSION_OPTIONS = [
     click.option("--sample", "sample", type=Size(), default=None,
                  help="Byte-weighted sampling: each byte recorded with probability 1/SIZE "
                       "(e.g. 512K). Default: exact."),
@@ -43,13 +52,41 @@ _OPTIONS = [
                  show_default=True, help="Outstanding blocks the kernel map can hold."),
     click.option("--stack-map-size", "stack_map_size", type=click.IntRange(min=1024),
                  default=1 << 15, show_default=True, help="Distinct stacks the kernel can hold."),
+    click.option("--no-allocs", "no_allocs", is_flag=True,
+                 help="Triage mode: no malloc probes, only tracepoints (locks, memory "
+                      "syscalls, page faults); cheap enough for hours in production."),
+    click.option("--lock-share", "lock_share", type=click.FloatRange(0, 100), default=5.0,
+                 show_default=True,
+                 help="Flag a lock whose waiters are blocked more than this percentage of "
+                      "the traced time (summed over threads)."),
+    click.option("--lock-p99", "lock_p99", type=Duration(), default=0.010,
+                 show_default="10ms", help="Flag a lock whose p99 wait is longer than this."),
 ]
 
 
 def trace_options(f: F) -> F:
-    for option in reversed(_OPTIONS):
+    for option in reversed(_REPORT_OPTIONS + _SESSION_OPTIONS):
         f = option(f)
     return f
+
+
+def session_options(f: F) -> F:
+    for option in reversed(_SESSION_OPTIONS):
+        f = option(f)
+    return f
+
+
+def session_from_options(opts: dict[str, Any]) -> SessionOptions:
+    """SessionOptions from the values of session_options."""
+    try:
+        parse_charge_to(opts["charge_to"])
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--charge-to") from None
+    alloc = AllocOptions(sample_bytes=opts["sample"] or 0, max_allocs=opts["max_allocs"],
+                         stack_map_size=opts["stack_map_size"])
+    return SessionOptions(alloc=alloc, charge_to=opts["charge_to"],
+                          min_age=opts["min_age"] or 0.0, allocs=not opts["no_allocs"],
+                          lock_share=opts["lock_share"] / 100, lock_p99=opts["lock_p99"])
 
 
 @dataclass(frozen=True)
@@ -60,19 +97,14 @@ class TraceArgs:
     as_json: bool
     output: str | None
     session: SessionOptions
+    record: str | None = None
+    flamegraph: str | None = None
 
     @classmethod
     def from_options(cls, opts: dict[str, Any]) -> TraceArgs:
-        try:
-            parse_charge_to(opts["charge_to"])
-        except ValueError as err:
-            raise click.BadParameter(str(err), param_hint="--charge-to") from None
-        alloc = AllocOptions(sample_bytes=opts["sample"] or 0, max_allocs=opts["max_allocs"],
-                             stack_map_size=opts["stack_map_size"])
-        session = SessionOptions(alloc=alloc, charge_to=opts["charge_to"],
-                                 min_age=opts["min_age"] or 0.0)
         return cls(top=opts["top"], as_json=opts["as_json"], output=opts["output"],
-                   session=session)
+                   session=session_from_options(opts), record=opts["record"],
+                   flamegraph=opts["flamegraph"])
 
 
 def trace(target: Target, options: SessionOptions, duration: float | None) -> Snapshot:
@@ -82,7 +114,7 @@ def trace(target: Target, options: SessionOptions, duration: float | None) -> Sn
         session.start()
         what = "launched" if target.launched else "attached to"
         until = f"for {duration:g} s" if duration else "until it exits"
-        click.echo(f"natrace: {what} PID {target.pid} ({len(session.probes.points)} probes), "
+        click.echo(f"natrace: {what} PID {target.pid} ({session.probe_count} probes), "
                    f"tracing {until}; Ctrl-C stops", err=True)
         session.run(duration)
         return session.snapshot()
@@ -99,12 +131,15 @@ def print_report(snap: Snapshot, args: TraceArgs) -> None:
         sys.stdout.flush()
 
 
-def write_private(path: str, text: str) -> None:
+def write_private(path: str, text: str | bytes) -> None:
     """Write atomically (temporary file, then rename) with mode 0600."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".natrace-")
     try:
-        with os.fdopen(fd, "w") as fh:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".natrace-")
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except OSError as err:

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from tracer import target as targets
-from tracer.commands import common
+from tracer.commands import common, outputs
 
 
 @click.command("run")
@@ -20,6 +20,7 @@ def command(ctx: click.Context, argv: tuple[str, ...], **opts: Any) -> None:
     Exits with the command's exit code.
     """
     args = common.TraceArgs.from_options(opts)
+    outputs.check(args)
     common.check_privileges()
     target = targets.launch(list(argv))
     try:
@@ -27,4 +28,5 @@ def command(ctx: click.Context, argv: tuple[str, ...], **opts: Any) -> None:
     finally:
         target.release()  # a failed attach must not leave the child at its gate
     common.print_report(snap, args)
+    outputs.save(snap, args)
     ctx.exit(target.wait() or 0)

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from tracer import target as targets
-from tracer.commands import common
+from tracer.commands import common, outputs
 from tracer.units import Duration
 
 
@@ -20,7 +20,9 @@ from tracer.units import Duration
 def command(pid: int, duration: float, **opts: Any) -> None:
     """Attach to PID without restarting it and report unfreed native memory by call site."""
     args = common.TraceArgs.from_options(opts)
+    outputs.check(args)
     common.check_privileges()
     target = targets.attach(pid)
     snap = common.trace(target, args.session, duration)
     common.print_report(snap, args)
+    outputs.save(snap, args)
