@@ -103,7 +103,7 @@ struct mem_event {
 
 /* Words of user stack kept above sp, once per stack id, so that Python can find the
  * return address into the caller of libc frames the frame-pointer walk skips. */
-#define NATRACE_WINDOW_WORDS 32
+#define NATRACE_WINDOW_WORDS 64
 
 /* Memory syscalls, as the `sys` of a key. */
 #define NATRACE_MS_MMAP 0

@@ -34,7 +34,8 @@ class CallSite:
         pthread_mutex_lock), None when it called the kernel directly."""
         if self.charge_index <= 0 or not self.frames:
             return None
-        return self.frames[min(self.charge_index, len(self.frames)) - 1].symbol
+        symbol = self.frames[min(self.charge_index, len(self.frames)) - 1].symbol
+        return symbol.split("@", 1)[0] if symbol else None  # no symbol version
 
     def label(self) -> str:
         frame = self.frame
