@@ -113,7 +113,7 @@ def parse_limits(rss: str | None, growth: str | None) -> Limits:
 @click.option("--grace", type=Duration(), default=5.0, show_default=True,
               help="With --action kill: seconds between SIGTERM and SIGKILL.")
 @click.option("--no-trace", "no_trace", is_flag=True,
-              help="Watch memory only (psutil and smaps): no allocation probes, no call sites.")
+              help="Watch memory only (psutil and smaps): no probes, no call sites.")
 @click.option("--sample", "sample", metavar="SIZE", default=None,
               help="Byte-weighted sampling of allocations (e.g. 512K). Default: exact.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
@@ -134,7 +134,8 @@ def command(pid: int, rss_limit: str | None, growth: str | None, action_text: st
         common.check_privileges()
     target = targets.attach(pid)
     options = SessionOptions(alloc=AllocOptions(sample_bytes=sample_bytes),
-                             allocs=not no_trace, memory_interval=interval)
+                             allocs=not no_trace, triage=not no_trace,
+                             memory_interval=interval)
     session = Session(target, options)
     try:
         session.start()
