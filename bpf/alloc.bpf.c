@@ -17,11 +17,11 @@
 #include <linux/sched.h>
 #include "natrace.h"
 #include "target.bpf.h"
+#include "stacks.bpf.h"
 
 BPF_HASH(allocs, u64, struct alloc_info, MAX_ALLOCS);
 BPF_HASH(sites, s32, struct site_stats, MAX_STACKS + 16);
 BPF_TABLE("lru_hash", u32, struct entry_state, entries, 65536);
-BPF_STACK_TRACE(stacks, MAX_STACKS);
 BPF_PERCPU_ARRAY(counters, u64, NATRACE_NCOUNTERS);
 BPF_RINGBUF_OUTPUT(mem_events, RINGBUF_PAGES);
 
@@ -39,13 +39,13 @@ static __always_inline void count(u32 which, u64 n) {
 }
 
 static __always_inline s32 capture_stack(void *ctx) {
-    s32 id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    s32 id = user_stack_id(ctx);
     if (id >= 0)
         return id;
     if (id == -EFAULT)
         count(NATRACE_CNT_STACK_EFAULT, 1);
-    else if (id == -EEXIST)
-        count(NATRACE_CNT_STACK_EEXIST, 1);
+    else if (id == -ENOSPC)
+        count(NATRACE_CNT_STACK_FULL, 1);
     else if (id == -ENOMEM)
         count(NATRACE_CNT_STACK_ENOMEM, 1);
     else

@@ -7,6 +7,13 @@
 #ifndef NATRACE_H
 #define NATRACE_H
 
+/* User stacks (bpf/stacks.bpf.h): frames kept per stack, innermost first, zero-padded. */
+#define NATRACE_STACK_DEPTH 127
+
+struct natrace_stack {
+    u64 ips[NATRACE_STACK_DEPTH];
+};
+
 /* Allocator entry points, as the `kind` of a probe. */
 #define NATRACE_FN_MALLOC 1          /* (size) -- also valloc, pvalloc */
 #define NATRACE_FN_CALLOC 2          /* (n, size) */
@@ -23,8 +30,8 @@
 
 /* Per-CPU counters of what the pipeline could not record. */
 #define NATRACE_CNT_STACK_EFAULT 0     /* stack walk faulted */
-#define NATRACE_CNT_STACK_EEXIST 1     /* stack-map hash collision */
-#define NATRACE_CNT_STACK_ENOMEM 2     /* stack map full */
+#define NATRACE_CNT_STACK_FULL 1       /* stack map full */
+#define NATRACE_CNT_STACK_ENOMEM 2     /* no memory for a new stack */
 #define NATRACE_CNT_STACK_OTHER 3
 #define NATRACE_CNT_UNTRACKED 4        /* allocation not recorded: outstanding map full */
 #define NATRACE_CNT_UNTRACKED_BYTES 5
@@ -160,6 +167,62 @@ struct memsys_err_key {
 
 struct stack_window {
     u64 words[NATRACE_WINDOW_WORDS];
+};
+
+/* ---- handle lifecycles: create/destroy pairs (bpf/handles.bpf.c) ---- */
+
+/* Pairs traced at once (each gets its own create/return/destroy stubs). */
+#define NATRACE_MAX_PAIRS 16
+/* Nested create calls of one pair on one thread whose out-pointer is kept. */
+#define NATRACE_HANDLE_NEST 4
+
+/* How a pair's functions pass the handle, set by Python before attaching. */
+struct handle_conf {
+    u32 destroy_arg;   /* 1-based argument of the destroy function holding the handle */
+    u32 out_arg;       /* 0: create returns the handle; else 1-based out-pointer argument
+                          (the handle is read through it at return, when create returned 0) */
+};
+
+/* Per pair, atomic adds: exact however the program churns. */
+struct handle_pair_stats {
+    u64 created;       /* handles returned by outermost creates since attach */
+    u64 destroyed;     /* destroys of a tracked handle */
+    u64 unknown;       /* destroys of a handle natrace never saw created (before attach) */
+    s64 live;
+    u64 stale;         /* a create returned a live handle's address: its destroy was missed */
+    u64 untracked;     /* handle not tracked: live map full */
+};
+
+/* A live handle, keyed by (address, pair). */
+struct handle_key {
+    u64 addr;
+    u32 pair;
+    u32 pad;
+};
+
+struct handle_info {
+    u64 ts_ns;
+    s32 stack_id;      /* negative: -errno of the failed stack capture */
+    u32 tid;           /* creating thread: nested creates of the same handle count once */
+};
+
+/* Per (pair, creation stack). */
+struct handle_site_key {
+    u32 pair;
+    s32 stack_id;
+};
+
+struct handle_site_stats {
+    s64 live;
+    u64 created;
+};
+
+/* A thread inside create calls of one pair. */
+struct handle_entry {
+    u64 outer_ts;      /* when the outermost call began */
+    u64 out[NATRACE_HANDLE_NEST];
+    u32 depth;
+    u32 pad;
 };
 
 #endif

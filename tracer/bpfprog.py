@@ -53,6 +53,17 @@ def constants() -> dict[str, int]:
     }
 
 
+def defines_symbol(path: str, name: str) -> bool:
+    """Does `path` define the function `name`, as bcc's attach_uprobe(sym=) resolves it
+    (aliases and versioned names included)? Checked before attaching anything."""
+    bcc = import_bcc()
+    try:
+        bcc.BPF._check_path_symbol(path, name, None, -1)
+    except Exception:  # bcc raises bare Exception for an unknown symbol
+        return False
+    return True
+
+
 def compile_program(name: str, defines: dict[str, int | str]) -> Any:
     """Compile bpf/<name> with -D parameters; one line of bcc's complaint on failure."""
     bcc = import_bcc()
@@ -63,6 +74,7 @@ def compile_program(name: str, defines: dict[str, int | str]) -> Any:
             "run scripts/provision.sh (it installs and links them)"
         )
     cflags = [f"-I{src}", "-Wno-macro-redefined", "-Wno-unused-function"]
+    defines = {"NCPUS": _possible_cpus(), **defines}
     cflags += [f"-D{key}={value}" for key, value in defines.items()]
     text = _paste_bpf_headers((src / name).read_text(), src)
     captured = io.StringIO()
@@ -81,6 +93,13 @@ def _paste_bpf_headers(text: str, src: Path) -> str:
     """Replace `#include "x.bpf.h"` by the file's text: bcc rewrites map calls and
     builds tracepoint argument structs only in the main source, never in headers."""
     return _BPF_HEADER_INCLUDE.sub(lambda m: (src / m.group(1)).read_text(), text)
+
+
+def _possible_cpus() -> int:
+    """CPU slots per-CPU maps have (possible, not online: a CPU may come up later)."""
+    from bcc.utils import get_possible_cpus
+
+    return max(get_possible_cpus()) + 1
 
 
 def _first_error_line(text: str) -> str:

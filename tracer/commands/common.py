@@ -17,6 +17,7 @@ from tracer.errors import UsageError
 from tracer.model.snapshot import Snapshot
 from tracer.privileges import require_tracing_privileges
 from tracer.probes.alloc import AllocOptions
+from tracer.probes.handles import HandleOptions, parse_pair
 from tracer.reporters import json as json_report
 from tracer.reporters import text as text_report
 from tracer.session import Session, SessionOptions
@@ -48,10 +49,12 @@ _SESSION_OPTIONS = [
     click.option("--charge-to", "charge_to", default="first", show_default=True,
                  help="Frame that holds the bytes: 'first' outside the allocator, or "
                       "'module:NAME' (e.g. module:libpq)."),
-    click.option("--max-allocs", "max_allocs", type=click.IntRange(min=1024), default=1 << 19,
+    click.option("--max-allocs", "max_allocs", type=click.IntRange(min=1024),
+                 default=AllocOptions.max_allocs,
                  show_default=True, help="Outstanding blocks the kernel map can hold."),
     click.option("--stack-map-size", "stack_map_size", type=click.IntRange(min=1024),
-                 default=1 << 15, show_default=True, help="Distinct stacks the kernel can hold."),
+                 default=AllocOptions.stack_map_size, show_default=True,
+                 help="Distinct stacks the kernel can hold."),
     click.option("--no-allocs", "no_allocs", is_flag=True,
                  help="Triage mode: no malloc probes, only tracepoints (locks, memory "
                       "syscalls, page faults); cheap enough for hours in production."),
@@ -61,6 +64,13 @@ _SESSION_OPTIONS = [
                       "the traced time (summed over threads)."),
     click.option("--lock-p99", "lock_p99", type=Duration(), default=0.010,
                  show_default="10ms", help="Flag a lock whose p99 wait is longer than this."),
+    click.option("--handle", "handle_specs", multiple=True, metavar="LIB:CREATE[,CREATE]:DESTROY[:ARG]",
+                 help="Also count live handles of this create/destroy pair (ARG: the destroy "
+                      "function's argument holding the handle, default 1), e.g. "
+                      "libssl:SSL_new:SSL_free. Repeatable."),
+    click.option("--no-handles", "no_handles", is_flag=True,
+                 help="Leave out the built-in handle pairs (libpq PGresult/PGconn, Node-API "
+                      "references)."),
 ]
 
 
@@ -84,9 +94,14 @@ def session_from_options(opts: dict[str, Any]) -> SessionOptions:
         raise click.BadParameter(str(err), param_hint="--charge-to") from None
     alloc = AllocOptions(sample_bytes=opts["sample"] or 0, max_allocs=opts["max_allocs"],
                          stack_map_size=opts["stack_map_size"])
+    try:
+        pairs = tuple(parse_pair(spec) for spec in opts["handle_specs"])
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     return SessionOptions(alloc=alloc, charge_to=opts["charge_to"],
                           min_age=opts["min_age"] or 0.0, allocs=not opts["no_allocs"],
-                          lock_share=opts["lock_share"] / 100, lock_p99=opts["lock_p99"])
+                          lock_share=opts["lock_share"] / 100, lock_p99=opts["lock_p99"],
+                          handles=HandleOptions(pairs, presets=not opts["no_handles"]))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tracer.model.faults import FaultSummary
+from tracer.model.handles import HandleType
 from tracer.model.locks import LockReport
 from tracer.model.memory import MemoryReport
 from tracer.model.sites import Site
@@ -13,8 +14,8 @@ from tracer.model.syscalls import SyscallSummary
 # What the pipeline could not record, by name, with the sentence a report prints.
 LOSS_DESCRIPTIONS = {
     "stack_efault": "stack walks that faulted",
-    "stack_eexist": "stacks lost to stack-map collisions (raise --stack-map-size)",
-    "stack_enomem": "stacks lost: stack map full (raise --stack-map-size)",
+    "stack_full": "stacks lost: stack map full (raise --stack-map-size)",
+    "stack_enomem": "stacks lost: no kernel memory for a new stack",
     "stack_other": "stacks lost for other reasons",
     "untracked": "allocations not tracked: outstanding map full (raise --max-allocs)",
     "untracked_bytes": "bytes in untracked allocations",
@@ -45,6 +46,7 @@ class Snapshot:
     syscalls: SyscallSummary | None = None  # mmap, munmap, mremap, mprotect, madvise, brk
     faults: FaultSummary | None = None  # user page faults per call site
     triage_loss: dict[str, int] = field(default_factory=dict)  # what the triage probes lost
+    handles: list[HandleType] = field(default_factory=list)  # create/destroy pairs traced
 
     @property
     def mode(self) -> str:

@@ -18,12 +18,13 @@ from tracer.allocators import EntryPoint, find_entry_points
 from tracer.errors import KernelFeatureError, TargetError
 from tracer.mappings import MappingTracker, Owner
 from tracer.placement import entry_offset
+from tracer.probes.stacks import StackReader
 from tracer.target import Target
 from tracer.unwind import splice_caller
 
 _COUNTERS = {
     "stack_efault": "NATRACE_CNT_STACK_EFAULT",
-    "stack_eexist": "NATRACE_CNT_STACK_EEXIST",
+    "stack_full": "NATRACE_CNT_STACK_FULL",
     "stack_enomem": "NATRACE_CNT_STACK_ENOMEM",
     "stack_other": "NATRACE_CNT_STACK_OTHER",
     "untracked": "NATRACE_CNT_UNTRACKED",
@@ -43,7 +44,7 @@ _CALL_COUNTERS = {
 class AllocOptions:
     sample_bytes: int = 0
     max_allocs: int = 1 << 19
-    stack_map_size: int = 1 << 15
+    stack_map_size: int = 1 << 16
     ringbuf_pages: int = 256
 
 
@@ -75,7 +76,7 @@ class AllocProbes:
         self.mappings = MappingTracker()
         self.modules_changed = False  # set when the target maps executable code
         self._bpf: Any = None
-        self._stack_cache: dict[int, tuple[int, ...]] = {}
+        self._stacks: StackReader | None = None
         self._c = bpfprog.constants()
         self._shift = self._c["NATRACE_BLOCK_SHIFT"]
 
@@ -93,6 +94,7 @@ class AllocProbes:
         if target.launched:
             defines["WAIT_EXEC"] = 1
         self._bpf = bpfprog.compile_program("alloc.bpf.c", defines)
+        self._stacks = StackReader(self._bpf)
         try:
             for ep in entry_points:
                 self._attach_entry_point(ep, target.pid)
@@ -148,16 +150,7 @@ class AllocProbes:
         return splice_caller(self.stack(stack_id), caller)
 
     def stack(self, stack_id: int) -> tuple[int, ...]:
-        if stack_id < 0:
-            return ()
-        cached = self._stack_cache.get(stack_id)
-        if cached is None:
-            try:
-                cached = tuple(self._bpf["stacks"].walk(stack_id))
-            except KeyError:
-                cached = ()
-            self._stack_cache[stack_id] = cached
-        return cached
+        return self._stacks(stack_id) if self._stacks else ()
 
     def sites(self) -> list[RawSite]:
         shift = self._shift
