@@ -14,7 +14,7 @@ from tracer.units import Duration
 
 
 @click.command("flamegraph")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file")
 @click.option("--metric", type=click.Choice(list(METRICS)), default="unfreed",
               show_default=True, help="What the widths measure.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None,

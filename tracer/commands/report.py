@@ -15,7 +15,7 @@ from tracer.units import Duration
 
 
 @click.command("report")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
               help="Call sites to list.")

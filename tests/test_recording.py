@@ -1,0 +1,248 @@
+"""Recordings (tracer/recording.py): round trip, SQL shape, report/diff from files, bad
+input (missing, empty, truncated, corrupted, newer, fuzzed) and a recording cut short
+by SIGKILL. Synthetic snapshots for the file format; real traces for record itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from allocfixtures import build
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tracer.errors import FileFormatError
+from tracer.model.callsite import CallSite
+from tracer.model.faults import FaultSite, FaultSummary
+from tracer.model.frames import Frame
+from tracer.model.sites import Site
+from tracer.model.snapshot import Snapshot
+from tracer.recording import SCHEMA_VERSION, Recording, RecordingWriter
+
+NATRACE = str(Path(sys.executable).with_name("natrace"))
+
+MAIN = Frame(0x401000, "/opt/app/bin/app", 0x1000, "main", 0x20, module_class="app")
+LEAK = Frame(0x401200, "/opt/app/bin/app", 0x1200, "leak_here", 0x8, "leak.c", 12, "app")
+PQ = Frame(0x7F0000001000, "/usr/lib/libpq.so.5.15", 0x1000, "PQexec", 0x10,
+           module_class="libpq")
+
+
+def snap(at: float, leak_bytes: int, pq_bytes: int = 300, **extra: object) -> Snapshot:
+    sites = [Site("malloc", [LEAK, MAIN], leak_bytes, leak_bytes // 100, leak_bytes // 100,
+                  leak_bytes * 2),
+             Site("malloc", [PQ, MAIN], pq_bytes, 3, 5, 900),
+             Site("malloc", [], 64, 1, 1, 64, lost_stack="EEXIST"),
+             Site("mmap", [MAIN], 1 << 20, 1, allocator_internal=True)]
+    return Snapshot(pid=42, command="app --serve", taken_at=1_700_000_000 + at, duration=at,
+                    sites=sites, loss={"stack_eexist": 1}, calls={"allocs": 99},
+                    **extra)  # type: ignore[arg-type]
+
+
+def write(path: Path, *snaps: Snapshot) -> Path:
+    with RecordingWriter(str(path), {"pid": 42, "command": "app --serve"},
+                         build_id=lambda p: "ab" * 20 if p.endswith("/app") else None) as w:
+        for s in snaps:
+            w.add(s)
+    return path
+
+
+def natrace(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([NATRACE, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_round_trip_keeps_every_field_and_section(tmp_path: Path) -> None:
+    faults = FaultSummary(True, 7, [FaultSite(CallSite([LEAK, MAIN]), 7)])
+    first, last = snap(1.0, 1000), snap(2.0, 5000, faults=faults, exit_code=3,
+                                         target_exited=True)
+    path = write(tmp_path / "r.natrace", first, last)
+    assert path.stat().st_mode & 0o777 == 0o600
+    with Recording(str(path)) as rec:
+        assert [s.duration for s in rec.snapshots] == [1.0, 2.0]
+        assert rec.snapshot() == last
+        assert rec.snapshot(1.5) == first
+        assert rec.build_ids == {"/opt/app/bin/app": "ab" * 20}
+        assert rec.meta["format"] == "natrace-recording"
+        assert rec.meta["schema_version"] == str(SCHEMA_VERSION)
+
+
+def test_frames_and_stacks_are_stored_once_and_queryable(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.natrace", snap(1.0, 1000), snap(2.0, 2000), snap(3.0, 3000))
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM frames").fetchone() == (3,)
+    assert db.execute("SELECT count(*) FROM stacks").fetchone() == (3,)
+    growth = db.execute(
+        "SELECT s.snapshot_id, s.bytes FROM sites s JOIN stack_frames sf"
+        " ON sf.stack_id = s.stack_id AND sf.position = s.charge_index"
+        " JOIN frames f ON f.id = sf.frame_id WHERE f.symbol = 'leak_here'"
+        " ORDER BY s.snapshot_id").fetchall()
+    assert growth == [(1, 1000), (2, 2000), (3, 3000)]
+    assert db.execute("SELECT total_bytes FROM snapshots WHERE id = 3").fetchone() == (3364,)
+
+
+def test_report_and_diff_from_files(tmp_path: Path) -> None:
+    a = write(tmp_path / "a.natrace", snap(1.0, 1000), snap(5.0, 2000))
+    b = write(tmp_path / "b.natrace", snap(1.0, 9000, pq_bytes=100))
+    proc = natrace("report", str(a), "--json", "--at", "1s")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["totals"]["bytes"] == 1000 + 300 + 64
+    proc = natrace("report", str(a), "--module", "libpq", "--json")
+    assert [s["function"] for s in json.loads(proc.stdout)["sites"]] == ["PQexec"]
+    proc = natrace("diff", str(a), str(b), "--json")
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["bytes"] == 7000 - 200
+    assert (d["sites"][0]["name"], d["sites"][0]["bytes"]) == ("leak_here+0x8 (leak.c:12)",
+                                                              7000)
+    assert {m["name"]: m["bytes"] for m in d["modules"]} == {"app": 7000, "libpq": -200,
+                                                             "unknown": 0}
+    proc = natrace("diff", f"{a}@1s", f"{a}@5s")
+    assert proc.returncode == 0, proc.stderr
+    assert "+1,000" in proc.stdout and "leak_here" in proc.stdout
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "truncated", "corrupted", "newer",
+                                    "not-sqlite", "directory", "other-sqlite"])
+def test_bad_files_are_one_line_exit_2(tmp_path: Path, damage: str) -> None:
+    path = write(tmp_path / "r.natrace", *(snap(float(i), 1000 * i) for i in range(1, 30)))
+    data = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "corrupted":
+        path.write_bytes(data[:4096] + bytes(b ^ 0x5A for b in data[4096:8192]) + data[8192:])
+    elif damage == "newer":
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                       (str(SCHEMA_VERSION + 1),))
+    elif damage == "not-sqlite":
+        path.write_text("hello\n" * 100)
+    elif damage == "directory":
+        path.unlink()
+        path.mkdir()
+    elif damage == "other-sqlite":
+        path.unlink()
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE t(x)")
+    for args in (["report", str(path)], ["flamegraph", str(path), "-o",
+                                         str(tmp_path / "f.svg")],
+                 ["diff", str(path), str(path)]):
+        proc = natrace(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("natrace: "), proc.stderr
+    if damage == "newer":
+        assert "newer natrace" in proc.stderr
+    assert not (tmp_path / "f.svg").exists()
+
+
+def read_all(path: Path) -> None:
+    with Recording(str(path)) as rec:
+        for info in rec.snapshots:
+            rec.snapshot(info.duration)
+
+
+@pytest.fixture(scope="module")
+def sample_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("fuzz") / "r.natrace"
+    return write(path, snap(1.0, 1000), snap(2.0, 2000)).read_bytes()
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=0, max_value=1 << 16),
+       flips=st.lists(st.tuples(st.integers(min_value=0, max_value=1 << 16),
+                                st.integers(min_value=1, max_value=255)), max_size=8))
+def test_fuzzed_files_raise_only_file_format_errors(tmp_path: Path, sample_bytes: bytes,
+                                                     cut: int, flips: list[tuple[int, int]]
+                                                     ) -> None:
+    data = bytearray(sample_bytes[: max(len(sample_bytes) - cut, 0)])
+    for pos, xor in flips:
+        if data:
+            data[pos % len(data)] ^= xor
+    path = tmp_path / "fuzz.natrace"
+    path.write_bytes(bytes(data))
+    with contextlib.suppress(FileFormatError):  # anything else escaping is a bug
+        read_all(path)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=4096))
+def test_random_bytes_raise_only_file_format_errors(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "random.natrace"
+    path.write_bytes(b"SQLite format 3\0" + data if data[:1] == b"S" else data)
+    with contextlib.suppress(FileFormatError):  # anything else escaping is a bug
+        read_all(path)
+
+
+@pytest.mark.bpf
+def test_record_killed_by_sigkill_keeps_its_snapshots(tmp_path: Path) -> None:
+    rec = tmp_path / "killed.natrace"
+    tracer = subprocess.Popen([NATRACE, "record", "--interval", "0.3", "-o", str(rec), "--",
+                               str(build().leaky), "--wait", "--many", "100"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    pid = None
+    try:
+        deadline = time.monotonic() + 120
+        snapshots = 0
+        while snapshots < 3 and time.monotonic() < deadline:
+            time.sleep(0.3)
+            assert tracer.poll() is None, tracer.stderr.read() if tracer.stderr else ""
+            if rec.exists():
+                try:
+                    with sqlite3.connect(f"file:{rec}?mode=ro", uri=True) as db:
+                        snapshots = db.execute("SELECT count(*) FROM snapshots").fetchone()[0]
+                        pid = int(db.execute("SELECT value FROM meta WHERE key='pid'")
+                                  .fetchone()[0])
+                except sqlite3.OperationalError:
+                    pass  # busy: a snapshot is being written
+        assert snapshots >= 3
+        tracer.send_signal(signal.SIGKILL)
+        tracer.wait()
+    finally:
+        tracer.kill()
+        tracer.wait()
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    proc = natrace("report", str(rec), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["target_exited"] is False
+    with Recording(str(rec)) as r:
+        assert len(r.snapshots) >= snapshots
+
+
+@pytest.mark.bpf
+def test_run_leaves_a_recording_and_a_flamegraph_behind(tmp_path: Path) -> None:
+    rec, flame = tmp_path / "run.natrace", tmp_path / "run.folded"
+    proc = natrace("run", "--json", "-o", str(tmp_path / "r.json"), "--record", str(rec),
+                   "--flamegraph", str(flame), "--", str(build().leaky))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert rec.stat().st_mode & 0o777 == 0o600 and flame.stat().st_mode & 0o777 == 0o600
+    replay = json.loads(natrace("report", str(rec), "--json").stdout)
+    assert replay["sites"] == report["sites"]
+    assert replay["totals"] == report["totals"]
+    assert sum(int(line.rpartition(" ")[2]) for line in flame.read_text().splitlines()) == \
+        report["totals"]["bytes"]
+
+
+def test_bad_flamegraph_name_fails_before_tracing() -> None:
+    proc = natrace("run", "--flamegraph", "out.zip", "--", "true")
+    assert proc.returncode == 2
+    assert "cannot tell the flamegraph format" in proc.stderr
