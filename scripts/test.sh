@@ -6,6 +6,6 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$here/scripts/provision.sh"
 cd "$here"
-.venv/bin/ruff check tracer tests
+.venv/bin/ruff check tracer tests bench
 .venv/bin/mypy tracer
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

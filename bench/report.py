@@ -1,0 +1,147 @@
+"""The benchmark's output: one Markdown table per workload, the targets of issue 5
+checked against them (reported, never asserted), and the throughput ladder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from bench.runner import Results
+from bench.stats import Summary, summarize
+from bench.throughput import Step, highest_lossless
+from bench.tools import Tool
+from bench.workloads import Leak, Workload
+
+COLUMNS = ["tool", "rounds", "hot s (median)", "slowdown median (min–max)",
+           "ns/call overhead", "attach s", "tool CPU s", "tool peak RSS MiB",
+           "leak reported: blocks / bytes", "events lost"]
+NA = "n/a"
+NONE = "—"
+
+# Targets of issue 5, as (label, limit).
+FLOOR_RATIO = 1.25
+MEMLEAK_RATIO = 1 / 3
+TRIAGE_SLOWDOWN = 1.05
+RSS_MIB = 150.0
+ATTACH_S = 2.0
+
+
+def _row(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _leak_cell(tool: Tool, leak: Leak | None, s: Summary) -> str:
+    if leak is None or not tool.reports_leaks:
+        return NONE
+    if not s.leaks:
+        return NA
+    cells = []
+    for blocks, size in dict.fromkeys(s.leaks):  # distinct figures, in round order
+        verdict = "exact" if (blocks, size) == (leak.blocks, leak.bytes) else \
+            f"{size / leak.bytes:.2f}× truth"
+        cells.append(f"{blocks:,} / {size:,} B ({verdict})")
+    return "; ".join(cells)
+
+
+def _summary_cells(tool: Tool, spec: Workload, s: Summary) -> list[str]:
+    if s.rounds == 0:
+        return [tool.name, "0", f"failed: {s.errors[0][:80]}"] + [NA] * (len(COLUMNS) - 3)
+    tree = "†" if s.usage_is_tree else ""
+    return [
+        tool.name,
+        str(s.rounds) + (f" ({len(s.errors)} failed)" if s.errors else ""),
+        f"{s.hot_s:.3f}",
+        f"{s.slowdown:.2f}× ({s.slowdown_min:.2f}–{s.slowdown_max:.2f})",
+        f"{s.ns_per_call:,.0f}",
+        NONE if s.attach_s is None else f"{s.attach_s:.2f}",
+        NONE if s.cpu_s is None else f"{s.cpu_s:.2f}{tree}",
+        NONE if s.rss_mib is None else f"{s.rss_mib:.0f}{tree}",
+        _leak_cell(tool, spec.leak, s),
+        NONE if s.events_lost is None else f"{s.events_lost:,}",
+    ]
+
+
+def workload_table(spec: Workload, tools: list[Tool], results: Results) -> list[str]:
+    per_tool = results.get(spec.name, {})
+    truth = (f"; truth: {spec.leak.blocks:,} blocks / {spec.leak.bytes:,} B from "
+             f"{spec.leak.function}()" if spec.leak else "")
+    lines = [f"### {spec.name}: `{' '.join(spec.argv)}`", "",
+             f"One call = one {spec.op}{truth}.", "",
+             _row(COLUMNS), _row(["---"] * len(COLUMNS))]
+    notes = []
+    for tool in tools:
+        if not tool.applies(spec):
+            notes.append(f"{tool.name}: not run on this workload")
+            continue
+        reason = tool.unavailable()
+        if reason:
+            lines.append(_row([tool.name] + [NA] * (len(COLUMNS) - 1)))
+            notes.append(f"{tool.name}: n/a ({reason})")
+            continue
+        s = summarize(per_tool.get(tool.name, []))
+        if s is None:
+            lines.append(_row([tool.name] + [NA] * (len(COLUMNS) - 1)))
+            continue
+        lines.append(_row(_summary_cells(tool, spec, s)))
+    lines.append("")
+    lines += [f"- {n}" for n in notes]
+    return lines
+
+
+def _slowdown(results: Results, workload: str, tool: str) -> float | None:
+    s = summarize(results.get(workload, {}).get(tool, []))
+    return s.slowdown if s and s.rounds else None
+
+
+def targets(results: Results, specs: list[Workload]) -> list[str]:
+    """Issue 5's targets against this run: figure, limit, met or missed (and by how much)."""
+    lines = ["| target | measured | limit | verdict |", "|---|---|---|---|"]
+
+    def check(label: str, value: float | None, limit: float, fmt: str) -> None:
+        if value is None:
+            lines.append(f"| {label} | {NA} | {fmt.format(limit)} | not measured |")
+            return
+        verdict = "met" if value <= limit else f"missed by {value / limit:.2f}×"
+        lines.append(f"| {label} | {fmt.format(value)} | {fmt.format(limit)} | {verdict} |")
+
+    names = [s.name for s in specs]
+    for w in (n for n in names if n.startswith("malloc")):
+        full = _slowdown(results, w, "natrace full")
+        floor = _slowdown(results, w, "empty-probe floor")
+        memleak = _slowdown(results, w, "memleak-bpfcc")
+        check(f"{w}: full slowdown / empty-probe floor's",
+              full / floor if full and floor else None, FLOOR_RATIO, "{:.2f}")
+        check(f"{w}: full slowdown / memleak-bpfcc's",
+              full / memleak if full and memleak else None, MEMLEAK_RATIO, "{:.2f}")
+    for w in (n for n in names if n.startswith(("malloc", "futex"))):
+        check(f"{w}: triage slowdown", _slowdown(results, w, "natrace triage"),
+              TRIAGE_SLOWDOWN, "{:.3f}×")
+    natrace = [s for w in results.values() for name, pairs in w.items()
+               if name.startswith("natrace") and (s := summarize(pairs)) and s.rounds]
+    check("natrace peak RSS, any workload and mode",
+          max((s.rss_mib for s in natrace if s.rss_mib is not None), default=None),
+          RSS_MIB, "{:.0f} MiB")
+    check("natrace attach (median), slowest workload and mode",
+          max((s.attach_s for s in natrace if s.attach_s is not None), default=None),
+          ATTACH_S, "{:.2f} s")
+    lost = [s.events_lost for s in natrace if s.events_lost is not None]
+    check("streamed events lost on the workloads", sum(lost) if lost else None, 0, "{:,}")
+    return lines
+
+
+def throughput_table(steps: list[Step]) -> list[str]:
+    lines = ["| paced to events/s | events | reached events/s | events lost | "
+             "natrace CPU s |", "|---|---|---|---|---|"]
+    for s in steps:
+        pace = f"{s.target_rate:,.0f}" if s.target_rate else "unpaced"
+        if s.error:
+            lines.append(f"| {pace} | failed: {s.error[:60]} | | | |")
+            continue
+        lost = NA if s.events_lost is None else f"{s.events_lost:,}"
+        lost += f" ({s.events_lost / s.events:.1%})" if s.events and s.events_lost else ""
+        cpu = NONE if s.natrace_cpu_s is None else f"{s.natrace_cpu_s:.2f}"
+        lines.append(f"| {pace} | {s.events:,} | {s.rate:,.0f} | {lost} | {cpu} |")
+    best = highest_lossless(steps)
+    lines.append("")
+    lines.append("Highest rate with zero loss: " +
+                 (f"{best.rate:,.0f} events/s" if best else "none of the steps"))
+    return lines

@@ -1,0 +1,270 @@
+"""The tools compared: how each is started on a workload and what it reports.
+
+Three shapes: `bare` (no tool); attaching tools (natrace's modes, memleak-bpfcc, the
+empty-probe floor), started on the PID of a workload waiting at its gate and
+released once their probes are in place; launching tools (heaptrack, valgrind),
+which must start the workload themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import leaks
+from bench.procs import BenchError, Proc, Usage, Workload
+from bench.workloads import Workload as Spec
+
+NATRACE = str(Path(sys.executable).with_name("natrace"))
+REPO = Path(__file__).resolve().parent.parent
+HOT_TIMEOUT = 1800.0  # memleak and valgrind are slow: tens of seconds per run
+MEMLEAK_INTERVAL = 2  # seconds between memleak's reports (its default is 5)
+
+
+@dataclass
+class Run:
+    """One timed run of a workload under one tool."""
+
+    hot_ns: int
+    calls: int
+    attach_s: float | None = None
+    usage: Usage | None = None
+    usage_is_tree: bool = False  # launching tools: the tool and the target together
+    leak: leaks.Figure | None = None
+    events_lost: int | None = None
+    loss: dict[str, int] = field(default_factory=dict)
+
+
+class Tool:
+    name = ""
+    reports_leaks = False
+
+    def applies(self, spec: Spec) -> bool:
+        return True
+
+    def unavailable(self) -> str | None:
+        """Why this tool cannot run here ('n/a' in the table), or None."""
+        return None
+
+    def run(self, spec: Spec, scratch: Path) -> Run:
+        raise NotImplementedError
+
+
+class Bare(Tool):
+    name = "bare"
+
+    def run(self, spec: Spec, scratch: Path) -> Run:
+        wp = Workload(spec.argv)
+        try:
+            wp.ready(60)
+            wp.go()
+            hot_ns, calls = wp.hot(HOT_TIMEOUT)
+            _check_exit(wp.finish(), wp)
+            return Run(hot_ns, calls)
+        finally:
+            wp.kill()
+
+
+class Attaching(Tool):
+    """A tool started on the PID of a workload held at its gate."""
+
+    env: dict[str, str] = {}
+
+    def command(self, pid: int, scratch: Path) -> list[str]:
+        raise NotImplementedError
+
+    def attached(self, tracer: Proc) -> float:
+        """When the tool's probes were in place."""
+        raise NotImplementedError
+
+    def collect(self, tracer: Proc, spec: Spec, scratch: Path, idle_at: float, run: Run) -> None:
+        """Read the tool's figures once the workload is idle; reap it (run.usage)."""
+        tracer.signal(signal.SIGINT)
+        run.usage = _check_exit(tracer.reap(120), tracer)
+
+    def run(self, spec: Spec, scratch: Path) -> Run:
+        wp = Workload(spec.argv)
+        tracer: Proc | None = None
+        try:
+            _, pid = wp.ready(60)
+            t0 = time.monotonic()
+            tracer = Proc(self.command(pid, scratch), env=self.env)
+            attach_s = self.attached(tracer) - t0
+            wp.go()
+            hot_ns, calls = wp.hot(HOT_TIMEOUT)
+            run = Run(hot_ns, calls, attach_s=attach_s)
+            self.collect(tracer, spec, scratch, time.monotonic(), run)
+            _check_exit(wp.finish(), wp)
+            return run
+        finally:
+            if tracer is not None:
+                tracer.kill()
+            wp.kill()
+
+
+class Natrace(Attaching):
+    """`natrace snapshot -p PID`, stopped by SIGINT once the hot phase is over."""
+
+    def __init__(self, name: str, args: list[str], reports_leaks: bool = True,
+                 needs_option: str | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.reports_leaks = reports_leaks
+        self.needs_option = needs_option
+
+    def unavailable(self) -> str | None:
+        if self.needs_option and self.needs_option not in _snapshot_help():
+            return f"natrace snapshot has no {self.needs_option} yet"
+        return None
+
+    def command(self, pid: int, scratch: Path) -> list[str]:
+        return [NATRACE, "snapshot", "-p", str(pid), "--duration", "24h", "--json",
+                "-o", str(scratch / "natrace.json"), *self.args]
+
+    def attached(self, tracer: Proc) -> float:
+        t, _ = tracer.err.wait_for("natrace: attached to", 300)
+        return t
+
+    def collect(self, tracer: Proc, spec: Spec, scratch: Path, idle_at: float, run: Run) -> None:
+        super().collect(tracer, spec, scratch, idle_at, run)
+        report_path = scratch / "natrace.json"
+        report = json.loads(report_path.read_text())
+        run.loss = {k: int(v) for k, v in report.get("loss", {}).items()}
+        run.events_lost = run.loss.get("events_lost", 0)
+        if spec.leak and self.reports_leaks:
+            run.leak = leaks.natrace(report_path, spec.leak.function)
+
+
+@functools.cache
+def _snapshot_help() -> str:
+    return subprocess.run([NATRACE, "snapshot", "--help"], capture_output=True,
+                          text=True).stdout
+
+
+class Memleak(Attaching):
+    """bcc's `memleak-bpfcc -p PID INTERVAL`: its first report marks the probes in
+    place (INTERVAL after attaching); the leak figure is the first report made
+    wholly after the hot phase."""
+
+    name = "memleak-bpfcc"
+    reports_leaks = True
+    env = {"PYTHONUNBUFFERED": "1"}
+    _header = "stacks with outstanding allocations"
+
+    def command(self, pid: int, scratch: Path) -> list[str]:
+        return ["memleak-bpfcc", "-p", str(pid), str(MEMLEAK_INTERVAL)]
+
+    def attached(self, tracer: Proc) -> float:
+        t, _ = tracer.out.wait_for(self._header, 300)
+        return t - MEMLEAK_INTERVAL
+
+    def collect(self, tracer: Proc, spec: Spec, scratch: Path, idle_at: float, run: Run) -> None:
+        if spec.leak:
+            t1, _ = tracer.out.wait_for(self._header, 300, after=idle_at)
+            t2, _ = tracer.out.wait_for(self._header, 300, after=t1 + 0.001)
+            run.leak = leaks.memleak(tracer.out.text_between(t1, t2), spec.leak.function)
+        tracer.signal(signal.SIGINT)  # may land mid-report: its exit code means nothing
+        run.usage = tracer.reap(120)
+
+
+class Floor(Attaching):
+    """Empty BPF handlers at natrace's own probe points (bench/floor.py)."""
+
+    env = {"PYTHONPATH": str(REPO)}
+
+    def __init__(self, free_at_zero: bool) -> None:
+        self.free_at_zero = free_at_zero
+        self.name = "floor, free at +0" if free_at_zero else "empty-probe floor"
+
+    def command(self, pid: int, scratch: Path) -> list[str]:
+        cmd = [sys.executable, "-m", "bench.floor", "-p", str(pid)]
+        return [*cmd, "--free-at-zero"] if self.free_at_zero else cmd
+
+    def attached(self, tracer: Proc) -> float:
+        t, _ = tracer.out.wait_for("attached", 300)
+        return t
+
+
+class Launching(Tool):
+    """A tool that must start the workload itself (LD_PRELOAD, emulation)."""
+
+    def prefix(self, scratch: Path) -> list[str]:
+        raise NotImplementedError
+
+    def leak(self, spec: Spec, scratch: Path) -> leaks.Figure:
+        raise NotImplementedError
+
+    def run(self, spec: Spec, scratch: Path) -> Run:
+        t0 = time.monotonic()
+        wp = Workload([*self.prefix(scratch), *spec.argv])
+        try:
+            ready_at, _ = wp.ready(300)
+            wp.go()
+            hot_ns, calls = wp.hot(HOT_TIMEOUT)
+            usage = _check_exit(wp.finish(600), wp)
+            run = Run(hot_ns, calls, attach_s=ready_at - t0, usage=usage, usage_is_tree=True)
+            if spec.leak:
+                run.leak = self.leak(spec, scratch)
+            return run
+        finally:
+            wp.kill()
+
+
+class Heaptrack(Launching):
+    name = "heaptrack"
+    reports_leaks = True
+
+    def prefix(self, scratch: Path) -> list[str]:
+        return ["heaptrack", "-o", str(scratch / "heaptrack")]
+
+    def leak(self, spec: Spec, scratch: Path) -> leaks.Figure:
+        assert spec.leak is not None
+        data = next(scratch.glob("heaptrack.*"), None)
+        if data is None:
+            raise BenchError("heaptrack wrote no data file")
+        printed = subprocess.run(["heaptrack_print", "-f", str(data), "-p", "0", "-a", "0",
+                                  "-T", "0", "-l", "1"], capture_output=True, text=True,
+                                 check=True).stdout
+        return leaks.heaptrack(printed, spec.leak.function)
+
+
+class Valgrind(Launching):
+    name = "valgrind memcheck"
+    reports_leaks = True
+
+    def applies(self, spec: Spec) -> bool:
+        return spec.valgrind
+
+    def prefix(self, scratch: Path) -> list[str]:
+        return ["valgrind", "--leak-check=full", f"--log-file={scratch / 'valgrind.log'}"]
+
+    def leak(self, spec: Spec, scratch: Path) -> leaks.Figure:
+        assert spec.leak is not None
+        return leaks.valgrind((scratch / "valgrind.log").read_text(), spec.leak.function)
+
+
+def _check_exit(usage: Usage, proc: Proc) -> Usage:
+    if usage.exit_code != 0:
+        raise BenchError(f"exit code {usage.exit_code}: {proc.err.tail()}")
+    return usage
+
+
+def all_tools() -> list[Tool]:
+    """Every tool in the order each round runs them (each right after its own bare run)."""
+    return [
+        Natrace("natrace full", []),
+        Natrace("natrace sampled 512K", ["--sample", "512K"]),
+        Natrace("natrace triage", ["--no-allocs"], reports_leaks=False,
+                needs_option="--no-allocs"),
+        Floor(free_at_zero=False),
+        Floor(free_at_zero=True),
+        Memleak(),
+        Heaptrack(),
+        Valgrind(),
+    ]
