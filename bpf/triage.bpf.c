@@ -14,6 +14,7 @@
 #include <linux/sched.h>
 #include "natrace.h"
 #include "target.bpf.h"
+#include "stacks.bpf.h"
 
 #define CALL_FUTEX 1
 #define CALL_MEM 2
@@ -32,8 +33,7 @@ BPF_HASH(futexes, struct futex_key, struct futex_stats, MAX_KEYS);
 BPF_HASH(memsys, struct memsys_key, struct memsys_stats, MAX_KEYS);
 BPF_HASH(memsys_errors, struct memsys_err_key, u64, 1024);
 BPF_HASH(faults, s32, u64, MAX_KEYS);
-BPF_HASH(windows, s32, struct stack_window, MAX_STACKS);
-BPF_STACK_TRACE(stacks, MAX_STACKS);
+BPF_F_TABLE("hash", s32, struct stack_window, windows, MAX_STACKS, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(counters, u64, NATRACE_TC_COUNT);
 BPF_PERCPU_ARRAY(scratch, struct stack_window, 1);
 BPF_ARRAY(zero_futex, struct futex_stats, 1);   /* never written: a zero value to insert */
@@ -51,7 +51,7 @@ static __always_inline void count(u32 which, u64 n) {
 
 /* The user stack's id; the first time an id is seen, the words above sp too. */
 static __always_inline s32 stack_of(void *ctx) {
-    s32 id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    s32 id = user_stack_id(ctx);
     if (id < 0) {
         count(NATRACE_TC_STACK_LOST, 1);
         return id;

@@ -7,13 +7,38 @@ or callers it has; the heaviest stack represents the group.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
+from typing import TypeVar
 
-from tracer.attribution import charge_frame
+from tracer.attribution import charge_frame, made_by_allocator
 from tracer.mappings import Owner
-from tracer.model.sites import Site, SiteKey
+from tracer.model.sites import Site
 from tracer.probes.alloc import RawSite, stack_error_name
 from tracer.symbolizer import Symbolizer
+
+T = TypeVar("T")
+
+
+def group_by(items: Iterable[T], key: Callable[[T], Hashable], weight: Callable[[T], int],
+             merge: Callable[[T, T, bool], None]) -> list[T]:
+    """Items merged per key, in first-seen order: the first item of a key becomes its
+    group and each later one is merged into it with `merge(group, item, heavier)`,
+    `heavier` telling whether the item outweighs every one before it (so the heaviest
+    stack can represent the group)."""
+    groups: dict[Hashable, T] = {}
+    heaviest: dict[Hashable, int] = {}
+    for item in items:
+        k = key(item)
+        have = groups.get(k)
+        if have is None:
+            groups[k] = item
+            heaviest[k] = weight(item)
+            continue
+        heavier = weight(item) > heaviest[k]
+        if heavier:
+            heaviest[k] = weight(item)
+        merge(have, item, heavier)
+    return list(groups.values())
 
 
 class Aggregator:
@@ -23,44 +48,37 @@ class Aggregator:
 
     def sites(self, raw: Iterable[RawSite], stack_of: Callable[[int], tuple[int, ...]],
               mappings: Iterable[tuple[Owner, int, int]] = ()) -> list[Site]:
-        groups: dict[SiteKey, Site] = {}
-        heaviest: dict[SiteKey, int] = {}
+        sites: list[Site] = []
         for r in raw:
             if r.bytes == 0 and r.blocks == 0:
                 continue
             if r.stack_id < 0:
-                lost = Site("malloc", [], r.bytes, r.blocks, r.allocs, r.alloc_bytes,
-                            lost_stack=stack_error_name(r.stack_id))
-                self._add(groups, heaviest, lost)
+                sites.append(Site("malloc", [], r.bytes, r.blocks, r.allocs, r.alloc_bytes,
+                                  lost_stack=stack_error_name(r.stack_id)))
                 continue
             site = self._site("malloc", stack_of(r.stack_id), r.bytes, r.blocks, False)
             site.allocs, site.alloc_bytes, site.stack_ids = r.allocs, r.alloc_bytes, [r.stack_id]
-            self._add(groups, heaviest, site)
+            sites.append(site)
         for owner, size, ranges in mappings:
-            self._add(groups, heaviest,
-                      self._site(owner.kind, owner.stack, size, ranges, owner.allocator_internal))
-        return sorted(groups.values(), key=lambda s: (-s.bytes, -s.blocks, s.label()))
+            sites.append(self._site(owner.kind, owner.stack, size, ranges,
+                                    owner.allocator_internal))
+        grouped = group_by(sites, lambda s: s.key, lambda s: s.bytes, _merge_site)
+        return sorted(grouped, key=lambda s: (-s.bytes, -s.blocks, s.label()))
 
     def _site(self, kind: str, stack: tuple[int, ...], size: int, blocks: int,
               internal: bool) -> Site:
         frames = self.symbolizer.frames(stack)
         charge = charge_frame(frames, self.charge_to) if frames else 0
+        internal = internal or (kind != "malloc" and made_by_allocator(frames))
         return Site(kind, frames, size, blocks, charge_index=max(charge, 0),
                     allocator_internal=internal, lost_stack=None if frames else "empty stack")
 
-    @staticmethod
-    def _add(groups: dict[SiteKey, Site], heaviest: dict[SiteKey, int], site: Site) -> None:
-        key = site.key
-        have = groups.get(key)
-        if have is None:
-            groups[key] = site
-            heaviest[key] = site.bytes
-            return
-        if site.bytes > heaviest[key]:  # the heaviest stack represents the group
-            heaviest[key] = site.bytes
-            have.frames, have.charge_index = site.frames, site.charge_index
-        have.bytes += site.bytes
-        have.blocks += site.blocks
-        have.allocs += site.allocs
-        have.alloc_bytes += site.alloc_bytes
-        have.stack_ids += site.stack_ids
+
+def _merge_site(have: Site, site: Site, heavier: bool) -> None:
+    if heavier:  # the heaviest stack represents the group
+        have.frames, have.charge_index = site.frames, site.charge_index
+    have.bytes += site.bytes
+    have.blocks += site.blocks
+    have.allocs += site.allocs
+    have.alloc_bytes += site.alloc_bytes
+    have.stack_ids += site.stack_ids

@@ -54,6 +54,25 @@ def basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
+_GENERIC_ADDON_STEMS = frozenset({"addon", "binding", "bindings", "index", "native", "main"})
+
+
+def _addon_name(path: str, stem: str) -> str:
+    """An addon's name: its file stem, or for node-gyp's generic stems
+    (build/Release/addon.node) the npm package that holds it."""
+    if stem not in _GENERIC_ADDON_STEMS:
+        return stem
+    parts = path.split("/")
+    if "node_modules" in parts:
+        i = len(parts) - 1 - parts[::-1].index("node_modules")
+        if i + 1 < len(parts) - 1:
+            pkg = parts[i + 1]
+            if pkg.startswith("@") and i + 2 < len(parts) - 1:
+                pkg = parts[i + 2]
+            return pkg
+    return stem
+
+
 def module_class(path: str) -> str:
     """Attribution class of a module path.
 
@@ -71,7 +90,7 @@ def module_class(path: str) -> str:
     if name.startswith("memfd:"):
         name = name[len("memfd:"):]
     if name.endswith(".node"):
-        return "addon:" + name[: -len(".node")]
+        return "addon:" + _addon_name(path, name[: -len(".node")])
     if name in ("node", "nodejs"):
         return "node"
     for pattern, cls in _CLASS_PATTERNS:
@@ -126,6 +145,23 @@ def responsible_frame(frames: Sequence[Frame],
         if not is_allocator_frame(frame, allocator_modules, wrapper_symbols):
             return i
     return len(frames) - 1
+
+
+#: glibc malloc's own functions that map memory for the allocator: arena heaps, heap
+#: growth and trimming (names from libc's debug symbols).
+ALLOCATOR_INTERNALS: frozenset[str] = frozenset({
+    "alloc_new_heap", "new_heap", "grow_heap", "shrink_heap", "heap_trim", "sysmalloc",
+    "systrim", "int_new_arena", "arena_get2", "arena_get_retry", "tcache_init",
+    "malloc_consolidate", "mtrim", "munmap_chunk", "mremap_chunk",
+})
+
+
+def made_by_allocator(frames: Sequence[Frame]) -> bool:
+    """Is this mapping the allocator's own (an arena heap, heap growth)? The BPF side
+    tags mappings made inside a traced malloc-family call; this also catches those
+    made inside free(), whose first call on a thread sets up the thread's arena."""
+    return any(f.module_class == "libc" and f.symbol
+               and normalize_symbol(f.symbol) in ALLOCATOR_INTERNALS for f in frames)
 
 
 def parse_charge_to(spec: str) -> str | None:

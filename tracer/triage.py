@@ -23,8 +23,9 @@ from tracer.unwind import CallChecker, window_callers
 _KINDS = [("cond", "condvar"), ("rwlock", "rwlock"), ("sem_", "semaphore"),
           ("barrier", "barrier"), ("join", "thread join"), ("clockwait_tid", "thread join"),
           ("mutex", "mutex"), ("lll_lock", "mutex")]
-#: Kinds whose waits are a thread idling until signalled, not lock contention.
-IDLE_KINDS = frozenset({"condvar", "barrier", "thread join"})
+#: Kinds whose waits are a thread idling until signalled, not lock contention
+#: (a thread pool's workers sleep on a semaphore or condvar until work arrives).
+IDLE_KINDS = frozenset({"condvar", "semaphore", "barrier", "thread join"})
 
 
 class TriageBuilder:

@@ -14,6 +14,7 @@ from typing import Any
 
 from tracer import bpfprog, doctor
 from tracer.errors import KernelFeatureError, TargetError
+from tracer.probes.stacks import StackReader
 from tracer.target import Target
 
 # Optional tracepoints: (category/event of the enter tracepoint, -D flag when present).
@@ -32,7 +33,7 @@ MEMSYS_NAMES = ("mmap", "munmap", "mremap", "mprotect", "madvise", "brk")
 @dataclass(frozen=True)
 class TriageOptions:
     max_keys: int = 1 << 14
-    stack_map_size: int = 1 << 14
+    stack_map_size: int = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class TriageProbes:
         self.modules_changed = False  # set when the target maps executable code
         self._bpf: Any = None
         self._exec_mmaps = 0
-        self._stack_cache: dict[int, tuple[int, ...]] = {}
+        self._stacks: StackReader | None = None
         self._c = bpfprog.constants()
 
     def attach(self, target: Target, stop_at_exit: bool = False) -> None:
@@ -91,6 +92,7 @@ class TriageProbes:
         if target.launched:
             defines["WAIT_EXEC"] = 1
         self._bpf = bpfprog.compile_program("triage.bpf.c", defines)
+        self._stacks = StackReader(self._bpf)
         self.has_faults = "exceptions/page_fault_user" in present
         names = [p.format(d) for p in _ALWAYS for d in ("enter", "exit")]
         names += [ev for ev in present if not ev.startswith("syscalls/")]
@@ -157,16 +159,7 @@ class TriageProbes:
         return {k.value: v.value for k, v in self._bpf["faults"].items()}
 
     def stack(self, stack_id: int) -> tuple[int, ...]:
-        if stack_id < 0:
-            return ()
-        cached = self._stack_cache.get(stack_id)
-        if cached is None:
-            try:
-                cached = tuple(self._bpf["stacks"].walk(stack_id))
-            except KeyError:
-                cached = ()
-            self._stack_cache[stack_id] = cached
-        return cached
+        return self._stacks(stack_id) if self._stacks else ()
 
     def window(self, stack_id: int) -> tuple[int, ...]:
         """The user words above sp when this stack was first seen (empty if unread)."""
