@@ -17,10 +17,12 @@ from types import FrameType
 from typing import Any
 
 from tracer.aggregator import Aggregator
+from tracer.handles import handle_types
 from tracer.mappings import Owner
 from tracer.memwatch import MemoryWatch
 from tracer.model.snapshot import Snapshot
 from tracer.probes.alloc import AllocOptions, AllocProbes
+from tracer.probes.handles import HandleOptions, HandleProbes
 from tracer.probes.triage import TriageOptions, TriageProbes
 from tracer.procmaps import MapsHistory
 from tracer.symbolizer import Symbolizer
@@ -36,6 +38,7 @@ class SessionOptions:
     allocs: bool = True  # False: triage mode, no malloc-family probes
     triage: bool = True  # futex, memory-syscall and page-fault tracepoints
     triage_probes: TriageOptions = field(default_factory=TriageOptions)
+    handles: HandleOptions = field(default_factory=HandleOptions)  # create/destroy pairs
     lock_share: float = 0.05  # a lock is contended above this share of traced time blocked
     lock_p99: float = 0.010  # ... or when its p99 wait is above this many seconds
     charge_to: str = "first"
@@ -49,6 +52,7 @@ class Session:
         self.options = options
         self.probes = AllocProbes(options.alloc)
         self.triage = TriageProbes(options.triage_probes) if options.triage else None
+        self.handles = HandleProbes(options.handles)
         self.maps: MapsHistory | None = None
         self.started = 0.0
         self.stop_requested: str | None = None
@@ -61,6 +65,8 @@ class Session:
             self.probes.attach(self.target)
         if self.triage is not None:
             self.triage.attach(self.target, stop_at_exit=not self.options.allocs)
+        self.handles.attach(self.target, stop_at_exit=not self.options.allocs and
+                            self.triage is None)
         self.started = time.monotonic()
         if not self.target.launched:
             self.maps = MapsHistory(self.target.pid)
@@ -95,11 +101,13 @@ class Session:
     @property
     def probe_count(self) -> int:
         """Uprobes and tracepoints attached."""
-        return len(self.probes.points) + (len(self.triage.points) if self.triage else 0)
+        return (len(self.probes.points) + (len(self.triage.points) if self.triage else 0)
+                + len(self.handles.points))
 
     def _poll(self) -> None:
         self.probes.poll()
         self.memory.tick()
+        self.handles.poll()
         changed = self.probes.modules_changed
         if self.triage is not None:
             self.triage.poll()
@@ -170,6 +178,7 @@ class Session:
             memory=self.memory.report(sites, traced=self.options.allocs,
                                       from_start=self.target.launched),
             **self._triage_report(symbolizer, duration),
+            handles=handle_types(self.handles, symbolizer),
         )
 
     def _triage_report(self, symbolizer: Symbolizer, duration: float) -> dict[str, Any]:
@@ -191,6 +200,7 @@ class Session:
         self.probes.detach()
         if self.triage is not None:
             self.triage.detach()
+        self.handles.detach()
         if self.target.launched and self.target.exit_code is None:
             with suppress(ProcessLookupError):
                 os.kill(self.target.pid, signal.SIGCONT)

@@ -64,7 +64,8 @@ _SESSION_OPTIONS = [
                       "the traced time (summed over threads)."),
     click.option("--lock-p99", "lock_p99", type=Duration(), default=0.010,
                  show_default="10ms", help="Flag a lock whose p99 wait is longer than this."),
-    click.option("--handle", "handle_specs", multiple=True, metavar="LIB:CREATE[,CREATE]:DESTROY[:ARG]",
+    click.option("--handle", "handle_specs", multiple=True,
+                 metavar="LIB:CREATE[,CREATE]:DESTROY[:ARG]",
                  help="Also count live handles of this create/destroy pair (ARG: the destroy "
                       "function's argument holding the handle, default 1), e.g. "
                       "libssl:SSL_new:SSL_free. Repeatable."),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tracer.model.frames import Frame
+from tracer.model.frames import Frame, function_key
 
 
 @dataclass
@@ -16,6 +16,7 @@ class CallSite:
     frames: list[Frame] = field(default_factory=list)
     charge_index: int = 0
     lost_stack: str | None = None
+    callee: str | None = None  # the function the charged frame's call instruction called
 
     @property
     def frame(self) -> Frame | None:
@@ -29,9 +30,17 @@ class CallSite:
         return frame.symbol if frame else None
 
     @property
+    def key(self) -> tuple[str, str]:
+        """The function the call site is grouped by (see frames.function_key)."""
+        return function_key(self.frame, self.lost_stack or "empty stack")
+
+    @property
     def via(self) -> str | None:
         """The outermost libc/libstdc++ function the call site went through (e.g.
-        pthread_mutex_lock), None when it called the kernel directly."""
+        pthread_mutex_lock), None when it called the kernel directly. `callee`, when
+        known, names it even where that frame has no symbol or was tail-called away."""
+        if self.callee:
+            return self.callee
         if self.charge_index <= 0 or not self.frames:
             return None
         symbol = self.frames[min(self.charge_index, len(self.frames)) - 1].symbol

@@ -39,3 +39,16 @@ class Frame:
         if self.file and self.line:
             text += f" ({self.file.rsplit('/', 1)[-1]}:{self.line})"
         return text
+
+
+def function_key(frame: Frame | None, lost_stack: str | None = None) -> tuple[str, str]:
+    """The function a call site is grouped by across stacks and snapshots: (module,
+    symbol), else (module, offset), else the bare address; ("", "lost:WHY") for a
+    stack that was not captured."""
+    if frame is None:
+        return ("", f"lost:{lost_stack}")
+    if frame.symbol:
+        return (frame.module, frame.symbol)
+    if frame.module:
+        return (frame.module, f"{frame.module_offset:#x}")
+    return ("", f"{frame.address:#x}")

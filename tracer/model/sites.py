@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tracer.model.frames import Frame
+from tracer.model.frames import Frame, function_key
 
 SiteKey = tuple[str, bool, str, str]
 
@@ -45,16 +45,7 @@ class Site:
     def key(self) -> SiteKey:
         """Identity of the site across stacks and snapshots: kind, allocator-internal, and
         the function it is charged to (module+symbol, else module+offset)."""
-        frame = self.frame
-        if frame is None:
-            where = ("", f"lost:{self.lost_stack}")
-        elif frame.symbol:
-            where = (frame.module, frame.symbol)
-        elif frame.module:
-            where = (frame.module, f"{frame.module_offset:#x}")
-        else:
-            where = ("", f"{frame.address:#x}")
-        return (self.kind, self.allocator_internal, *where)
+        return (self.kind, self.allocator_internal, *function_key(self.frame, self.lost_stack))
 
     def label(self) -> str:
         frame = self.frame

@@ -6,7 +6,9 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from tracer.model.callsite import CallSite
 from tracer.model.frames import Frame
+from tracer.model.handles import HandleType
 from tracer.model.memory import MemoryReport, Region
 from tracer.model.sites import Site
 from tracer.model.snapshot import Snapshot
@@ -36,6 +38,7 @@ def to_dict(snap: Snapshot) -> dict[str, Any]:
         "loss": snap.loss,
         "calls": snap.calls,
         "memory": _memory(snap.memory) if snap.memory is not None else None,
+        "handles": [_handle_type(t) for t in snap.handles],
         **triage_report.to_dict(snap),
     }
 
@@ -88,6 +91,28 @@ def _memory(mem: MemoryReport) -> dict[str, Any]:
 
 def _region(r: Region) -> dict[str, Any]:
     return {**asdict(r), "size": r.size}
+
+
+def _handle_type(t: HandleType) -> dict[str, Any]:
+    """One create/destroy pair; ages in seconds, growth in live handles per minute."""
+    return {
+        "name": t.name, "library": t.library, "create": t.create, "destroy": t.destroy,
+        "destroy_arg": t.destroy_arg, "preset": t.preset, "created": t.created,
+        "destroyed": t.destroyed, "destroyed_unknown": t.unknown, "live": t.live,
+        "stale": t.stale, "untracked": t.untracked, "per_minute": t.per_minute,
+        "oldest_age": t.oldest_age,
+        "sites": [{"live": h.live, "created": h.created, "oldest_age": h.oldest_age,
+                   **_call_site(h.site)} for h in t.sites],
+    }
+
+
+def _call_site(site: CallSite) -> dict[str, Any]:
+    frame = site.frame
+    return {"label": site.label(), "function": site.function, "via": site.via,
+            "module": frame.module if frame else None,
+            "module_class": frame.module_class if frame else "unknown",
+            "lost_stack": site.lost_stack, "charge_index": site.charge_index,
+            "stack": [_frame(f) for f in site.frames]}
 
 
 def _frame(f: Frame) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from tracer.model.handles import HandleSite, HandleType
 from tracer.model.memory import ArenaSummary, MemoryReport, Reconciliation, RegionSummary
 from tracer.model.sites import Site
 from tracer.model.snapshot import LOSS_DESCRIPTIONS, Snapshot
@@ -27,6 +28,8 @@ def render(snap: Snapshot, top: int = 10) -> str:
     lines = [_headline(snap)]
     if not snap.allocs:  # triage mode: no malloc probes, the triage sections lead
         lines += triage_report.text_lines(snap, top)[1:]
+        if snap.handles:
+            lines += [""] + _handles(snap.handles, top)
         if snap.memory is not None:
             lines += [""] + _memory(snap.memory)
         return "\n".join(lines) + "\n"
@@ -56,6 +59,8 @@ def render(snap: Snapshot, top: int = 10) -> str:
             if held:
                 lines.append(f"  {kind:5} {size(sum(s.bytes for s in held)):>12} in "
                              f"{sum(s.blocks for s in held)} ranges")
+    if snap.handles:
+        lines += [""] + _handles(snap.handles, top)
     lines += triage_report.text_lines(snap, top)
     if snap.memory is not None:
         lines.append("")
@@ -181,3 +186,59 @@ def _reconciliation(rec: Reconciliation) -> list[str]:
     rows += [(s.owner, s.bytes) for s in rec.remainder]
     out += [f"  {size(n):>12} {_pct(n, rec.rss):>6}  {owner}" for owner, n in rows]
     return out
+
+
+def _handles(types: list[HandleType], top: int) -> list[str]:
+    out = ["Handles (create/destroy pairs; counts since natrace attached):"]
+    for t in types:
+        out.append("  " + handle_summary(t))
+        line = f"    {t.created:,} created, {t.destroyed:,} destroyed"
+        if t.unknown:
+            line += f", {t.unknown:,} destroyed that were created before natrace attached"
+        if t.stale or t.untracked:
+            line += f"; not counted: {t.stale:,} reused without a traced destroy, " \
+                    f"{t.untracked:,} over the live-handle limit"
+        out.append(line)
+        if t.sites:
+            out.append(f"    {'LIVE':>9} {'%':>6} {'CREATED':>9} {'OLDEST':>8}  CREATED AT")
+            out += [_handle_site(t, h) for h in t.sites[:top]]
+    return out
+
+
+def handle_summary(t: HandleType) -> str:
+    """One line per pair: "libpq PGresult: 137 live, +2,100/min, 98% created at
+    keep_reports via PQexec; oldest 41 s"."""
+    text = f"{t.name}: {t.live:,} live"
+    if t.per_minute is not None:
+        text += f", {t.per_minute:+,.0f}/min"
+    top = t.top
+    if top is not None:
+        text += f", {100 * t.share(top):.0f}% created at {_created_at(top, short=True)}"
+    if t.oldest_age is not None:
+        text += f"; oldest {age(t.oldest_age)}"
+    return text
+
+
+def _created_at(h: HandleSite, short: bool = False) -> str:
+    """Where a handle was made and through which library function: "keep_reports via
+    PQexec" (`short`: the function's name without offset)."""
+    via = h.site.via
+    where = (h.site.function if short else None) or h.site.label()
+    return where + (f" via {via}" if via else "")
+
+
+def _handle_site(t: HandleType, h: HandleSite) -> str:
+    frame = h.site.frame
+    oldest = age(h.oldest_age) if h.oldest_age is not None else "-"
+    where = f" [{frame.module_name}]" if frame else ""
+    return (f"    {h.live:>9,} {_pct(h.live, t.live):>6} {h.created:>9,} {oldest:>8}  "
+            f"{_created_at(h)}{where}")
+
+
+def age(seconds: float) -> str:
+    """An age as a person reads it: 41 s, 12 min, 3.5 h."""
+    if seconds < 120:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,280 @@
+"""Handle-lifecycle probes: create/destroy function pairs in a library (uprobes).
+
+Owns the BPF program bpf/handles.bpf.c. A pair is a library, the functions that
+create a handle (returned, or written through an out-pointer) and the function that
+destroys it (the handle as its Nth argument). Built-in presets (libpq's PGresult and
+PGconn, Node-API references) are traced whenever the target maps their library;
+users add pairs with `--handle LIB:CREATE:DESTROY[:ARG]`. Hands raw per-pair and
+per-stack counters, live handles' ages and stacks to tracer/handles.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tracer import bpfprog
+from tracer.errors import KernelFeatureError, TargetError, UsageError
+from tracer.growth import Series
+from tracer.target import Target
+
+
+@dataclass(frozen=True)
+class HandlePair:
+    """What creates and destroys one kind of handle, in which library.
+
+    `library` is a file name or its stem (libpq, libssl.so.3, node) matched against the
+    target's files, or a path (probed even before the target loads it)."""
+
+    name: str  # as reports show it: "libpq PGresult"
+    library: str
+    create: tuple[str, ...]
+    destroy: str
+    destroy_arg: int = 1  # 1-based argument of `destroy` holding the handle
+    out_arg: int = 0  # 0: create returns the handle; else its 1-based out-pointer argument
+    preset: bool = False
+
+
+PRESETS: tuple[HandlePair, ...] = (
+    # PQexec, PQexecParams, PQgetResult, PQprepare, ... all make results through
+    # PQmakeEmptyPGresult: they show up as the creation site's "via".
+    HandlePair("libpq PGresult", "libpq", ("PQmakeEmptyPGresult",), "PQclear", preset=True),
+    HandlePair("libpq PGconn", "libpq",
+               ("PQconnectdb", "PQconnectdbParams", "PQconnectStart", "PQconnectStartParams",
+                "PQsetdbLogin"), "PQfinish", preset=True),
+    # napi_create_reference(env, value, refcount, napi_ref *result) -> napi_status (0: ok)
+    HandlePair("node napi_ref", "node", ("napi_create_reference",), "napi_delete_reference",
+               destroy_arg=2, out_arg=4, preset=True),
+)
+
+GROWTH_WINDOW = 600.0  # seconds of live counts a pair's growth is fitted over
+
+_SYMBOL = re.compile(r"^[A-Za-z_][\w.$@]*$")
+
+
+def parse_pair(spec: str) -> HandlePair:
+    """`LIB:CREATE[,CREATE...]:DESTROY[:ARG]` -> a pair; ValueError with a one-line
+    reason. Several create functions may make the same handle, one inside another: it
+    is counted once."""
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or not all(parts[:3]):
+        raise ValueError(f"--handle {spec!r}: expected LIB:CREATE:DESTROY[:ARG], "
+                         "e.g. libssl:SSL_new:SSL_free")
+    library, destroy = parts[0], parts[2]
+    create = tuple(parts[1].split(","))
+    for fn in (*create, destroy):
+        if not _SYMBOL.match(fn):
+            raise ValueError(f"--handle {spec!r}: {fn!r} is not a function name")
+    arg = 1
+    if len(parts) == 4:
+        if not parts[3].isdigit() or not 1 <= int(parts[3]) <= 6:
+            raise ValueError(f"--handle {spec!r}: ARG must be the destroy function's "
+                             "argument number, 1 to 6")
+        arg = int(parts[3])
+    stem = os.path.basename(library).split(".so", 1)[0]
+    return HandlePair(f"{stem} {create[0]}", library, create, destroy, destroy_arg=arg)
+
+
+def find_library(library: str, files: Sequence[str]) -> str | None:
+    """The file of `files` a pair's library names: same basename, or basename starting
+    with LIB. or libLIB. (libpq -> libpq.so.5, node -> /usr/bin/node or libnode.so.115).
+    A path is taken as is when it exists, mapped or not (uprobes are per file)."""
+    if "/" in library:
+        return library if os.path.exists(library) else None
+    for path in files:
+        base = os.path.basename(path)
+        if base == library or base.startswith((library + ".", "lib" + library + ".")):
+            return path
+    return None
+
+
+@dataclass(frozen=True)
+class HandleOptions:
+    pairs: tuple[HandlePair, ...] = ()  # user-defined (--handle)
+    presets: bool = True  # trace PRESETS whose library the target maps
+    max_handles: int = 1 << 18
+    stack_map_size: int = 1 << 14
+
+
+@dataclass(frozen=True)
+class TracedPair:
+    """A pair as attached: its slot in the BPF maps and the file probed."""
+
+    index: int
+    pair: HandlePair
+    path: str
+
+
+@dataclass(frozen=True)
+class RawPairStats:
+    created: int
+    destroyed: int
+    unknown: int
+    live: int
+    stale: int
+    untracked: int
+
+
+@dataclass(frozen=True)
+class RawHandleSite:
+    """Kernel counters of one (pair, creation stack id); negative id: -errno."""
+
+    pair: int
+    stack_id: int
+    live: int
+    created: int
+
+
+class HandleProbes:
+    def __init__(self, options: HandleOptions) -> None:
+        self.options = options
+        self.pairs: list[TracedPair] = []
+        self.points: list[str] = []  # "path:symbol" probed (entry, return or destroy)
+        self.series: dict[int, Series] = {}  # pair -> live count over monotonic seconds
+        self._bpf: Any = None
+        self._stack_cache: dict[int, tuple[int, ...]] = {}
+        self._c = bpfprog.constants()
+        self._last_sample = 0.0
+
+    def resolve(self, target: Target) -> list[TracedPair]:
+        """The pairs to trace in `target`: presets whose library it maps (and that define
+        the functions), then every user pair (an error when its library or a function
+        cannot be found)."""
+        files = target.mapped_files()
+        exe = target.executable()
+        if exe:
+            files = [exe, *files]
+        chosen: list[TracedPair] = []
+        wanted = [p for p in PRESETS if self.options.presets] + list(self.options.pairs)
+        for pair in wanted:
+            path = find_library(pair.library, files)
+            if path is None:
+                if pair.preset:
+                    continue
+                raise UsageError(f"--handle {pair.library}:{pair.create[0]}: PID {target.pid} "
+                                 f"maps no {pair.library} (give the library's path to probe "
+                                 "it before it is loaded)")
+            missing = [fn for fn in (*pair.create, pair.destroy)
+                       if not bpfprog.defines_symbol(path, fn)]
+            if missing:
+                if pair.preset:
+                    continue
+                raise UsageError(f"--handle {pair.library}:{pair.create[0]}: {path} defines "
+                                 f"no function {missing[0]}")
+            if any(c.path == path and c.pair.create == pair.create and
+                   c.pair.destroy == pair.destroy for c in chosen):
+                continue  # a user pair that repeats a preset
+            if len(chosen) == self._c["NATRACE_MAX_PAIRS"]:
+                raise UsageError(f"at most {len(chosen)} handle pairs can be traced at once")
+            chosen.append(TracedPair(len(chosen), pair, path))
+        return chosen
+
+    def attach(self, target: Target, stop_at_exit: bool = False) -> None:
+        """Compile and attach when there is any pair to trace; `stop_at_exit` makes a
+        launched target stop in exit() (when no other probe set does)."""
+        pairs = self.resolve(target)
+        if not pairs:
+            return
+        defines: dict[str, int | str] = {
+            "TARGET_TGID": target.pid,
+            "MAX_HANDLES": self.options.max_handles,
+            "MAX_STACKS": self.options.stack_map_size,
+        }
+        if target.launched:
+            defines["WAIT_EXEC"] = 1
+        self._bpf = bpfprog.compile_program("handles.bpf.c", defines)
+        conf = self._bpf["conf"]
+        try:
+            for tp in pairs:
+                conf[ctypes.c_int(tp.index)] = conf.Leaf(tp.pair.destroy_arg, tp.pair.out_arg)
+                self._attach_pair(tp, target.pid)
+                self.series[tp.index] = Series(GROWTH_WINDOW)
+                self.series[tp.index].add(time.monotonic(), 0)
+            if stop_at_exit and target.launched:
+                libc = next((p for p in target.mapped_files()
+                             if os.path.basename(p).startswith("libc.so")), None)
+                if libc:
+                    self._bpf.attach_uprobe(name=libc, sym="exit", fn_name="exit_enter",
+                                            pid=target.pid)
+        except Exception as err:
+            self.detach()
+            if not target.alive():
+                raise TargetError(f"process {target.pid} exited while natrace attached") \
+                    from None
+            raise KernelFeatureError(f"could not attach handle uprobes: {err}") from None
+        self.pairs = pairs
+
+    def _attach_pair(self, tp: TracedPair, pid: int) -> None:
+        n = tp.index
+        for fn in tp.pair.create:
+            self._bpf.attach_uprobe(name=tp.path, sym=fn, fn_name=f"create_enter_{n}", pid=pid)
+            self._bpf.attach_uretprobe(name=tp.path, sym=fn, fn_name=f"create_return_{n}",
+                                       pid=pid)
+            self.points.append(f"{tp.path}:{fn}")
+        self._bpf.attach_uprobe(name=tp.path, sym=tp.pair.destroy, fn_name=f"destroy_{n}",
+                                pid=pid)
+        self.points.append(f"{tp.path}:{tp.pair.destroy}")
+
+    def poll(self, every: float = 1.0) -> None:
+        """Sample each pair's live count (at most once per `every` s) for its growth."""
+        now = time.monotonic()
+        if self._bpf is None or now - self._last_sample < every:
+            return
+        self._last_sample = now
+        for index, stats in self.pair_stats().items():
+            self.series[index].add(now, stats.live)
+
+    def pair_stats(self) -> dict[int, RawPairStats]:
+        table = self._bpf["pair_stats"]
+        out = {}
+        for tp in self.pairs:
+            v = table[ctypes.c_int(tp.index)]
+            out[tp.index] = RawPairStats(v.created, v.destroyed, v.unknown, v.live, v.stale,
+                                         v.untracked)
+        return out
+
+    def sites(self) -> list[RawHandleSite]:
+        return [RawHandleSite(k.pair, k.stack_id, v.live, v.created)
+                for k, v in self._bpf["sites"].items() if v.live or v.created]
+
+    def oldest(self) -> dict[tuple[int, int], int]:
+        """(pair, stack id) -> creation time (monotonic ns) of its oldest live handle."""
+        out: dict[tuple[int, int], int] = {}
+        for key, info in self._iter_handles():
+            k = (key.pair, info.stack_id)
+            if k not in out or info.ts_ns < out[k]:
+                out[k] = info.ts_ns
+        return out
+
+    def _iter_handles(self) -> Iterator[tuple[Any, Any]]:
+        table = self._bpf["handles"]
+        try:
+            yield from table.items_lookup_batch()
+        except Exception:  # kernels without batch ops
+            yield from table.items()
+
+    def stack(self, stack_id: int) -> tuple[int, ...]:
+        if stack_id < 0:
+            return ()
+        cached = self._stack_cache.get(stack_id)
+        if cached is None:
+            try:
+                cached = tuple(self._bpf["stacks"].walk(stack_id))
+            except KeyError:
+                cached = ()
+            self._stack_cache[stack_id] = cached
+        return cached
+
+    @property
+    def attached(self) -> bool:
+        return self._bpf is not None
+
+    def detach(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
