@@ -10,12 +10,13 @@
  * passes its handle is in conf[n], written by tracer/probes/handles.py.
  *
  * Compile-time parameters: TARGET_TGID, WAIT_EXEC (see target.bpf.h),
- * MAX_HANDLES, MAX_STACKS.
+ * MAX_HANDLES, MAX_STACKS (see stacks.bpf.h).
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 #include "natrace.h"
 #include "target.bpf.h"
+#include "stacks.bpf.h"
 
 struct entry_key {
     u32 tid;
@@ -24,10 +25,12 @@ struct entry_key {
 
 BPF_ARRAY(conf, struct handle_conf, NATRACE_MAX_PAIRS);
 BPF_ARRAY(pair_stats, struct handle_pair_stats, NATRACE_MAX_PAIRS);
-BPF_HASH(handles, struct handle_key, struct handle_info, MAX_HANDLES);
-BPF_HASH(sites, struct handle_site_key, struct handle_site_stats, MAX_STACKS + 16);
+/* Allocated on insert: a big limit costs nothing until handles live. */
+BPF_F_TABLE("hash", struct handle_key, struct handle_info, handles, MAX_HANDLES,
+            BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct handle_site_key, struct handle_site_stats, sites, MAX_STACKS + 16,
+            BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", struct entry_key, struct handle_entry, entries, 16384);
-BPF_STACK_TRACE(stacks, MAX_STACKS);
 
 /* Argument n (1-based) of a probed call. All six are read first and pinned in
  * registers: a switch of ctx loads gets merged into one load at a computed ctx
@@ -121,7 +124,7 @@ static __always_inline int create_return(struct pt_regs *ctx, u32 pair) {
         __sync_fetch_and_add(&ps->stale, 1);
     }
     struct handle_info info = {.ts_ns = bpf_ktime_get_ns(), .tid = tid};
-    info.stack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);  /* -errno: its own bucket */
+    info.stack_id = user_stack_id(ctx);  /* -errno: its own bucket */
     struct handle_site_key sk = {.pair = pair, .stack_id = info.stack_id};
     struct handle_site_stats *s = sites.lookup(&sk);
     if (!s) {

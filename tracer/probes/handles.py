@@ -21,6 +21,7 @@ from typing import Any
 from tracer import bpfprog
 from tracer.errors import KernelFeatureError, TargetError, UsageError
 from tracer.growth import Series
+from tracer.probes.stacks import StackReader
 from tracer.target import Target
 
 
@@ -137,7 +138,7 @@ class HandleProbes:
         self.points: list[str] = []  # "path:symbol" probed (entry, return or destroy)
         self.series: dict[int, Series] = {}  # pair -> live count over monotonic seconds
         self._bpf: Any = None
-        self._stack_cache: dict[int, tuple[int, ...]] = {}
+        self._stacks: StackReader | None = None
         self._c = bpfprog.constants()
         self._last_sample = 0.0
 
@@ -188,6 +189,7 @@ class HandleProbes:
         if target.launched:
             defines["WAIT_EXEC"] = 1
         self._bpf = bpfprog.compile_program("handles.bpf.c", defines)
+        self._stacks = StackReader(self._bpf)
         conf = self._bpf["conf"]
         try:
             for tp in pairs:
@@ -259,16 +261,7 @@ class HandleProbes:
             yield from table.items()
 
     def stack(self, stack_id: int) -> tuple[int, ...]:
-        if stack_id < 0:
-            return ()
-        cached = self._stack_cache.get(stack_id)
-        if cached is None:
-            try:
-                cached = tuple(self._bpf["stacks"].walk(stack_id))
-            except KeyError:
-                cached = ()
-            self._stack_cache[stack_id] = cached
-        return cached
+        return self._stacks(stack_id) if self._stacks else ()
 
     @property
     def attached(self) -> bool:
