@@ -88,4 +88,13 @@ if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/pip" install -q -e "$here[test]"
     touch "$stamp"
 fi
+# Node modules of the end-to-end scenario (tests/e2e/app): npm builds pg-native's
+# libpq addon against the system libpq. nodedir=/usr: headers from the OS, no download.
+app=$here/tests/e2e/app
+app_stamp=$app/node_modules/.natrace-installed
+if command -v npm >/dev/null && { [ ! -f "$app_stamp" ] || [ "$app/package-lock.json" -nt "$app_stamp" ]; }; then
+    log "installing node modules for tests/e2e/app"
+    (cd "$app" && npm_config_nodedir=/usr npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    touch "$app_stamp"
+fi
 log "ready: $venv/bin/natrace"

@@ -17,7 +17,9 @@ from tracer.model.frames import Frame
 @pytest.mark.parametrize("path, cls", [
     ("/usr/lib/x86_64-linux-gnu/libpq.so.5.15", "libpq"),
     ("/usr/lib/x86_64-linux-gnu/libpq.so.5", "libpq"),
-    ("/app/node_modules/libpq/build/Release/addon.node", "addon:addon"),
+    ("/app/node_modules/libpq/build/Release/addon.node", "addon:libpq"),
+    ("/app/node_modules/@scope/pkg/build/Release/binding.node", "addon:pkg"),
+    ("/app/build/Release/addon.node", "addon:addon"),
     ("/x/build/Release/vault.node", "addon:vault"),
     ("/x/build/Release/vault.node (deleted)", "addon:vault"),
     ("/usr/bin/node", "node"),

@@ -132,7 +132,8 @@ def test_parse_smaps_backings() -> None:
 
 
 def _site(kind: str, nbytes: int, symbol: str | None = None, internal: bool = False) -> Site:
-    frames = [Frame(0x1000, "/usr/lib/libc.so.6", symbol=symbol)] if symbol else []
+    frames = [Frame(0x1000, "/usr/lib/libc.so.6", symbol=symbol, module_class="libc")
+              ] if symbol else []
     return Site(kind, frames, nbytes, 1, allocator_internal=internal)
 
 
@@ -140,7 +141,7 @@ def test_reconcile_splits_the_remainder_by_owner() -> None:
     rss = {"heap": 60 * MIB, "arena": 40 * MIB, "anonymous": 30 * MIB, "file": 10 * MIB,
            "stack": 1 * MIB}
     sites = [_site("malloc", 70 * MIB), _site("mmap", 20 * MIB),
-             _site("mmap", 8 * MIB, "pthread_create@GLIBC_2.2.5"),
+             _site("stack", 8 * MIB, "pthread_create@GLIBC_2.2.5", internal=True),
              _site("mmap", 128 * MIB, "alloc_new_heap", internal=True)]
     rec = reconcile(rss, sites, traced=True, from_start=True, node=False)
     owners = {s.owner.split(" (")[0]: s.bytes for s in rec.remainder}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable
 from typing import TypeVar
 
-from tracer.attribution import charge_frame, made_by_allocator
+from tracer.attribution import THREAD_STACK_MAKERS, charge_frame, made_by, made_by_allocator
 from tracer.mappings import Owner
 from tracer.model.sites import Site
 from tracer.probes.alloc import RawSite, stack_error_name
@@ -69,6 +69,8 @@ class Aggregator:
               internal: bool) -> Site:
         frames = self.symbolizer.frames(stack)
         charge = charge_frame(frames, self.charge_to) if frames else 0
+        if kind == "mmap" and made_by(frames, THREAD_STACK_MAKERS):
+            kind, internal = "stack", True  # the thread library's, like arenas are malloc's
         internal = internal or (kind != "malloc" and made_by_allocator(frames))
         return Site(kind, frames, size, blocks, charge_index=max(charge, 0),
                     allocator_internal=internal, lost_stack=None if frames else "empty stack")

@@ -156,12 +156,25 @@ ALLOCATOR_INTERNALS: frozenset[str] = frozenset({
 })
 
 
+#: glibc functions that map a new arena heap (a subset of ALLOCATOR_INTERNALS).
+HEAP_MAKERS: frozenset[str] = frozenset({"new_heap", "alloc_new_heap", "int_new_arena",
+                                         "arena_get2"})
+
+#: glibc functions that map a new thread's stack.
+THREAD_STACK_MAKERS: frozenset[str] = frozenset({"pthread_create", "allocate_stack"})
+
+
+def made_by(frames: Sequence[Frame], functions: Collection[str]) -> bool:
+    """Does the stack run through one of these libc functions (names normalized)?"""
+    return any(f.module_class == "libc" and f.symbol
+               and normalize_symbol(f.symbol) in functions for f in frames)
+
+
 def made_by_allocator(frames: Sequence[Frame]) -> bool:
     """Is this mapping the allocator's own (an arena heap, heap growth)? The BPF side
     tags mappings made inside a traced malloc-family call; this also catches those
     made inside free(), whose first call on a thread sets up the thread's arena."""
-    return any(f.module_class == "libc" and f.symbol
-               and normalize_symbol(f.symbol) in ALLOCATOR_INTERNALS for f in frames)
+    return made_by(frames, ALLOCATOR_INTERNALS)
 
 
 def parse_charge_to(spec: str) -> str | None:

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from tracer.model.frames import Frame
+from tracer.attribution import HEAP_MAKERS, made_by
 from tracer.model.memory import Reconciliation, Share
 from tracer.model.sites import Site
 
-# glibc functions that map a new arena heap (symbol names from libc's .symtab)
-HEAP_MAKERS = frozenset({"new_heap", "alloc_new_heap", "_int_new_arena", "arena_get2"})
-# glibc functions that map a new thread's stack: its RSS is counted as "thread stacks"
-STACK_MAKERS = frozenset({"pthread_create", "allocate_stack"})
 MALLOC_HEAPS = ("heap", "arena")  # backings where malloc's small blocks live
 
 
@@ -30,8 +26,7 @@ def reconcile(rss_by_backing: Mapping[str, int], sites: Sequence[Site], traced: 
     rss = sum(rss_by_backing.values())
     user = [s for s in sites if not s.allocator_internal]
     malloc = sum(s.bytes for s in user if s.kind == "malloc")
-    mapped = sum(s.bytes for s in user if s.kind != "malloc"
-                 and not any(_named(f, STACK_MAKERS) for f in s.frames))
+    mapped = sum(s.bytes for s in user if s.kind != "malloc")
     heaps = sum(rss_by_backing.get(b, 0) for b in MALLOC_HEAPS)
     anon = rss_by_backing.get("anonymous", 0)
     shares = [Share("file mappings (code, libraries, mapped files)",
@@ -67,10 +62,6 @@ def traced_heap_bytes(sites: Sequence[Site]) -> int | None:
     """Bytes the allocator mapped for arena heaps while traced (None: no such stack
     could be named, so tracing cannot confirm the arenas)."""
     found = [s for s in sites if s.allocator_internal and s.kind == "mmap"
-             and any(_named(f, HEAP_MAKERS) for f in s.frames)]
+             and made_by(s.frames, HEAP_MAKERS)]
     return sum(s.bytes for s in found) if found else None
 
-
-def _named(frame: Frame, names: frozenset[str]) -> bool:
-    """The frame is one of `names` (symbol versions such as @GLIBC_2.2.5 ignored)."""
-    return frame.symbol is not None and frame.symbol.split("@", 1)[0] in names

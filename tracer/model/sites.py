@@ -16,10 +16,13 @@ class Site:
     `frames` run from the allocator's caller outwards; `charge_index` is the frame the
     bytes are charged to (first frame outside the allocator and its wrappers, or as
     --charge-to says). A site whose stack could not be captured has no frames and
-    says why in `lost_stack` (e.g. "EEXIST"): its bytes still count in every total.
+    says why in `lost_stack` (e.g. "ENOSPC"): its bytes still count in every total.
+    `allocator_internal` marks the runtime's own memory, left out of the program's
+    totals: malloc's arenas and heap growth (their blocks are counted as malloc
+    sites) and thread stacks (kind "stack").
     """
 
-    kind: str  # "malloc", "mmap" or "brk"
+    kind: str  # "malloc", "mmap", "brk" or "stack"
     frames: list[Frame]
     bytes: int
     blocks: int

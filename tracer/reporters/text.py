@@ -52,12 +52,12 @@ def render(snap: Snapshot, top: int = 10) -> str:
     internal = [s for s in snap.sites if s.allocator_internal]
     if internal:
         lines.append("")
-        lines.append("Held by the allocator for itself (arenas, heap; already counted "
-                     "as blocks above):")
-        for kind in ("mmap", "brk"):
+        lines.append("Held by the runtime for itself (malloc arenas and heap, already "
+                     "counted as blocks above; thread stacks):")
+        for kind, what in (("mmap", "arenas"), ("brk", "heap"), ("stack", "thread stacks")):
             held = [s for s in internal if s.kind == kind]
             if held:
-                lines.append(f"  {kind:5} {size(sum(s.bytes for s in held)):>12} in "
+                lines.append(f"  {what:13} {size(sum(s.bytes for s in held)):>12} in "
                              f"{sum(s.blocks for s in held)} ranges")
     if snap.handles:
         lines += [""] + _handles(snap.handles, top)
