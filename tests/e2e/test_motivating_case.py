@@ -1,0 +1,97 @@
+"""The motivating case end to end: Node.js + pg-native on a real PostgreSQL, a leaking
+N-API addon (vault.node) and a contended mutex — attached with -p and launched.
+
+Ground truth: the app counts what vault_stash_blocks() leaks; glibc's mtrace measures
+what one vault_keep_results() call leaves in libpq (tests/e2e/scenario.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import scenario
+from conftest import Env
+
+pytestmark = pytest.mark.bpf
+
+NATRACE = str(Path(sys.executable).with_name("natrace"))
+SECONDS = 6
+
+
+def module_bytes(report: dict[str, Any], name: str) -> int:
+    return next((m["bytes"] for m in report["modules"] if m["module"] == name), 0)
+
+
+def check(report: dict[str, Any], truth: scenario.Truth) -> None:
+    # the addon's leak, charged to addon:vault and its function
+    stash = [s for s in report["sites"] if s["function"] == "vault_stash_blocks"]
+    assert len(stash) == 1
+    assert stash[0]["module_class"] == "addon:vault"
+    assert abs(stash[0]["bytes"] - truth.addon_bytes) <= 0.05 * truth.addon_bytes
+    assert abs(stash[0]["blocks"] - truth.addon_blocks) <= 0.05 * truth.addon_blocks
+    # the kept PGresults, charged to libpq, through PQexec/PQgetResult
+    assert truth.libpq_bytes > 0
+    libpq = module_bytes(report, "libpq")
+    assert abs(libpq - truth.libpq_bytes) <= 0.05 * truth.libpq_bytes, (libpq, truth)
+    libpq_sites = [s for s in report["sites"] if s["module_class"] == "libpq"]
+    paths = [" ".join(f["label"] for f in s["stack"]) for s in libpq_sites]
+    assert any(("PQgetResult" in p or "PQexec" in p) and "vault_keep_results" in p
+               for p in paths), paths
+    # the addon's mutex is flagged, its locking function named
+    contended = [lk for lk in report["locks"]["locks"] if lk["contended"]]
+    waiters = {w["function"] for lk in contended for w in lk["waiters"]}
+    assert "vault_locked_work" in waiters, [lk["waiters"] for lk in report["locks"]["locks"]]
+    # nothing silently lost
+    assert not any(report["loss"].values()), report["loss"]
+    # process memory figures consistent with the process
+    mem = report["memory"]
+    assert mem["regions"]["count"] > 0 and mem["regions"]["writable"] > 0
+    assert mem["timeline"] and mem["timeline"][-1]["rss"] > 0
+    assert mem["arenas"]["arenas"] >= 1
+
+
+def test_launched_with_run(e2e: Env, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [NATRACE, "run", "--json", "-o", str(out), "--",
+         *scenario.app_command(e2e.conninfo, SECONDS)],
+        env={**os.environ, "VAULT_ADDON": str(e2e.addon)}, capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    done = next(ln for ln in proc.stdout.splitlines() if ln.startswith("done "))
+    check(json.loads(out.read_text()), scenario.truth_from(done, e2e.libpq_per_call))
+
+
+def test_attached_with_snapshot(e2e: Env, tmp_path: Path) -> None:
+    app = subprocess.Popen(scenario.app_command(e2e.conninfo, SECONDS, wait=True),
+                           env={**os.environ, "VAULT_ADDON": str(e2e.addon)},
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert app.stdin is not None and app.stdout is not None
+    out = tmp_path / "report.json"
+    try:
+        assert app.stdout.readline().startswith("ready")
+        tracer = subprocess.Popen([NATRACE, "snapshot", "-p", str(app.pid), "--duration",
+                                   "10m", "--json", "-o", str(out)],
+                                  stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None
+        line = tracer.stderr.readline()
+        assert "attached to PID" in line, line + tracer.stderr.read()
+        app.stdin.write("go\n")
+        app.stdin.flush()
+        done = app.stdout.readline()
+        assert done.startswith("done "), done
+        tracer.send_signal(signal.SIGINT)
+        _, err = tracer.communicate(timeout=120)
+        assert tracer.returncode == 0, err
+        check(json.loads(out.read_text()), scenario.truth_from(done, e2e.libpq_per_call))
+        assert app.poll() is None  # still running after natrace detached
+    finally:
+        app.kill()
+        app.wait()
