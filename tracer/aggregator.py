@@ -11,6 +11,7 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import TypeVar
 
 from tracer.attribution import THREAD_STACK_MAKERS, charge_frame, made_by, made_by_allocator
+from tracer.callee import CalleeResolver
 from tracer.mappings import Owner
 from tracer.model.sites import Site
 from tracer.probes.alloc import RawSite, stack_error_name
@@ -45,6 +46,7 @@ class Aggregator:
     def __init__(self, symbolizer: Symbolizer, charge_to: str = "first") -> None:
         self.symbolizer = symbolizer
         self.charge_to = charge_to
+        self.callees = CalleeResolver(symbolizer)
 
     def sites(self, raw: Iterable[RawSite], stack_of: Callable[[int], tuple[int, ...]],
               mappings: Iterable[tuple[Owner, int, int]] = ()) -> list[Site]:
@@ -63,7 +65,26 @@ class Aggregator:
             sites.append(self._site(owner.kind, owner.stack, size, ranges,
                                     owner.allocator_internal))
         grouped = group_by(sites, lambda s: s.key, lambda s: s.bytes, _merge_site)
+        for site in grouped:
+            site.via = self._via(site)
         return sorted(grouped, key=lambda s: (-s.bytes, -s.blocks, s.label()))
+
+    def _via(self, site: Site) -> str | None:
+        """The API of the charged module that the code outside it called (PQexec for
+        a PGresult): named from the caller's own call instruction where it can be,
+        since libraries tail-call static helpers that leave no named frame."""
+        frames, i = site.frames, site.charge_index
+        if not frames or frames[i].module_class in ("libc", "unknown"):
+            return None
+        j = i
+        while j + 1 < len(frames) and frames[j + 1].module_class == frames[i].module_class:
+            j += 1
+        if j + 1 >= len(frames) or frames[j + 1].module_class == "libc":
+            return None  # nothing outside called in: the module's own main, or a thread
+        name = self.callees.callee(frames[j + 1].address) or (frames[j].symbol if j > i
+                                                                else None)
+        name = name.split("@", 1)[0] if name else None
+        return name if name and name != frames[i].symbol else None
 
     def _site(self, kind: str, stack: tuple[int, ...], size: int, blocks: int,
               internal: bool) -> Site:

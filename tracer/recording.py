@@ -23,12 +23,13 @@ Schema, version 1 (`meta.schema_version`; a reader refuses a newer version):
             command, sample_bytes (0 = exact), min_age, target_exited, exit_code NULL,
             total_bytes, total_blocks)
       one row per interval; ids grow with time.
-  sites(snapshot_id, seq, kind ('malloc'|'mmap'|'brk'), stack_id NULL, charge_index,
-        bytes, blocks, allocs, alloc_bytes, allocator_internal, lost_stack NULL,
-        PRIMARY KEY(snapshot_id, seq))
+  sites(snapshot_id, seq, kind ('malloc'|'mmap'|'brk'|'stack'), stack_id NULL,
+        charge_index, bytes, blocks, allocs, alloc_bytes, allocator_internal,
+        lost_stack NULL, via NULL, PRIMARY KEY(snapshot_id, seq))
       memory held per call site at that snapshot (bytes/blocks outstanding, allocs and
       alloc_bytes made); stack_id is NULL when the stack was not captured (lost_stack
-      says why). total_* in snapshots leave allocator_internal sites out, as reports do.
+      says why); via names the API of the charged module its caller called (PQexec).
+      total_* in snapshots leave allocator_internal sites out, as reports do.
   counters(snapshot_id, grp ('loss'|'calls'), name, value, PRIMARY KEY(...))
       lost and untracked counts, probe call counts.
   sections(snapshot_id, name, data, PRIMARY KEY(snapshot_id, name))
@@ -88,7 +89,7 @@ CREATE TABLE sites(snapshot_id INTEGER NOT NULL REFERENCES snapshots, seq INTEGE
                    charge_index INTEGER NOT NULL, bytes INTEGER NOT NULL,
                    blocks INTEGER NOT NULL, allocs INTEGER NOT NULL,
                    alloc_bytes INTEGER NOT NULL, allocator_internal INTEGER NOT NULL,
-                   lost_stack TEXT, PRIMARY KEY(snapshot_id, seq)) WITHOUT ROWID;
+                   lost_stack TEXT, via TEXT, PRIMARY KEY(snapshot_id, seq)) WITHOUT ROWID;
 CREATE TABLE counters(snapshot_id INTEGER NOT NULL REFERENCES snapshots, grp TEXT NOT NULL,
                       name TEXT NOT NULL, value INTEGER NOT NULL,
                       PRIMARY KEY(snapshot_id, grp, name)) WITHOUT ROWID;
@@ -135,10 +136,11 @@ class RecordingWriter:
             sid = cur.lastrowid
             assert sid is not None
             db.executemany(
-                "INSERT INTO sites VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO sites VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(sid, seq, s.kind, self._stack(s.frames) if s.frames else None,
                   s.charge_index, s.bytes, s.blocks, s.allocs, s.alloc_bytes,
-                  int(s.allocator_internal), s.lost_stack) for seq, s in enumerate(snap.sites)])
+                  int(s.allocator_internal), s.lost_stack, s.via)
+                 for seq, s in enumerate(snap.sites)])
             db.executemany("INSERT INTO counters VALUES (?,?,?,?)",
                            [(sid, grp, name, int(value))
                             for grp, values in (("loss", snap.loss), ("calls", snap.calls))
@@ -293,13 +295,14 @@ class Recording:
         stacks = self._stacks(sid)
         sites = []
         for (kind, stack_id, charge, nbytes, blocks, allocs, alloc_bytes, internal,
-             lost) in db.execute("SELECT kind, stack_id, charge_index, bytes, blocks, allocs,"
-                                 " alloc_bytes, allocator_internal, lost_stack FROM sites"
-                                 " WHERE snapshot_id=? ORDER BY seq", (sid,)):
+             lost, via) in db.execute("SELECT kind, stack_id, charge_index, bytes, blocks,"
+                                      " allocs, alloc_bytes, allocator_internal, lost_stack,"
+                                      " via FROM sites WHERE snapshot_id=? ORDER BY seq",
+                                      (sid,)):
             frames = stacks[stack_id] if stack_id is not None else []
             sites.append(Site(_str(kind), list(frames), _int(nbytes), _int(blocks), _int(allocs),
                               _int(alloc_bytes), _int(charge), bool(_int(internal)),
-                              _opt(_str, lost)))
+                              _opt(_str, lost), via=_opt(_str, via)))
         counters: dict[str, dict[str, int]] = {"loss": {}, "calls": {}}
         for grp, name, value in db.execute("SELECT grp, name, value FROM counters"
                                            " WHERE snapshot_id=?", (sid,)):

@@ -20,6 +20,17 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** _POWERS[m.group(2).lower()])
 
 
+def format_size(n: float) -> str:
+    """Bytes as a person reads them: exact below 10 KiB, then KiB/MiB/GiB."""
+    if abs(n) < 10 * 1024:
+        return f"{int(n):,} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
 def parse_duration(text: str) -> float:
     """Seconds from `10`, `10s`, `500ms`, `2m`, `1h`."""
     m = _DURATION.match(text)

@@ -26,7 +26,7 @@ from tracer.reporters import json as json_report
 from tracer.reporters import text as text_report
 from tracer.session import Session, SessionOptions
 from tracer.target import Target
-from tracer.units import Duration, parse_duration, parse_size
+from tracer.units import Duration, format_size, parse_duration, parse_size
 
 
 @dataclass(frozen=True)
@@ -41,14 +41,14 @@ class Limits:
         if last is None:
             return None
         if self.rss is not None and last.rss > self.rss:
-            return (f"RSS {text_report.size(last.rss)} over the limit "
-                    f"{text_report.size(self.rss)}")
+            return (f"RSS {format_size(last.rss)} over the limit "
+                    f"{format_size(self.rss)}")
         if self.growth is not None:
             nbytes, seconds = self.growth
             grown = timeline.growth(seconds)
             if grown is not None and grown > nbytes:
-                return (f"RSS grew {text_report.size(grown)} in {seconds:g} s, over the limit "
-                        f"{text_report.size(nbytes)}/{seconds:g} s")
+                return (f"RSS grew {format_size(grown)} in {seconds:g} s, over the limit "
+                        f"{format_size(nbytes)}/{seconds:g} s")
         return None
 
 
@@ -175,9 +175,9 @@ def _watch(session: Session, limits: Limits, interval: float) -> str | None:
 def _describe(limits: Limits) -> str:
     parts = []
     if limits.rss is not None:
-        parts.append(f"RSS limit {text_report.size(limits.rss)}")
+        parts.append(f"RSS limit {format_size(limits.rss)}")
     if limits.growth is not None:
-        parts.append(f"growth limit {text_report.size(limits.growth[0])}/"
+        parts.append(f"growth limit {format_size(limits.growth[0])}/"
                      f"{limits.growth[1]:g} s")
     return ", ".join(parts)
 

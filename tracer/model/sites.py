@@ -32,6 +32,7 @@ class Site:
     allocator_internal: bool = False
     lost_stack: str | None = None
     stack_ids: list[int] = field(default_factory=list)
+    via: str | None = None  # the charged module's API its caller called (PQexec)
 
     @property
     def frame(self) -> Frame | None:

@@ -58,6 +58,7 @@ def _site(site: Site) -> dict[str, Any]:
         "module_class": site.module_class,
         "lost_stack": site.lost_stack,
         "charge_index": site.charge_index,
+        "via": site.via,
         "stack": [_frame(f) for f in site.frames],
     }
 

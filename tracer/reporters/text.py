@@ -4,28 +4,22 @@ from __future__ import annotations
 
 import time
 
+from tracer.findings import findings
 from tracer.model.handles import HandleSite, HandleType
 from tracer.model.memory import ArenaSummary, MemoryReport, Reconciliation, RegionSummary
 from tracer.model.sites import Site
 from tracer.model.snapshot import LOSS_DESCRIPTIONS, Snapshot
 from tracer.reporters import triage as triage_report
+from tracer.units import format_size as size
 
 STACK_FRAMES_SHOWN = 4
 
 
-def size(n: float) -> str:
-    """Bytes as a person reads them: exact below 10 KiB, then KiB/MiB/GiB."""
-    if abs(n) < 10 * 1024:
-        return f"{int(n):,} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
 def render(snap: Snapshot, top: int = 10) -> str:
     lines = [_headline(snap)]
+    found = findings(snap)
+    if found:
+        lines += ["", "Findings:"] + [f"  * {f}" for f in found] + [""]
     if not snap.allocs:  # triage mode: no malloc probes, the triage sections lead
         lines += triage_report.text_lines(snap, top)[1:]
         if snap.handles:

@@ -44,7 +44,7 @@ function serve(done) {
     truth.ticks += 1;
     if (truth.ticks % KEEP_EVERY_TICKS === 0) {
       truth.kept_results += vault.keepResults(conninfo, QUERIES, KEEP_EVERY);
-      vault.contend(4, 20000);
+      vault.contend(4, 40000);
     }
     if (Date.now() < end) {
       setTimeout(tick, 20);
