@@ -95,20 +95,19 @@ def test_thousand_writable_mappings_counted_exactly() -> None:
     assert after.headroom == after.max_map_count - after.regions
 
 
-def test_smaps_of_sixty_thousand_regions_read_quickly() -> None:
+def test_smaps_of_sixty_thousand_regions() -> None:
+    """Counts stay exact on a process near vm.max_map_count's default (speed is a
+    benchmark's business, not a test's: machines are shared and noisy)."""
     with started(str(build().mappings), "30000") as proc:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write("x")
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "mapped"
-        began = time.monotonic()
         found = regions.read_smaps(proc.pid)
         summary = regions.summarize(found)
         regions.find_arenas(proc.pid, found)
-        elapsed = time.monotonic() - began
     assert summary.regions > 60_000
     assert summary.writable >= 30_000
-    assert elapsed < 5.0, elapsed  # ~0.5 s on the project's 2-vCPU VM
 
 
 def test_parse_smaps_backings() -> None:
