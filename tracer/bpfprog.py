@@ -11,6 +11,9 @@ import functools
 import io
 import os
 import re
+import sys
+import tempfile
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
@@ -77,9 +80,8 @@ def compile_program(name: str, defines: dict[str, int | str]) -> Any:
     defines = {"NCPUS": _possible_cpus(), **defines}
     cflags += [f"-D{key}={value}" for key, value in defines.items()]
     text = _paste_bpf_headers((src / name).read_text(), src)
-    captured = io.StringIO()
     try:
-        with contextlib.redirect_stderr(captured):
+        with captured_stderr() as captured:
             return bcc.BPF(text=text, cflags=cflags)
     except Exception as err:  # bcc raises bare Exception on compile/load failure
         detail = _first_error_line(captured.getvalue()) or str(err).splitlines()[0]
@@ -93,6 +95,26 @@ def _paste_bpf_headers(text: str, src: Path) -> str:
     """Replace `#include "x.bpf.h"` by the file's text: bcc rewrites map calls and
     builds tracepoint argument structs only in the main source, never in headers."""
     return _BPF_HEADER_INCLUDE.sub(lambda m: (src / m.group(1)).read_text(), text)
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[io.StringIO]:
+    """Capture file descriptor 2 for a while: bcc's C++ side (clang, the verifier log,
+    'cannot attach uprobe') writes there directly, and natrace's failures must stay
+    one line. The text is in the yielded buffer once the block ends."""
+    buf = io.StringIO()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield buf
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            buf.write(tmp.read().decode(errors="replace"))
 
 
 def _possible_cpus() -> int:

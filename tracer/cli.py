@@ -1,7 +1,8 @@
 """The `natrace` command: a click group over one module per verb in tracer.commands.
 
-Expected failures (NatraceError) become one line on stderr and their exit code;
-a traceback is shown only with --debug.
+Every failure ends as one line on stderr and an exit code (see README.md): usage
+errors 2, NatraceErrors their own code, anything unexpected 1 with a hint to rerun
+with --debug, which shows the traceback.
 """
 
 from __future__ import annotations
@@ -15,34 +16,44 @@ from tracer.commands import COMMANDS
 from tracer.errors import NatraceError
 
 
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context) -> object:
-        try:
-            return super().invoke(ctx)
-        except NatraceError as err:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            click.echo(f"natrace: {err}", err=True)
-            ctx.exit(err.exit_code)
-        except KeyboardInterrupt:
-            ctx.exit(130)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="natrace")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for failures.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(debug: bool) -> None:
     """Trace native memory allocations of a live Linux process with eBPF."""
-    ctx.obj = {"debug": debug}
 
 
 for _command in COMMANDS:
     cli.add_command(_command)
 
 
+def _fail(message: str, code: int) -> None:
+    click.echo(f"natrace: {message}", err=True)
+    sys.exit(code)
+
+
 def main() -> None:
+    args = sys.argv[1:]
+    debug = "--debug" in args[: next((i for i, a in enumerate(args)
+                                      if not a.startswith("-")), len(args))]
     try:
-        cli(prog_name="natrace")
+        code = cli.main(args=args, prog_name="natrace", standalone_mode=False)
+    except click.UsageError as err:
+        where = err.ctx.command_path if err.ctx else "natrace"
+        _fail(f"{err.format_message()} (see '{where} --help')", err.exit_code)
+    except click.ClickException as err:
+        _fail(err.format_message(), err.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except NatraceError as err:
+        if debug:
+            raise
+        _fail(str(err), err.exit_code)
     except BrokenPipeError:
         sys.exit(1)
+    except Exception as err:  # a bug: say so in one line; --debug shows where
+        if debug:
+            raise
+        _fail(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the "
+              "traceback, and please report it)", 1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from tracer import bpfprog
 from tracer.aggregator import Aggregator
 from tracer.handles import handle_types
 from tracer.mappings import Owner
@@ -60,13 +61,15 @@ class Session:
         self.memory = MemoryWatch(target.pid, options.memory_interval)
 
     def start(self) -> None:
-        """Probes in place, then (for a launched command) let it run."""
-        if self.options.allocs:
-            self.probes.attach(self.target)
-        if self.triage is not None:
-            self.triage.attach(self.target, stop_at_exit=not self.options.allocs)
-        self.handles.attach(self.target, stop_at_exit=not self.options.allocs and
-                            self.triage is None)
+        """Probes in place, then (for a launched command) let it run. bcc's own
+        complaints are kept off the terminal: each failure becomes one NatraceError."""
+        with bpfprog.captured_stderr():
+            if self.options.allocs:
+                self.probes.attach(self.target)
+            if self.triage is not None:
+                self.triage.attach(self.target, stop_at_exit=not self.options.allocs)
+            self.handles.attach(self.target, stop_at_exit=not self.options.allocs and
+                                self.triage is None)
         self.started = time.monotonic()
         if not self.target.launched:
             self.maps = MapsHistory(self.target.pid)
