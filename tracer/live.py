@@ -44,7 +44,6 @@ class LiveState:
     events_per_s: float
     lost: int  # events and allocations not recorded, since the start
     ended: bool  # the target exited; the figures are final
-    mode: str  # full, sampled, or triage (no allocation probes)
 
     def fit(self, key: SiteKey) -> Fit:
         return self.fits.get(key) or Fit(0.0, 0.0, 0, 0.0, 0.0)
@@ -79,7 +78,6 @@ class LiveSampler:
             events_per_s=max(rate, 0.0),
             lost=lost,
             ended=snap.target_exited,
-            mode=snap.mode if self.session.options.allocs else "triage",
         )
 
     def _process(self, snap: Snapshot) -> ProcessStats:

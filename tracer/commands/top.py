@@ -16,8 +16,10 @@ from tracer import target as targets
 from tracer.commands import common
 from tracer.errors import NatraceError, UsageError
 from tracer.live import LiveDriver, LiveState
+from tracer.reporters import flamegraph_html
 from tracer.reporters import json as json_report
 from tracer.reporters import text as text_report
+from tracer.reporters.stacks import ExportOptions
 from tracer.session import Session
 from tracer.tui.app import Writer, report_name, run_tui
 from tracer.tui.batch import run_batch
@@ -42,7 +44,8 @@ def command(pid: int | None, interval: float, iterations: int | None, view: str,
 
     Give -p PID to attach, or -- CMD ARGS to launch. Leak suspects (LEAK) are sites
     whose unfreed bytes keep growing, not the largest. Keys: v/1-5 view, s sort,
-    p pause, / filter, Enter stack, w write the report (-o FILE, --json), q quit.
+    p pause, / filter, Enter stack, w write the report (-o FILE, --json),
+    f write an HTML flamegraph, q quit.
     Quitting detaches every probe and leaves the process running.
     """
     args = common.TraceArgs.from_options(opts)
@@ -64,12 +67,17 @@ def command(pid: int | None, interval: float, iterations: int | None, view: str,
 
 
 def _writer(args: common.TraceArgs) -> Writer:
-    """The `w` key: the current state as the run/snapshot report, to -o FILE or a
-    timestamped file in the current directory."""
-    def write(state: LiveState) -> str:
+    """The `w` key: the current state as the run/snapshot report (-o FILE, else a
+    timestamped file in the current directory); `f`: an HTML flamegraph of unfreed bytes."""
+    def write(state: LiveState, what: str) -> str:
         snap = state.snapshot
-        path = args.output or report_name(snap.pid, "json" if args.as_json else "txt")
-        text = json_report.render(snap) if args.as_json else text_report.render(snap, args.top)
+        if what == "flamegraph":
+            path = report_name(snap.pid, "html")
+            text = flamegraph_html.render(snap, ExportOptions(title=f"natrace top {snap.pid}"))
+        else:
+            path = args.output or report_name(snap.pid, "json" if args.as_json else "txt")
+            text = (json_report.render(snap) if args.as_json
+                    else text_report.render(snap, args.top))
         try:
             common.write_private(path, text)
         except NatraceError as err:

@@ -28,11 +28,10 @@ from tracer.tui.views import (
     filtered_rows,
     header_lines,
     sorted_rows,
-    stack_lines,
-)
+   )
 
-# Writes the current state somewhere; returns what to tell the user (e.g. the path).
-Writer = Callable[[LiveState], str]
+# Writes the current state as "report" or "flamegraph"; returns what to tell the user.
+Writer = Callable[[LiveState, str], str]
 
 
 class StateReady(Message):
@@ -88,6 +87,7 @@ class TopApp(App[None]):
     DataTable { height: 1fr; }
     #stack, #filter { width: 90%; height: auto; max-height: 90%; border: solid $accent;
                       background: $surface; padding: 0 1; }
+    #stack VerticalScroll { height: auto; max-height: 18; }
     StackScreen, FilterScreen { align: center middle; }
     """
     BINDINGS = [
@@ -100,7 +100,8 @@ class TopApp(App[None]):
         Binding("p,space", "pause", "Pause"),
         Binding("slash", "filter", "Filter"),
         Binding("enter", "stack", "Stack"),
-        Binding("w", "write", "Write"),
+        Binding("w", "write('report')", "Report"),
+        Binding("f", "write('flamegraph')", "Flame"),
     ]
 
     def __init__(self, driver: LiveDriver | None, writer: Writer, view: str = "sites") -> None:
@@ -180,12 +181,11 @@ class TopApp(App[None]):
         if selected is not None and any(r.key == selected for r in rows):
             data.move_cursor(row=data.get_row_index(selected))
         message = self.query_one("#message", Static)
-        if rows:
-            message.display = False
-        else:
+        message.display = not rows
+        data.display = bool(rows)
+        if not rows:
             message.update(table.empty if not table.rows else
                            f"no rows match the filter {self.filter_text!r}")
-            message.display = True
         self._status(table, len(rows))
 
     @staticmethod
@@ -252,16 +252,17 @@ class TopApp(App[None]):
         row = self.selected_row()
         if row is None:
             return
-        if row.site is not None:
-            self.push_screen(StackScreen(row.site.label(), stack_lines(row.site)))
+        if row.stack:
+            summary = "  ".join(c.strip() for c in row.cells if c.strip())
+            self.push_screen(StackScreen(summary, row.stack))
         elif self.view == "modules":  # a module row narrows the call sites to it
             self.filter_text = f"module:{row.module}"
             self.action_view("sites")
 
-    def action_write(self) -> None:
+    def action_write(self, what: str) -> None:
         if self.state is None:
             return
-        self.notify(self.writer(self.state), timeout=6)
+        self.notify(self.writer(self.state, what), timeout=6)
 
     async def action_quit(self) -> None:
         if self.driver is not None:

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tracer.live import LiveState
-from tracer.model.sites import Site
+from tracer.model.callsite import CallSite
+from tracer.model.frames import Frame
 from tracer.reporters.text import size
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -31,7 +32,7 @@ class Row:
     cells: tuple[str, ...]
     sort: tuple[float | str, ...]  # one value per column, what sorting compares
     module: str = ""
-    site: Site | None = None  # the call site behind the row, for its stack
+    stack: list[str] = field(default_factory=list)  # the row's full stack, when it has one
 
     def matches(self, text: str) -> bool:
         """`module:NAME` matches the module exactly; other text any cell, ignoring case."""
@@ -74,7 +75,8 @@ def sites_table(state: LiveState) -> Table:
         key = site.key
         fit = state.fit(key)
         suspect = key in rank
-        symbol = site.label() if site.kind == "malloc" else f"[{site.kind}] {site.label()}"
+        name = site.frame.symbol if site.frame and site.frame.symbol else site.label()
+        symbol = name if site.kind == "malloc" else f"[{site.kind}] {name}"
         rows.append(Row(
             key="\0".join(str(k) for k in key),
             cells=(SUSPECT if suspect else "", size(site.bytes), f"{site.blocks:,}",
@@ -82,7 +84,7 @@ def sites_table(state: LiveState) -> Table:
             sort=(rank.get(key, len(rank)), site.bytes, site.blocks, fit.per_minute,
                   site.module_class, symbol),
             module=site.module_class,
-            site=site,
+            stack=stack_lines(site.frames, site.charge_index, site.label()),
         ))
     rows.sort(key=lambda r: (r.sort[0], -float(r.sort[1])))
     return Table("Call sites", [Column("", 4), Column("UNFREED", 11, True),
@@ -130,18 +132,78 @@ def regions_table(state: LiveState) -> Table:
     return Table("Regions", columns, rows)
 
 
-def unavailable_table(title: str) -> Callable[[LiveState], Table]:
-    def build(_state: LiveState) -> Table:
-        return Table(title, [Column(title.upper(), 0)], empty=UNAVAILABLE)
-    return build
+def site_label(site: CallSite) -> str:
+    if not site.frames:
+        return f"[stack not captured: {site.lost_stack}]"
+    return site.frames[min(site.charge_index, len(site.frames) - 1)].label()
+
+
+def ms(ns: int) -> str:
+    return f"{ns / 1e6:,.1f}ms"
+
+
+def locks_table(state: LiveState) -> Table:
+    """Futex words, contended first (the triage verdict), by wait share."""
+    columns = [Column("", 4), Column("LOCK", 16), Column("WAITS", 8, True),
+               Column("SHARE", 6, True), Column("P99", 9, True), Column("ERRORS", 7, True),
+               Column("WAITED IN", 0)]
+    report = state.snapshot.locks
+    if report is None:
+        return Table("Locks", columns, empty=UNAVAILABLE)
+    rows = []
+    for lock in sorted(report.locks, key=lambda lk: (not lk.contended, -lk.share, -lk.waits)):
+        waiter = max(lock.waiters, key=lambda w: w.ns, default=None)
+        where = site_label(waiter.site) if waiter else "-"
+        errors = sum(lock.errors.values())
+        rows.append(Row(
+            key=f"{lock.uaddr:x}",
+            cells=("HOT" if lock.contended else "", f"{lock.uaddr:x} {lock.kind}",
+                   f"{lock.waits:,}", f"{lock.share:.0%}", ms(lock.p(0.99)),
+                   f"{errors:,}" if errors else "", where),
+            sort=(int(not lock.contended), lock.uaddr, lock.waits, lock.share, lock.p(0.99),
+                  errors, where),
+            stack=stack_lines(waiter.site.frames, waiter.site.charge_index, where)
+            if waiter else [],
+        ))
+    return Table("Locks (futex words)", columns, rows, empty="no futex waits seen")
+
+
+def syscalls_table(state: LiveState) -> Table:
+    """Memory syscalls like `strace -c`, each followed by its busiest call sites."""
+    columns = [Column("SYSCALL", 18), Column("CALLS", 9, True), Column("/S", 7, True),
+               Column("FAILED", 7, True), Column("BYTES", 11, True), Column("TIME", 10, True),
+               Column("ERRORS", 0)]
+    summary = state.snapshot.syscalls
+    if summary is None:
+        return Table("Memory syscalls", columns, empty=UNAVAILABLE)
+    rows = []
+    for call in sorted(summary.syscalls, key=lambda c: -c.calls):
+        errors = ", ".join(f"{k} {v:,}" for k, v in call.errors.items() if v)
+        rows.append(Row(key=call.name,
+                        cells=(call.name, f"{call.calls:,}", f"{summary.rate(call.calls):,.0f}",
+                               f"{call.failed:,}" if call.failed else "", size(call.bytes),
+                               ms(call.ns), errors),
+                        sort=(call.name, call.calls, summary.rate(call.calls), call.failed,
+                              call.bytes, call.ns, errors)))
+        for site in sorted(call.sites, key=lambda x: -x.calls)[:3]:
+            where = site_label(site.site)
+            rows.append(Row(key=f"{call.name}\0{where}",
+                            cells=(f" <- {where}", f"{site.calls:,}",
+                                   f"{summary.rate(site.calls):,.0f}",
+                                   f"{site.errors:,}" if site.errors else "", size(site.bytes),
+                                   ms(site.ns), ""),
+                            sort=(call.name, site.calls, summary.rate(site.calls), site.errors,
+                                  site.bytes, site.ns, ""),
+                            stack=stack_lines(site.site.frames, site.site.charge_index, where)))
+    return Table("Memory syscalls", columns, rows, empty="no memory syscalls seen")
 
 
 # name -> (key that shows it, builder); the order of the help bar
 VIEWS: dict[str, tuple[str, Callable[[LiveState], Table]]] = {
     "sites": ("1", sites_table),
     "modules": ("2", modules_table),
-    "locks": ("3", unavailable_table("Locks")),
-    "syscalls": ("4", unavailable_table("Memory syscalls")),
+    "locks": ("3", locks_table),
+    "syscalls": ("4", syscalls_table),
     "regions": ("5", regions_table),
 }
 
@@ -175,7 +237,7 @@ def header_lines(state: LiveState, paused: bool = False) -> list[str]:
              else "EXITED" if state.ended else "", "PAUSED" if paused else ""]
     up = f" up {duration(proc.uptime)}" if proc.uptime is not None else ""
     first = " ".join(w for w in (f"PID {snap.pid}{up} traced {duration(snap.duration)} "
-                                 f"mode {state.mode}", *flags, f"cmd {snap.command}") if w)
+                                 f"mode {snap.mode}", *flags, f"cmd {snap.command}") if w)
     rss = size(proc.rss[-1]) if proc.rss else "-"
     growth = f" {rate(proc.rss_fit.per_minute)}/min" if proc.rss_fit else ""
     second = f"RSS {rss} {sparkline(proc.rss, 16)}{growth}"
@@ -190,13 +252,13 @@ def header_lines(state: LiveState, paused: bool = False) -> list[str]:
     return [first, second, third, fourth]
 
 
-def stack_lines(site: Site) -> list[str]:
-    """Every frame of the site's heaviest stack, the charged one marked with `=>`."""
-    if not site.frames:
-        return [site.label()]
+def stack_lines(frames: list[Frame], charge_index: int, label: str) -> list[str]:
+    """Every frame, innermost first, the one the figures are charged to marked `=>`."""
+    if not frames:
+        return [label]
     out = []
-    for i, frame in enumerate(site.frames):
-        mark = "=>" if i == site.charge_index else "  "
+    for i, frame in enumerate(frames):
+        mark = "=>" if i == charge_index else "  "
         out.append(f"{mark} #{i:<2} {frame.label()}  [{frame.module_name}]")
     return out
 
