@@ -13,15 +13,30 @@
 #ifndef NATRACE_TARGET_BPF_H
 #define NATRACE_TARGET_BPF_H
 
+/* exec()s of the target since natrace attached (a launched target's first is the
+ * gate's): past that, the program is no longer the one natrace was asked to trace. */
 #ifdef WAIT_EXEC
+#define EXPECTED_EXECS 1
+#else
+#define EXPECTED_EXECS 0
+#endif
+BPF_ARRAY(execs, u64, 1);
+/* 1 while recording: set by Python at attach for a running target (tracer/probes/
+ * gate.py), by the gate's exec for a launched one; cleared by any later exec, so
+ * nothing of the next program mixes into the report of this one. */
 BPF_ARRAY(armed, u32, 1);
 
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     if ((bpf_get_current_pid_tgid() >> 32) != TARGET_TGID)
         return 0;
     int zero = 0;
-    u32 one = 1;
-    armed.update(&zero, &one);
+    u64 *n = execs.lookup(&zero);
+    if (!n)
+        return 0;
+    u64 seen = *n + 1;   /* one thread execs at a time: no atomic needed */
+    *n = seen;
+    u32 on = seen == EXPECTED_EXECS;
+    armed.update(&zero, &on);
     return 0;
 }
 
@@ -31,6 +46,7 @@ static __always_inline int is_armed(void) {
     return a && *a;
 }
 
+#ifdef WAIT_EXEC
 /* A launched target calling exit() stops itself, so natrace can read its maps
  * and final counters before the address space is gone; natrace then resumes it. */
 int exit_enter(struct pt_regs *ctx) {
@@ -38,8 +54,6 @@ int exit_enter(struct pt_regs *ctx) {
         bpf_send_signal(19 /* SIGSTOP */);
     return 0;
 }
-#else
-static __always_inline int is_armed(void) { return 1; }
 #endif
 
 /* The user stack pointer at the syscall or fault being traced. libc's syscall

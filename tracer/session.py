@@ -58,6 +58,8 @@ class Session:
         self.started = 0.0
         self.stop_requested: str | None = None
         self.exiting = False  # a launched target is held stopped inside exit()
+        self.execd = False  # the target exec'd another program: stop reading its maps
+        self.notes: list[str] = []  # what a report must say about the session itself
         self.memory = MemoryWatch(target.pid, options.memory_interval)
 
     def start(self) -> None:
@@ -97,7 +99,10 @@ class Session:
 
     def poll(self) -> bool:
         """One step of `run`'s loop, for callers that keep their own clock (live views):
-        drain the probes; False once the target has exited or stopped in exit()."""
+        drain the probes; False once the target has exited, stopped in exit() or
+        exec'd another program."""
+        if self._target_execd():
+            return False
         self._poll()
         return not self._target_stopped_at_exit() and self.target.alive()
 
@@ -121,6 +126,8 @@ class Session:
             self._refresh_maps()
 
     def _refresh_maps(self) -> None:
+        if self.execd:
+            return  # the new program's maps would shadow the old one's addresses
         if self.maps is None:
             try:
                 self.maps = MapsHistory(self.target.pid)
@@ -131,23 +138,31 @@ class Session:
 
     def _target_stopped_at_exit(self) -> bool:
         """A launched target stops itself in exit(): read its maps while they exist."""
-        if not self.target.launched:
+        if not self.target.stopped():
             return False
-        try:
-            pid, status = os.waitpid(self.target.pid, os.WNOHANG | os.WUNTRACED)
-        except ChildProcessError:
-            return False
-        if pid == 0:
-            return False
-        if os.WIFSTOPPED(status):
-            self.exiting = True
-            self._refresh_maps()
-            self.probes.poll()
-            return True
-        self.target.exit_code = os.waitstatus_to_exitcode(status)
-        if self.target.exit_code < 0:
-            self.target.exit_code = 128 - self.target.exit_code
-        return False
+        self.exiting = True
+        self._refresh_maps()
+        self.probes.poll()
+        return True
+
+    def _children_note(self) -> list[str]:
+        kids = self.target.children()
+        if not kids:
+            return []
+        shown = ", ".join(map(str, kids[:5])) + (", ..." if len(kids) > 5 else "")
+        return [f"{len(kids)} child process(es) of {self.target.pid} ({shown}) are not "
+                "traced: natrace follows one process"]
+
+    def _target_execd(self) -> bool:
+        """The target exec'd another program: what natrace holds is the old one's."""
+        expected = 1 if self.target.launched else 0  # a launched target's gate exec
+        execs = max(self.probes.execs(), self.triage.execs() if self.triage else 0)
+        if execs > expected and not self.execd:
+            self.execd = True
+            self.notes.append(f"process {self.target.pid} exec'd another program: this "
+                              "report covers the program it ran before; run natrace again "
+                              "to trace the new one")
+        return self.execd
 
     def snapshot(self) -> Snapshot:
         self._refresh_maps()
@@ -182,6 +197,7 @@ class Session:
                                       from_start=self.target.launched),
             **self._triage_report(symbolizer, duration),
             handles=handle_types(self.handles, symbolizer),
+            notes=self.notes + self._children_note(),
         )
 
     def _triage_report(self, symbolizer: Symbolizer, duration: float) -> dict[str, Any]:

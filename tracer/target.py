@@ -56,16 +56,38 @@ class Target:
             os.close(self._gate)
             self._gate = None
 
-    def _reap(self, options: int) -> None:
+    def stopped(self) -> bool:
+        """A launched child that has stopped (natrace's exit() probe stops it there);
+        reaps it, recording its exit code, if it has exited instead."""
+        return self.launched and self.exit_code is None and self._reap(
+            os.WNOHANG | os.WUNTRACED)
+
+    def _reap(self, options: int) -> bool:
+        """waitpid; True when the child reported a stop rather than an exit."""
         try:
             pid, status = os.waitpid(self.pid, options)
         except ChildProcessError:
             self.exit_code = self.exit_code if self.exit_code is not None else 0
-            return
-        if pid:
-            self.exit_code = os.waitstatus_to_exitcode(status)
-            if self.exit_code < 0:  # killed by a signal: the shell's convention
-                self.exit_code = 128 - self.exit_code
+            return False
+        if not pid:
+            return False
+        if os.WIFSTOPPED(status):
+            return True
+        self.exit_code = os.waitstatus_to_exitcode(status)
+        if self.exit_code < 0:  # killed by a signal: the shell's convention
+            self.exit_code = 128 - self.exit_code
+        return False
+
+    def children(self) -> list[int]:
+        """PIDs of the target's children now (natrace does not follow forks)."""
+        found: list[int] = []
+        try:
+            for tid in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{tid}/children") as fh:
+                    found += [int(p) for p in fh.read().split()]
+        except (OSError, ValueError):
+            pass
+        return found
 
     def wait(self) -> int | None:
         """Wait for a launched child and return its exit code (None if attached)."""

@@ -47,6 +47,7 @@ class Snapshot:
     faults: FaultSummary | None = None  # user page faults per call site
     triage_loss: dict[str, int] = field(default_factory=dict)  # what the triage probes lost
     handles: list[HandleType] = field(default_factory=list)  # create/destroy pairs traced
+    notes: list[str] = field(default_factory=list)  # about the session: exec, children
 
     @property
     def mode(self) -> str:

@@ -18,6 +18,7 @@ from tracer.allocators import EntryPoint, find_entry_points
 from tracer.errors import KernelFeatureError, TargetError
 from tracer.mappings import MappingTracker, Owner
 from tracer.placement import entry_offset
+from tracer.probes import gate
 from tracer.probes.stacks import StackReader
 from tracer.target import Target
 from tracer.unwind import splice_caller
@@ -94,6 +95,7 @@ class AllocProbes:
         if target.launched:
             defines["WAIT_EXEC"] = 1
         self._bpf = bpfprog.compile_program("alloc.bpf.c", defines)
+        gate.arm(self._bpf, target)
         self._stacks = StackReader(self._bpf)
         try:
             for ep in entry_points:
@@ -200,6 +202,9 @@ class AllocProbes:
 
         return ({name: total(m) for name, m in _COUNTERS.items()},
                 {name: total(m) for name, m in _CALL_COUNTERS.items()})
+
+    def execs(self) -> int:
+        return gate.execs(self._bpf)
 
     def detach(self) -> None:
         if self._bpf is not None:

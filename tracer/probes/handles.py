@@ -21,6 +21,7 @@ from typing import Any
 from tracer import bpfprog
 from tracer.errors import KernelFeatureError, TargetError, UsageError
 from tracer.growth import Series
+from tracer.probes import gate
 from tracer.probes.stacks import StackReader
 from tracer.target import Target
 
@@ -189,6 +190,7 @@ class HandleProbes:
         if target.launched:
             defines["WAIT_EXEC"] = 1
         self._bpf = bpfprog.compile_program("handles.bpf.c", defines)
+        gate.arm(self._bpf, target)
         self._stacks = StackReader(self._bpf)
         conf = self._bpf["conf"]
         try:

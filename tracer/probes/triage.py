@@ -14,6 +14,7 @@ from typing import Any
 
 from tracer import bpfprog, doctor
 from tracer.errors import KernelFeatureError, TargetError
+from tracer.probes import gate
 from tracer.probes.stacks import StackReader
 from tracer.target import Target
 
@@ -92,6 +93,7 @@ class TriageProbes:
         if target.launched:
             defines["WAIT_EXEC"] = 1
         self._bpf = bpfprog.compile_program("triage.bpf.c", defines)
+        gate.arm(self._bpf, target)
         self._stacks = StackReader(self._bpf)
         self.has_faults = "exceptions/page_fault_user" in present
         names = [p.format(d) for p in _ALWAYS for d in ("enter", "exit")]
@@ -169,6 +171,9 @@ class TriageProbes:
             return tuple(self._bpf["windows"][ctypes.c_int(stack_id)].words)
         except KeyError:
             return ()
+
+    def execs(self) -> int:
+        return gate.execs(self._bpf)
 
     def detach(self) -> None:
         if self._bpf is not None:

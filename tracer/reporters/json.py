@@ -30,6 +30,7 @@ def to_dict(snap: Snapshot) -> dict[str, Any]:
         "min_age": snap.min_age,
         "target_exited": snap.target_exited,
         "exit_code": snap.exit_code,
+        "notes": snap.notes,
         "totals": {"bytes": snap.total_bytes(), "blocks": snap.total_blocks(),
                    "sites": len(snap.user_sites())},
         "modules": [{"module": name, "bytes": b, "blocks": n, "sites": len(sites)}

@@ -16,7 +16,7 @@ STACK_FRAMES_SHOWN = 4
 
 
 def render(snap: Snapshot, top: int = 10) -> str:
-    lines = [_headline(snap)]
+    lines = [_headline(snap)] + [f"Note: {note}" for note in snap.notes]
     found = findings(snap)
     if found:
         lines += ["", "Findings:"] + [f"  * {f}" for f in found] + [""]
