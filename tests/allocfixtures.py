@@ -21,6 +21,9 @@ class Built:
     leaky: Path
     plugin: Path  # plugin.node, dlopen'ed by leaky --plugin
     leaky_cpp: Path
+    threads: Path  # 1,000 threads x 100 B from thread_body
+    execer: Path  # leaks in before_exec(), then execs or forks
+    busy: Path  # in malloc/free while natrace attaches, then after_busy(): 42 x 42 B
 
 
 def _run(*cmd: str | Path) -> None:
@@ -36,4 +39,8 @@ def build() -> Built:
     _run("gcc", *CFLAGS, "-pthread", "-o", b / "leaky", SRC / "leaky.c", f"-L{b}", "-lleak",
          f"-Wl,-rpath,{b}", "-ldl")
     _run("g++", *CFLAGS, "-o", b / "leaky_cpp", SRC / "leaky_cpp.cpp")
-    return Built(b / "leaky", b / "plugin.node", b / "leaky_cpp")
+    _run("gcc", *CFLAGS, "-pthread", "-o", b / "threads", SRC / "threads.c")
+    _run("gcc", *CFLAGS, "-o", b / "execer", SRC / "execer.c")
+    _run("gcc", *CFLAGS, "-o", b / "busy", SRC / "busy.c")
+    return Built(b / "leaky", b / "plugin.node", b / "leaky_cpp", b / "threads", b / "execer",
+                 b / "busy")

@@ -145,8 +145,11 @@ def launch(argv: Sequence[str]) -> Target:
     exe = resolve_command(argv[0])
     if exe is None:
         raise TargetError(f"command not found: {argv[0]}")
-    if not os.access(exe, os.X_OK):
+    if not os.path.isfile(exe) or not os.stat(exe).st_mode & 0o111:  # root passes access()
         raise TargetError(f"command is not executable: {exe}")
+    with open(exe, "rb") as fh:
+        if fh.read(4) not in (b"\x7fELF",) and not _interpreter_of_script(exe):
+            raise TargetError(f"cannot execute {exe}: not an ELF program or a #! script")
     read_end, write_end = os.pipe()
     args = [exe, *argv[1:]]
     pid = os.fork()

@@ -95,7 +95,6 @@ class AllocProbes:
         if target.launched:
             defines["WAIT_EXEC"] = 1
         self._bpf = bpfprog.compile_program("alloc.bpf.c", defines)
-        gate.arm(self._bpf, target)
         self._stacks = StackReader(self._bpf)
         try:
             for ep in entry_points:
@@ -111,6 +110,7 @@ class AllocProbes:
                 raise TargetError(f"process {target.pid} exited while natrace attached") from None
             raise KernelFeatureError(f"could not attach uprobes: {err}") from None
         self._bpf["mem_events"].open_ring_buffer(self._on_mem_event)
+        gate.arm(self._bpf, target)
 
     def _attach_entry_point(self, ep: EntryPoint, pid: int) -> None:
         offset = entry_probe_offset(ep)

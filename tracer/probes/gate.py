@@ -10,7 +10,10 @@ from tracer.target import Target
 
 
 def arm(bpf: Any, target: Target) -> None:
-    """A running target records from the start; a launched one from its gate's exec."""
+    """Call once every probe is attached. A running target records from then on (a
+    thread inside malloc meanwhile entered unseen, so its return is ignored, instead
+    of leaving a half-seen call that would hide the thread's later calls as nested);
+    a launched one records from its gate's exec."""
     if not target.launched:
         bpf["armed"][ctypes.c_int(0)] = ctypes.c_uint32(1)
 

@@ -190,7 +190,6 @@ class HandleProbes:
         if target.launched:
             defines["WAIT_EXEC"] = 1
         self._bpf = bpfprog.compile_program("handles.bpf.c", defines)
-        gate.arm(self._bpf, target)
         self._stacks = StackReader(self._bpf)
         conf = self._bpf["conf"]
         try:
@@ -211,6 +210,7 @@ class HandleProbes:
                 raise TargetError(f"process {target.pid} exited while natrace attached") \
                     from None
             raise KernelFeatureError(f"could not attach handle uprobes: {err}") from None
+        gate.arm(self._bpf, target)
         self.pairs = pairs
 
     def _attach_pair(self, tp: TracedPair, pid: int) -> None:

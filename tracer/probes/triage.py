@@ -93,7 +93,6 @@ class TriageProbes:
         if target.launched:
             defines["WAIT_EXEC"] = 1
         self._bpf = bpfprog.compile_program("triage.bpf.c", defines)
-        gate.arm(self._bpf, target)
         self._stacks = StackReader(self._bpf)
         self.has_faults = "exceptions/page_fault_user" in present
         names = [p.format(d) for p in _ALWAYS for d in ("enter", "exit")]
@@ -115,6 +114,7 @@ class TriageProbes:
                                           "attached") from None
                     raise KernelFeatureError(f"could not attach a uprobe on exit: {err}") \
                         from None
+        gate.arm(self._bpf, target)
 
     def poll(self) -> None:
         """Nothing streams: only notice new executable mappings (the maps changed)."""

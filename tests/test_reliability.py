@@ -1,0 +1,194 @@
+"""natrace never harms its target and never reports wrong numbers silently: clean
+detach on signals and on SIGKILL, targets that exec, fork, spawn 1,000 threads or
+die while natrace attaches, two natraces at once, full maps, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from allocfixtures import build
+from tracing import NATRACE, attach, patched_code_bytes, release, waiting
+
+pytestmark = pytest.mark.bpf
+
+
+def sites_by_function(report: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    return {s["function"]: (s["bytes"], s["blocks"]) for s in report["sites"]
+            if s["kind"] == "malloc" and s["function"]}
+
+
+def wait_until_clean(pid: int, seconds: float = 10) -> int:
+    deadline = time.monotonic() + seconds
+    while (left := patched_code_bytes(pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signal_detaches_and_still_reports(signum: int, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    with waiting(str(build().leaky), "--wait") as target:
+        tracer = attach(target.pid, "--duration", "10m", "--json", "-o", str(out))
+        assert patched_code_bytes(target.pid) > 0  # probes really are in place
+        release(target)
+        tracer.send_signal(signum)
+        _, err = tracer.communicate(timeout=60)
+        assert tracer.returncode == 0, err
+        assert sites_by_function(json.loads(out.read_text()))["leak_malloc"] == (10_000, 10)
+        assert patched_code_bytes(target.pid) == 0
+        assert target.poll() is None
+
+
+def test_sigkill_of_natrace_leaves_no_probe_behind() -> None:
+    with waiting(str(build().leaky), "--wait") as target:
+        tracer = attach(target.pid, "--duration", "10m")
+        assert patched_code_bytes(target.pid) > 0
+        tracer.kill()
+        tracer.wait()
+        assert wait_until_clean(target.pid) == 0  # the kernel dropped every uprobe
+        release(target)  # and the target runs on
+        assert target.poll() is None
+
+
+def test_attach_to_a_process_busy_in_malloc(tmp_path: Path) -> None:
+    """Probes attach one by one while the target calls malloc: a call whose entry was
+    seen but not its return must not make the thread's later calls look nested."""
+    out = tmp_path / "r.json"
+    with waiting(str(build().busy)) as target:
+        tracer = attach(target.pid, "--duration", "10m", "--json", "-o", str(out))
+        time.sleep(1)
+        release(target)
+        tracer.send_signal(signal.SIGINT)
+        assert tracer.wait(timeout=60) == 0
+    report = json.loads(out.read_text())
+    assert sites_by_function(report)["after_busy"] == (42 * 42, 42)
+    assert report["calls"]["allocs"] > 1000
+
+
+def test_two_natraces_on_one_target_both_exact(tmp_path: Path) -> None:
+    with waiting(str(build().leaky), "--wait") as target:
+        first = attach(target.pid, "--duration", "10m", "--json", "-o", str(tmp_path / "1"))
+        second = attach(target.pid, "--duration", "10m", "--json", "-o", str(tmp_path / "2"))
+        release(target)
+        for tracer in (first, second):
+            tracer.send_signal(signal.SIGINT)
+            assert tracer.wait(timeout=60) == 0
+        for name in ("1", "2"):
+            sites = sites_by_function(json.loads((tmp_path / name).read_text()))
+            assert sites["leak_malloc"] == (10_000, 10)
+            assert sites["thread_leak"] == (20_000, 100)
+        assert patched_code_bytes(target.pid) == 0
+
+
+def test_a_thousand_threads(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    subprocess.run([NATRACE, "run", "--json", "-o", str(out), "--", str(build().threads)],
+                   check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert sites_by_function(report)["thread_body"] == (100_000, 1_000)
+    assert not any(report["loss"].values())
+
+
+def test_exec_ends_the_report_with_a_note(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    subprocess.run([NATRACE, "run", "--json", "-o", str(out), "--", str(build().execer),
+                    "/bin/sleep", "0.5"], check=True, capture_output=True, timeout=120)
+    report = json.loads(out.read_text())
+    assert any("exec'd another program" in n for n in report["notes"])
+    assert sites_by_function(report)["before_exec"] == (3_500, 5)
+
+
+def test_forked_children_are_said_to_be_untraced(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    subprocess.run([NATRACE, "run", "--json", "-o", str(out), "--", str(build().execer),
+                    "--fork"], check=True, capture_output=True, timeout=120)
+    report = json.loads(out.read_text())
+    assert any("not traced" in n for n in report["notes"]), report["notes"]
+
+
+def test_full_outstanding_map_is_counted_and_shown(tmp_path: Path) -> None:
+    for fmt in ("text", "json"):
+        out = tmp_path / fmt
+        proc = subprocess.run([NATRACE, "run", "--max-allocs", "1024", "-o", str(out),
+                               *(["--json"] if fmt == "json" else []), "--",
+                               str(build().leaky), "--many", "5000"], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        if fmt == "text":
+            assert "allocations not tracked: outstanding map full" in out.read_text()
+        else:
+            loss = json.loads(out.read_text())["loss"]
+            assert loss["untracked"] > 0 and loss["untracked_bytes"] >= loss["untracked"]
+
+
+def test_target_dying_while_natrace_attaches() -> None:
+    short = subprocess.Popen(["sleep", "0.3"])
+    proc = subprocess.run([NATRACE, "snapshot", "-p", str(short.pid), "--duration", "5"],
+                          capture_output=True, text=True, timeout=60)
+    short.wait()
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    # natrace either catches it dying during the attach or already dead (a zombie)
+    assert lines[0] in (f"natrace: process {short.pid} exited while natrace attached",
+                        f"natrace: process {short.pid} is a zombie: it has exited and has "
+                        "no memory to trace"), lines
+
+
+def zombie() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    time.sleep(0.2)
+    return pid
+
+
+@pytest.mark.parametrize(("args", "code", "needle"), [
+    (["snapshot", "-p", "999999999"], 3, "no process with PID 999999999"),
+    (["snapshot", "-p", "abc"], 2, "is not a valid integer"),
+    (["snapshot", "-p", "2"], 3, "kernel thread"),
+    (["snapshot", "-p", "ZOMBIE"], 3, "zombie"),
+    (["snapshot", "-p", "1", "--duration", "-1"], 2, "not a duration"),
+    (["snapshot", "-p", "1", "--duration", "0"], 2, "more than zero"),
+    (["run", "--sample", "lots", "--", "true"], 2, "not a size"),
+    (["run", "--min-age", "soon", "--", "true"], 2, "not a duration"),
+    (["run", "--charge-to", "everyone", "--", "true"], 2, "--charge-to"),
+    (["run", "--max-allocs", "5", "--", "true"], 2, "--max-allocs"),
+    (["run", "--lock-share", "-3", "--", "true"], 2, "--lock-share"),
+    (["run"], 2, "Missing argument"),
+    (["run", "--", "/nonexistent/cmd"], 3, "command not found"),
+    (["run", "--", "PLAIN"], 3, "not executable"),
+    (["run", "--", "NOTELF"], 3, "not an ELF program"),
+    (["report", "/nonexistent.natrace"], 2, ""),
+])
+def test_bad_input_is_one_line_with_its_exit_code(args: list[str], code: int, needle: str,
+                                                  tmp_path: Path) -> None:
+    out = tmp_path / "never.json"
+    reaped = None
+    if "ZOMBIE" in args:
+        reaped = zombie()
+        args = [str(reaped) if a == "ZOMBIE" else a for a in args]
+    for name, mode in (("PLAIN", 0o644), ("NOTELF", 0o755)):
+        if name in args:
+            path = tmp_path / name
+            path.write_text("just text\n")
+            path.chmod(mode)
+            args = [str(path) if a == name else a for a in args]
+    proc = subprocess.run([NATRACE, *args[:1], "-o", str(out), *args[1:]]
+                          if args[0] == "run" and len(args) > 1 else [NATRACE, *args],
+                          capture_output=True, text=True, timeout=60)
+    if reaped:
+        os.waitpid(reaped, 0)
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("natrace: "), proc.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()  # nothing half-written
