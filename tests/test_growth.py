@@ -98,3 +98,15 @@ def test_suspects_fastest_first() -> None:
     tracker = GrowthTracker[str]()
     feed(tracker, 30, slow=lambda t: t * 10 * 1024 * 60, fast=lambda t: t * MIB)
     assert tracker.suspects() == ["fast", "slow"]
+
+
+def test_combined_fit_sums_the_series_of_several_keys() -> None:
+    tracker: GrowthTracker[str] = GrowthTracker()
+    for t in range(10):
+        # two stacks of one call site: one grows, one appears halfway and grows too
+        tracker.observe(float(t), {"a": 1000.0 * (t + 1), **({"b": 500.0 * (t - 4)} if t >= 5
+                                                        else {})})
+    whole = tracker.combined_fit(["a", "b"])
+    assert whole.samples == 10
+    assert whole.per_minute > tracker.fit("a").per_minute
+    assert tracker.combined_fit(["missing"]).samples == 0

@@ -16,6 +16,12 @@ TOP_MODULES = 3
 def findings(snap: Snapshot) -> list[str]:
     out = [_module_line(name, nbytes, blocks, sites[0])
            for name, nbytes, blocks, sites in snap.by_module()[:TOP_MODULES] if nbytes > 0]
+    suspects = sorted((s for s in snap.user_sites() if s.suspect),
+                      key=lambda s: -(s.per_minute or 0))
+    if suspects:
+        out.append("leak suspects (growing steadily): " + "; ".join(
+            f"{s.label()} [{s.module_class}] +{format_size(s.per_minute or 0)}/min"
+            for s in suspects[:TOP_MODULES]))
     if snap.locks is not None:
         for lock in snap.locks.contended():
             where = ", ".join(sorted({w.site.label() for w in lock.waiters}))

@@ -119,6 +119,16 @@ class GrowthTracker(Generic[K]):
     def suspect(self, key: K) -> bool:
         return self.policy.is_suspect(self.fit(key))
 
+    def combined_fit(self, keys: Iterable[K]) -> Fit:
+        """The fit of several keys' summed series (a call site made of several stacks).
+        Every observation covers all keys at one time, so summing per time is exact."""
+        totals: dict[float, float] = {}
+        for key in keys:
+            series = self._series.get(key)
+            for t, v in series.points if series else ():
+                totals[t] = totals.get(t, 0.0) + v
+        return fit(sorted(totals.items()))
+
     def suspects(self) -> list[K]:
         """Suspect keys, fastest-growing first."""
         keys = [k for k, f in self._fits.items() if self.policy.is_suspect(f)]

@@ -25,10 +25,12 @@ Schema, version 1 (`meta.schema_version`; a reader refuses a newer version):
       one row per interval; ids grow with time.
   sites(snapshot_id, seq, kind ('malloc'|'mmap'|'brk'|'stack'), stack_id NULL,
         charge_index, bytes, blocks, allocs, alloc_bytes, allocator_internal,
-        lost_stack NULL, via NULL, PRIMARY KEY(snapshot_id, seq))
+        lost_stack NULL, via NULL, per_minute NULL, suspect, PRIMARY KEY(snapshot_id, seq))
       memory held per call site at that snapshot (bytes/blocks outstanding, allocs and
       alloc_bytes made); stack_id is NULL when the stack was not captured (lost_stack
-      says why); via names the API of the charged module its caller called (PQexec).
+      says why); via names the API of the charged module its caller called (PQexec);
+      per_minute is the bytes' growth over the last minute traced (NULL: not known),
+      suspect 1 when that growth is steady enough to call the site a leak suspect.
       total_* in snapshots leave allocator_internal sites out, as reports do.
   counters(snapshot_id, grp ('loss'|'calls'), name, value, PRIMARY KEY(...))
       lost and untracked counts, probe call counts.
@@ -89,7 +91,8 @@ CREATE TABLE sites(snapshot_id INTEGER NOT NULL REFERENCES snapshots, seq INTEGE
                    charge_index INTEGER NOT NULL, bytes INTEGER NOT NULL,
                    blocks INTEGER NOT NULL, allocs INTEGER NOT NULL,
                    alloc_bytes INTEGER NOT NULL, allocator_internal INTEGER NOT NULL,
-                   lost_stack TEXT, via TEXT, PRIMARY KEY(snapshot_id, seq)) WITHOUT ROWID;
+                   lost_stack TEXT, via TEXT, per_minute REAL, suspect INTEGER NOT NULL,
+                   PRIMARY KEY(snapshot_id, seq)) WITHOUT ROWID;
 CREATE TABLE counters(snapshot_id INTEGER NOT NULL REFERENCES snapshots, grp TEXT NOT NULL,
                       name TEXT NOT NULL, value INTEGER NOT NULL,
                       PRIMARY KEY(snapshot_id, grp, name)) WITHOUT ROWID;
@@ -136,10 +139,11 @@ class RecordingWriter:
             sid = cur.lastrowid
             assert sid is not None
             db.executemany(
-                "INSERT INTO sites VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO sites VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(sid, seq, s.kind, self._stack(s.frames) if s.frames else None,
                   s.charge_index, s.bytes, s.blocks, s.allocs, s.alloc_bytes,
-                  int(s.allocator_internal), s.lost_stack, s.via)
+                  int(s.allocator_internal), s.lost_stack, s.via, s.per_minute,
+                  int(s.suspect))
                  for seq, s in enumerate(snap.sites)])
             db.executemany("INSERT INTO counters VALUES (?,?,?,?)",
                            [(sid, grp, name, int(value))
@@ -295,14 +299,16 @@ class Recording:
         stacks = self._stacks(sid)
         sites = []
         for (kind, stack_id, charge, nbytes, blocks, allocs, alloc_bytes, internal,
-             lost, via) in db.execute("SELECT kind, stack_id, charge_index, bytes, blocks,"
-                                      " allocs, alloc_bytes, allocator_internal, lost_stack,"
-                                      " via FROM sites WHERE snapshot_id=? ORDER BY seq",
-                                      (sid,)):
+             lost, via, per_minute, suspect) in db.execute(
+                "SELECT kind, stack_id, charge_index, bytes, blocks, allocs, alloc_bytes,"
+                " allocator_internal, lost_stack, via, per_minute, suspect FROM sites"
+                " WHERE snapshot_id=? ORDER BY seq", (sid,)):
             frames = stacks[stack_id] if stack_id is not None else []
             sites.append(Site(_str(kind), list(frames), _int(nbytes), _int(blocks), _int(allocs),
                               _int(alloc_bytes), _int(charge), bool(_int(internal)),
-                              _opt(_str, lost), via=_opt(_str, via)))
+                              _opt(_str, lost), via=_opt(_str, via),
+                              per_minute=_opt(_num, per_minute),
+                              suspect=bool(_int(suspect))))
         counters: dict[str, dict[str, int]] = {"loss": {}, "calls": {}}
         for grp, name, value in db.execute("SELECT grp, name, value FROM counters"
                                            " WHERE snapshot_id=?", (sid,)):

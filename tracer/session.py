@@ -18,6 +18,7 @@ from typing import Any
 
 from tracer import bpfprog
 from tracer.aggregator import Aggregator
+from tracer.growth import GrowthTracker
 from tracer.handles import handle_types
 from tracer.mappings import Owner
 from tracer.memwatch import MemoryWatch
@@ -31,6 +32,7 @@ from tracer.target import Target
 from tracer.triage import TriageBuilder
 
 POLL_SECONDS = 0.05
+GROWTH_SECONDS = 1.0  # how often each call site's bytes are sampled for leak suspects
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Session:
         self.exiting = False  # a launched target is held stopped inside exit()
         self.execd = False  # the target exec'd another program: stop reading its maps
         self.notes: list[str] = []  # what a report must say about the session itself
+        self.growth: GrowthTracker[int] = GrowthTracker()  # bytes per stack id over time
+        self._next_growth = 0.0
         self.memory = MemoryWatch(target.pid, options.memory_interval)
 
     def start(self) -> None:
@@ -114,6 +118,7 @@ class Session:
 
     def _poll(self) -> None:
         self.probes.poll()
+        self._observe_growth()
         self.memory.tick()
         self.handles.poll()
         changed = self.probes.modules_changed
@@ -124,6 +129,15 @@ class Session:
         if changed or self.maps is None:
             self.probes.modules_changed = False
             self._refresh_maps()
+
+    def _observe_growth(self) -> None:
+        """Each call site's bytes once a second (raw, per stack id: no symbolizing
+        in the loop), so every report can tell a steady leak from a big but flat site."""
+        now = time.monotonic()
+        if not self.options.allocs or now < self._next_growth:
+            return
+        self._next_growth = now + GROWTH_SECONDS
+        self.growth.observe(now, {r.stack_id: r.bytes for r in self.probes.sites()})
 
     def _refresh_maps(self) -> None:
         if self.execd:
@@ -179,6 +193,11 @@ class Session:
             mappings = list(self.probes.mappings.totals())
         loss, calls = self.probes.counters() if self.options.allocs else ({}, {})
         sites = aggregator.sites(raw, self.probes.stack, mappings)
+        for site in sites:
+            if site.stack_ids:
+                f = self.growth.combined_fit(site.stack_ids)
+                site.per_minute = f.per_minute if f.samples >= 2 else None
+                site.suspect = self.growth.policy.is_suspect(f)
         duration = time.monotonic() - self.started
         return Snapshot(
             pid=self.target.pid,

@@ -60,6 +60,8 @@ def _site(site: Site) -> dict[str, Any]:
         "lost_stack": site.lost_stack,
         "charge_index": site.charge_index,
         "via": site.via,
+        "per_minute": site.per_minute,
+        "suspect": site.suspect,
         "stack": [_frame(f) for f in site.frames],
     }
 

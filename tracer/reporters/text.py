@@ -40,7 +40,8 @@ def render(snap: Snapshot, top: int = 10) -> str:
     lines += _modules(snap, total)
     lines.append("")
     lines.append(f"Top {min(top, len(user))} call sites by unfreed bytes:")
-    lines.append(f"  {'BYTES':>14} {'BLOCKS':>9} {'%':>6}  {'KIND':6} {'MODULE':16} CALL SITE")
+    lines.append(f"  {'BYTES':>14} {'BLOCKS':>9} {'%':>6} {'GROWTH/MIN':>11}  {'KIND':6} "
+                 f"{'MODULE':16} CALL SITE")
     for site in user[:top]:
         lines += _site(site, total)
     internal = [s for s in snap.sites if s.allocator_internal]
@@ -85,10 +86,13 @@ def _modules(snap: Snapshot, total: int) -> list[str]:
 def _site(site: Site, total: int) -> list[str]:
     frame = site.frame
     module = frame.module_class if frame else "-"
-    out = [f"  {site.bytes:>14,} {site.blocks:>9,} {_pct(site.bytes, total):>6}  "
-           f"{site.kind:6} {module[:16]:16} {site.label()}"]
+    growth = "" if site.per_minute is None else f"{'+' if site.per_minute >= 0 else '-'}" \
+        f"{size(abs(site.per_minute))}"
+    leak = " LEAK" if site.suspect else ""
+    out = [f"  {site.bytes:>14,} {site.blocks:>9,} {_pct(site.bytes, total):>6} {growth:>11}  "
+           f"{site.kind:6} {module[:16]:16} {site.label()}{leak}"]
     for f in site.frames[site.charge_index + 1: site.charge_index + 1 + STACK_FRAMES_SHOWN]:
-        out.append(f"  {'':>14} {'':>9} {'':>6}  {'':6} {'':16}   <- {f.label()} "
+        out.append(f"  {'':>14} {'':>9} {'':>6} {'':>11}  {'':6} {'':16}   <- {f.label()} "
                    f"[{f.module_name}]")
     return out
 
