@@ -246,3 +246,17 @@ def test_bad_flamegraph_name_fails_before_tracing() -> None:
     proc = natrace("run", "--flamegraph", "out.zip", "--", "true")
     assert proc.returncode == 2
     assert "cannot tell the flamegraph format" in proc.stderr
+
+
+def test_addresses_above_two_to_the_63_round_trip(tmp_path: Path) -> None:
+    """Frame walks can end on garbage like 0xffffffffff600000: SQLite's INTEGER is
+    signed, so such addresses are stored in two's complement and read back whole."""
+    high = Frame(0xFFFF_FFFF_FF60_0000, "", 0xFFFF_FFFF_FF60_0000)
+    snap = Snapshot(pid=1, command="x", taken_at=0.0, duration=1.0,
+                    sites=[Site("malloc", [high], 10, 1)])
+    path = tmp_path / "r.natrace"
+    with RecordingWriter(str(path), {}) as writer:
+        writer.add(snap)
+    with Recording(str(path)) as rec:
+        frame = rec.snapshot().sites[0].frames[0]
+    assert (frame.address, frame.module_offset) == (high.address, high.module_offset)

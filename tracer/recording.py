@@ -14,7 +14,9 @@ Schema, version 1 (`meta.schema_version`; a reader refuses a newer version):
       class (libpq, addon:NAME, node, js, libc, ...) and GNU build id (hex) when read.
   frames(id INTEGER PRIMARY KEY, module_id, address, module_offset, symbol NULL,
          symbol_offset, file NULL, line NULL)
-      each distinct symbolized frame, stored once.
+      each distinct symbolized frame, stored once. address and module_offset are
+      unsigned 64-bit values stored as SQLite's signed INTEGER (two's complement: add
+      2**64 to a negative value).
   stacks(id INTEGER PRIMARY KEY, depth)
   stack_frames(stack_id, position, frame_id, PRIMARY KEY(stack_id, position))
       position 0 is the innermost frame (the allocator's caller); each distinct stack
@@ -183,8 +185,8 @@ class RecordingWriter:
             cur = self._db.execute(
                 "INSERT INTO frames(module_id, address, module_offset, symbol, symbol_offset,"
                 " file, line) VALUES (?,?,?,?,?,?,?)",
-                (self._module(f.module, f.module_class), f.address, f.module_offset, f.symbol,
-                 f.symbol_offset, f.file, f.line))
+                (self._module(f.module, f.module_class), _signed64(f.address),
+                 _signed64(f.module_offset), f.symbol, f.symbol_offset, f.file, f.line))
             fid = self._frames[f] = int(cur.lastrowid or 0)
         return fid
 
@@ -339,7 +341,8 @@ class Recording:
             frame = self._frames.get(fid)
             if frame is None:
                 frame = self._frames[fid] = Frame(
-                    _int(addr), _str(path), _int(off), _opt(_str, sym), _int(sym_off),
+                    _int(addr) % 2**64, _str(path), _int(off) % 2**64, _opt(_str, sym),
+                    _int(sym_off),
                     _opt(_str, file), _opt(_int, line), _str(cls))
             stacks.setdefault(stack_id, []).append(frame)
         return stacks
@@ -424,6 +427,11 @@ def _int(v: Any) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         raise ValueError(f"expected an integer, found {v!r}")
     return v
+
+
+def _signed64(v: int) -> int:
+    """An unsigned 64-bit value as SQLite's signed INTEGER holds it."""
+    return v - 2**64 if v >= 2**63 else v
 
 
 def _num(v: Any) -> float:

@@ -123,15 +123,21 @@ class TraceArgs:
                    flamegraph=opts["flamegraph"])
 
 
+def announce(session: Session, doing: str) -> None:
+    """The stderr line that says the probes are in place (scripts and tests wait for
+    'attached to PID' or 'launched PID')."""
+    what = "launched" if session.target.launched else "attached to"
+    click.echo(f"natrace: {what} PID {session.target.pid} ({session.probe_count} probes), "
+               f"{doing}; Ctrl-C stops", err=True)
+
+
 def trace(target: Target, options: SessionOptions, duration: float | None) -> Snapshot:
     """Attach, trace until done, snapshot; probes are detached whatever happens."""
     session = Session(target, options)
     try:
         session.start()
-        what = "launched" if target.launched else "attached to"
-        until = f"for {duration:g} s" if duration else "until it exits"
-        click.echo(f"natrace: {what} PID {target.pid} ({session.probe_count} probes), "
-                   f"tracing {until}; Ctrl-C stops", err=True)
+        announce(session, f"tracing for {duration:g} s" if duration else
+                 "tracing until it exits")
         session.run(duration)
         return session.snapshot()
     finally:

@@ -52,9 +52,7 @@ def command(ctx: click.Context, pid: int | None, output: str, duration: float | 
         writer = outputs.new_recording(output, target.pid, " ".join(target.argv), options,
                                        interval)
         session.start()
-        what = "launched" if target.launched else "attached to"
-        click.echo(f"natrace: {what} PID {target.pid}, recording to {output} every "
-                   f"{interval:g} s; Ctrl-C stops", err=True)
+        common.announce(session, f"recording to {output} every {interval:g} s")
         session.run(duration, interval, take)
         take(session)
     finally:

@@ -59,6 +59,7 @@ def command(pid: int | None, interval: float, iterations: int | None, view: str,
         if sys.stdout.isatty():
             run_tui(LiveDriver(session, interval), _writer(args), view)
         else:
+            common.announce(session, f"printing a frame every {interval:g} s")
             width = shutil.get_terminal_size((120, 24)).columns
             run_batch(session, interval, iterations, view, width, args.top)
     finally:
