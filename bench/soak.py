@@ -1,0 +1,84 @@
+"""A long soak: natrace attached to malloc_heavy at full speed for many minutes.
+
+Checks that natrace's own memory stays bounded (issue target: <= 200 MiB RSS over
+10 minutes at the highest event rate the benchmarks reach) and that its figures stay
+exact: the leak it reports must equal the workload's own count. Not a CI test (it
+takes minutes): run it by hand and note the result in bench/RESULTS.md.
+
+    python -m bench.soak [--minutes 10] [--pairs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.workloads import LEAK_BLOCK, LEAK_FUNCTION, build
+
+NATRACE = str(Path(sys.executable).with_name("natrace"))
+# natrace's full tracing handles roughly 250k malloc/free pairs a second on the
+# project's 2-vCPU VM: size the workload to last about the requested minutes.
+PAIRS_PER_SECOND = 250_000
+
+
+def soak(minutes: float, pairs: int | None) -> dict[str, float]:
+    pairs = pairs or int(minutes * 60 * PAIRS_PER_SECOND)
+    leaks = pairs // 1000
+    workload = subprocess.Popen([str(build() / "malloc_heavy"), str(pairs), str(leaks)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert workload.stdin is not None and workload.stdout is not None
+    assert workload.stdout.readline().startswith("ready")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        tracer = subprocess.Popen([NATRACE, "snapshot", "-p", str(workload.pid), "--duration",
+                                   "24h", "--json", "-o", str(report)],
+                                  stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None
+        assert "attached to PID" in tracer.stderr.readline()
+        proc = psutil.Process(tracer.pid)
+        began = time.monotonic()
+        workload.stdin.write("go\n")
+        workload.stdin.flush()
+        for line in workload.stdout:  # hot_ns=..., then "idle" once the leak is final
+            if line.startswith("idle"):
+                break
+        seconds = time.monotonic() - began
+        rss = proc.memory_info().rss
+        with open(f"/proc/{tracer.pid}/status") as fh:  # VmHWM: natrace's peak RSS
+            peak = next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmHWM"))
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=300)
+        got = next(s for s in json.loads(report.read_text())["sites"]
+                   if s["function"] == LEAK_FUNCTION)
+        workload.stdin.close()
+        workload.wait(timeout=60)
+    return {"seconds": round(seconds, 1), "pairs": pairs, "pairs_per_s": round(pairs / seconds),
+            "natrace_rss_mib_end": round(rss / 2**20, 1),
+            "natrace_rss_mib_peak": round(peak / 2**20, 1),
+            "leak_blocks_true": leaks, "leak_blocks_reported": got["blocks"],
+            "leak_bytes_true": leaks * LEAK_BLOCK, "leak_bytes_reported": got["bytes"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="malloc/free pairs (default: sized from --minutes)")
+    args = parser.parse_args()
+    result = soak(args.minutes, args.pairs)
+    print(json.dumps(result, indent=2))
+    exact = (result["leak_blocks_reported"] == result["leak_blocks_true"]
+             and result["leak_bytes_reported"] == result["leak_bytes_true"])
+    return 0 if exact and result["natrace_rss_mib_peak"] <= 200 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
