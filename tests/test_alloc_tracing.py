@@ -64,6 +64,8 @@ def assert_leaky_truth(report: dict[str, Any], with_plugin: bool) -> None:
     assert "temporary" not in sites
     mmap = site(report, "leak_mmap", "mmap")
     assert (mmap["bytes"], mmap["blocks"]) == (12 * 4096, 2)  # 16 pages, 4 unmapped mid-way
+    grown = site(report, "leak_mremap", "mmap")
+    assert (grown["bytes"], grown["blocks"]) == (6 * 4096, 1)  # 2 pages mremap'ed to 6
     assert site(report, "plugin_leak" if with_plugin else "leak_malloc")["stack"]
     assert not any(report["loss"].values()), report["loss"]
 
@@ -79,6 +81,21 @@ def test_run_exact_figures_for_every_entry_point(tmp_path: Path) -> None:
     assert plugin["module_class"] == "addon:plugin"
     assert site(report, "lib_leak")["module"].endswith("libleak.so")
     assert report["calls"]["allocs"] >= 1_000_000
+
+
+def test_jemalloc_preloaded_is_traced_exactly(tmp_path: Path) -> None:
+    """The allocator is found from what the target maps: jemalloc via LD_PRELOAD."""
+    jemalloc = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+    out = tmp_path / "report.json"
+    proc = subprocess.run([NATRACE, "run", "--json", "-o", str(out), "--", str(build().leaky),
+                           "--churn", "100000"], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "LD_PRELOAD": jemalloc})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    sites = malloc_sites(report)
+    for function, expected in LEAKY_TRUTH.items():
+        assert sites.get(function) == expected, (function, sites)
+    assert not any(report["loss"].values()), report["loss"]
 
 
 def test_cxx_new_is_charged_to_its_caller(tmp_path: Path) -> None:
