@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -65,6 +66,7 @@ class Session:
         self.growth: GrowthTracker[int] = GrowthTracker()  # bytes per stack id over time
         self._next_growth = 0.0
         self.memory = MemoryWatch(target.pid, options.memory_interval)
+        self._signals: dict[int, Any] = {}  # handlers to restore at close()
 
     def start(self) -> None:
         """Probes in place, then (for a launched command) let it run. bcc's own
@@ -79,6 +81,7 @@ class Session:
         self.started = time.monotonic()
         if not self.target.launched:
             self.maps = MapsHistory(self.target.pid)
+        self._signals = _catch_stop_signals(self)
         self.target.release()
 
     def run(self, duration: float | None, interval: float | None = None,
@@ -87,17 +90,16 @@ class Session:
         call `on_interval` every `interval` seconds meanwhile (recordings, live views)."""
         deadline = None if duration is None else self.started + duration
         next_tick = None if interval is None else self.started + interval
-        with _stop_signals(self):
-            while self.stop_requested is None:
-                if not self.poll():
-                    break
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    break
-                if next_tick is not None and interval is not None and now >= next_tick:
-                    next_tick = now + interval
-                    if on_interval is not None:
-                        on_interval(self)
+        while self.stop_requested is None:
+            if not self.poll():
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            if next_tick is not None and interval is not None and now >= next_tick:
+                next_tick = now + interval
+                if on_interval is not None:
+                    on_interval(self)
                 time.sleep(POLL_SECONDS)
         self._poll()
 
@@ -235,6 +237,9 @@ class Session:
 
     def close(self) -> None:
         """Detach every probe; let a launched target that stopped in exit() finish."""
+        for signum, handler in self._signals.items():
+            signal.signal(signum, handler)
+        self._signals = {}
         self.probes.detach()
         if self.triage is not None:
             self.triage.detach()
@@ -244,16 +249,15 @@ class Session:
                 os.kill(self.target.pid, signal.SIGCONT)
 
 
-@contextmanager
-def _stop_signals(session: Session) -> Iterator[None]:
-    """SIGINT/SIGTERM/SIGHUP end the session cleanly (probes detached, report written)."""
+def _catch_stop_signals(session: Session) -> dict[int, Any]:
+    """From the moment the probes are in place until close(), SIGINT/SIGTERM/SIGHUP
+    end the session cleanly (report written, probes detached) instead of killing
+    natrace mid-way. Returns the handlers to restore (none off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
     def handler(signum: int, _frame: FrameType | None) -> None:
         session.stop_requested = signal.Signals(signum).name
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM,
-                                                       signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM,
+                                                   signal.SIGHUP)}
