@@ -18,8 +18,7 @@ from tracer.allocators import EntryPoint, find_entry_points
 from tracer.errors import KernelFeatureError, TargetError
 from tracer.mappings import MappingTracker, Owner
 from tracer.placement import entry_offset
-from tracer.probes import gate
-from tracer.probes.stacks import StackReader
+from tracer.probes.base import ProbeSet
 from tracer.target import Target
 from tracer.unwind import splice_caller
 
@@ -70,14 +69,13 @@ class ProbePoint:
     has_return: bool
 
 
-class AllocProbes:
+class AllocProbes(ProbeSet):
     def __init__(self, options: AllocOptions) -> None:
+        super().__init__()
         self.options = options
         self.points: list[ProbePoint] = []
         self.mappings = MappingTracker()
         self.modules_changed = False  # set when the target maps executable code
-        self._bpf: Any = None
-        self._stacks: StackReader | None = None
         self._c = bpfprog.constants()
         self._shift = self._c["NATRACE_BLOCK_SHIFT"]
 
@@ -86,16 +84,12 @@ class AllocProbes:
         if not any(ep.family_name == "malloc" for ep in entry_points):
             raise TargetError(f"process {target.pid} maps no known allocator (no malloc found)")
         defines: dict[str, int | str] = {
-            "TARGET_TGID": target.pid,
             "SAMPLE_BYTES": self.options.sample_bytes,
             "MAX_ALLOCS": self.options.max_allocs,
             "MAX_STACKS": self.options.stack_map_size,
             "RINGBUF_PAGES": self.options.ringbuf_pages,
         }
-        if target.launched:
-            defines["WAIT_EXEC"] = 1
-        self._bpf = bpfprog.compile_program("alloc.bpf.c", defines)
-        self._stacks = StackReader(self._bpf)
+        self._load("alloc.bpf.c", target, defines)
         try:
             for ep in entry_points:
                 self._attach_entry_point(ep, target.pid)
@@ -110,7 +104,7 @@ class AllocProbes:
                 raise TargetError(f"process {target.pid} exited while natrace attached") from None
             raise KernelFeatureError(f"could not attach uprobes: {err}") from None
         self._bpf["mem_events"].open_ring_buffer(self._on_mem_event)
-        gate.arm(self._bpf, target)
+        self._arm(target)
 
     def _attach_entry_point(self, ep: EntryPoint, pid: int) -> None:
         offset = entry_probe_offset(ep)
@@ -150,9 +144,6 @@ class AllocProbes:
         """The stack of a syscall, with the wrapper's caller put back in: the
         frame-pointer walk from inside a libc wrapper skips it."""
         return splice_caller(self.stack(stack_id), caller)
-
-    def stack(self, stack_id: int) -> tuple[int, ...]:
-        return self._stacks(stack_id) if self._stacks else ()
 
     def sites(self) -> list[RawSite]:
         shift = self._shift
@@ -203,13 +194,6 @@ class AllocProbes:
         return ({name: total(m) for name, m in _COUNTERS.items()},
                 {name: total(m) for name, m in _CALL_COUNTERS.items()})
 
-    def execs(self) -> int:
-        return gate.execs(self._bpf)
-
-    def detach(self) -> None:
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
 
 
 def entry_probe_offset(ep: EntryPoint) -> int:

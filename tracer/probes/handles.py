@@ -21,8 +21,7 @@ from typing import Any
 from tracer import bpfprog
 from tracer.errors import KernelFeatureError, TargetError, UsageError
 from tracer.growth import Series
-from tracer.probes import gate
-from tracer.probes.stacks import StackReader
+from tracer.probes.base import ProbeSet
 from tracer.target import Target
 
 
@@ -132,14 +131,13 @@ class RawHandleSite:
     created: int
 
 
-class HandleProbes:
+class HandleProbes(ProbeSet):
     def __init__(self, options: HandleOptions) -> None:
+        super().__init__()
         self.options = options
         self.pairs: list[TracedPair] = []
         self.points: list[str] = []  # "path:symbol" probed (entry, return or destroy)
         self.series: dict[int, Series] = {}  # pair -> live count over monotonic seconds
-        self._bpf: Any = None
-        self._stacks: StackReader | None = None
         self._c = bpfprog.constants()
         self._last_sample = 0.0
 
@@ -183,14 +181,10 @@ class HandleProbes:
         if not pairs:
             return
         defines: dict[str, int | str] = {
-            "TARGET_TGID": target.pid,
             "MAX_HANDLES": self.options.max_handles,
             "MAX_STACKS": self.options.stack_map_size,
         }
-        if target.launched:
-            defines["WAIT_EXEC"] = 1
-        self._bpf = bpfprog.compile_program("handles.bpf.c", defines)
-        self._stacks = StackReader(self._bpf)
+        self._load("handles.bpf.c", target, defines)
         conf = self._bpf["conf"]
         try:
             for tp in pairs:
@@ -210,7 +204,7 @@ class HandleProbes:
                 raise TargetError(f"process {target.pid} exited while natrace attached") \
                     from None
             raise KernelFeatureError(f"could not attach handle uprobes: {err}") from None
-        gate.arm(self._bpf, target)
+        self._arm(target)
         self.pairs = pairs
 
     def _attach_pair(self, tp: TracedPair, pid: int) -> None:
@@ -262,14 +256,7 @@ class HandleProbes:
         except Exception:  # kernels without batch ops
             yield from table.items()
 
-    def stack(self, stack_id: int) -> tuple[int, ...]:
-        return self._stacks(stack_id) if self._stacks else ()
-
     @property
     def attached(self) -> bool:
         return self._bpf is not None
 
-    def detach(self) -> None:
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None

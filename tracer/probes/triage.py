@@ -10,12 +10,10 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass
-from typing import Any
 
 from tracer import bpfprog, doctor
 from tracer.errors import KernelFeatureError, TargetError
-from tracer.probes import gate
-from tracer.probes.stacks import StackReader
+from tracer.probes.base import ProbeSet
 from tracer.target import Target
 
 # Optional tracepoints: (category/event of the enter tracepoint, -D flag when present).
@@ -65,15 +63,14 @@ class RawMemsys:
     bytes: int
 
 
-class TriageProbes:
+class TriageProbes(ProbeSet):
     def __init__(self, options: TriageOptions) -> None:
+        super().__init__()
         self.options = options
         self.points: list[str] = []  # tracepoints attached (category:event)
         self.has_faults = False
         self.modules_changed = False  # set when the target maps executable code
-        self._bpf: Any = None
         self._exec_mmaps = 0
-        self._stacks: StackReader | None = None
         self._c = bpfprog.constants()
 
     def attach(self, target: Target, stop_at_exit: bool = False) -> None:
@@ -82,7 +79,6 @@ class TriageProbes:
         tracefs, _ = doctor.find_tracefs()
         events = os.path.join(tracefs or "/sys/kernel/tracing", "events")
         defines: dict[str, int | str] = {
-            "TARGET_TGID": target.pid,
             "MAX_KEYS": self.options.max_keys,
             "MAX_STACKS": self.options.stack_map_size,
         }
@@ -90,10 +86,7 @@ class TriageProbes:
         for ev, flag in _OPTIONAL:
             if ev in present:
                 defines[flag] = 1
-        if target.launched:
-            defines["WAIT_EXEC"] = 1
-        self._bpf = bpfprog.compile_program("triage.bpf.c", defines)
-        self._stacks = StackReader(self._bpf)
+        self._load("triage.bpf.c", target, defines)
         self.has_faults = "exceptions/page_fault_user" in present
         names = [p.format(d) for p in _ALWAYS for d in ("enter", "exit")]
         names += [ev for ev in present if not ev.startswith("syscalls/")]
@@ -114,7 +107,7 @@ class TriageProbes:
                                           "attached") from None
                     raise KernelFeatureError(f"could not attach a uprobe on exit: {err}") \
                         from None
-        gate.arm(self._bpf, target)
+        self._arm(target)
 
     def poll(self) -> None:
         """Nothing streams: only notice new executable mappings (the maps changed)."""
@@ -160,9 +153,6 @@ class TriageProbes:
             return {}
         return {k.value: v.value for k, v in self._bpf["faults"].items()}
 
-    def stack(self, stack_id: int) -> tuple[int, ...]:
-        return self._stacks(stack_id) if self._stacks else ()
-
     def window(self, stack_id: int) -> tuple[int, ...]:
         """The user words above sp when this stack was first seen (empty if unread)."""
         if stack_id < 0:
@@ -172,10 +162,3 @@ class TriageProbes:
         except KeyError:
             return ()
 
-    def execs(self) -> int:
-        return gate.execs(self._bpf)
-
-    def detach(self) -> None:
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
