@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -13,7 +10,9 @@ from typing import Any, TypeVar
 import click
 
 from tracer.attribution import parse_charge_to
+from tracer.commands import outputs
 from tracer.errors import UsageError
+from tracer.files import write_private
 from tracer.model.snapshot import Snapshot
 from tracer.privileges import require_tracing_privileges
 from tracer.probes.alloc import AllocOptions
@@ -131,15 +130,19 @@ def announce(session: Session, doing: str) -> None:
                f"{doing}; Ctrl-C stops", err=True)
 
 
-def trace(target: Target, options: SessionOptions, duration: float | None) -> Snapshot:
-    """Attach, trace until done, snapshot; probes are detached whatever happens."""
-    session = Session(target, options)
+def trace(target: Target, args: TraceArgs, duration: float | None) -> None:
+    """Attach, trace until done, then deliver the report, recording and flamegraph
+    before detaching (detaching takes seconds; the report shouldn't wait for it).
+    Probes are detached whatever happens."""
+    session = Session(target, args.session)
     try:
         session.start()
         announce(session, f"tracing for {duration:g} s" if duration else
                  "tracing until it exits")
         session.run(duration)
-        return session.snapshot()
+        snap = session.snapshot()
+        print_report(snap, args)
+        outputs.save(snap, args)
     finally:
         session.close()
 
@@ -152,22 +155,6 @@ def print_report(snap: Snapshot, args: TraceArgs) -> None:
         sys.stdout.write(out)
         sys.stdout.flush()
 
-
-def write_private(path: str, text: str | bytes) -> None:
-    """Write atomically (temporary file, then rename) with mode 0600."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".natrace-")
-    except OSError as err:
-        raise UsageError(f"cannot write {path}: {err.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise UsageError(f"cannot write {path}: {err.strerror}") from None
 
 
 def check_privileges() -> None:

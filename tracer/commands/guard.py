@@ -20,6 +20,7 @@ import click
 from tracer import target as targets
 from tracer.commands import common
 from tracer.errors import UsageError
+from tracer.files import write_private
 from tracer.model.snapshot import Snapshot
 from tracer.probes.alloc import AllocOptions
 from tracer.reporters import json as json_report
@@ -203,7 +204,7 @@ def _write_report(snap: Snapshot, reason: str, action: Action, report_dir: str, 
     else:
         text = (f"natrace guard: {reason}; action: {action.describe()}\n"
                 + text_report.render(snap, top))
-    common.write_private(path, text)
+    write_private(path, text)
     return path
 
 

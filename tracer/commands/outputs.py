@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from tracer.commands.common import TraceArgs, write_private
 from tracer.elfsyms import read_build_id
 from tracer.errors import UsageError
+from tracer.files import write_private
 from tracer.model import codec
 from tracer.model.snapshot import Snapshot
 from tracer.recording import RecordingWriter
 from tracer.reporters import export
 from tracer.reporters.stacks import METRICS, ExportOptions
 from tracer.session import SessionOptions
+
+if TYPE_CHECKING:
+    from tracer.commands.common import TraceArgs
 
 
 def build_id_reader(pid: int) -> Callable[[str], str | None]:

@@ -24,9 +24,7 @@ def command(ctx: click.Context, argv: tuple[str, ...], **opts: Any) -> None:
     common.check_privileges()
     target = targets.launch(list(argv))
     try:
-        snap = common.trace(target, args.session, duration=None)
+        common.trace(target, args, duration=None)
     finally:
         target.release()  # a failed attach must not leave the child at its gate
-    common.print_report(snap, args)
-    outputs.save(snap, args)
     ctx.exit(target.wait() or 0)

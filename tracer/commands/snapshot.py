@@ -23,6 +23,4 @@ def command(pid: int, duration: float, **opts: Any) -> None:
     outputs.check(args)
     common.check_privileges()
     target = targets.attach(pid)
-    snap = common.trace(target, args.session, duration)
-    common.print_report(snap, args)
-    outputs.save(snap, args)
+    common.trace(target, args, duration)

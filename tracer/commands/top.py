@@ -15,6 +15,7 @@ import click
 from tracer import target as targets
 from tracer.commands import common
 from tracer.errors import NatraceError, UsageError
+from tracer.files import write_private
 from tracer.live import LiveDriver, LiveState
 from tracer.reporters import flamegraph_html
 from tracer.reporters import json as json_report
@@ -80,7 +81,7 @@ def _writer(args: common.TraceArgs) -> Writer:
             text = (json_report.render(snap) if args.as_json
                     else text_report.render(snap, args.top))
         try:
-            common.write_private(path, text)
+            write_private(path, text)
         except NatraceError as err:
             return str(err)
         return f"wrote {path}"

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tracer import bpfprog
@@ -41,6 +43,17 @@ class ProbeSet:
         return int(self._bpf["execs"][ctypes.c_int(0)].value)
 
     def detach(self) -> None:
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        """Remove every probe. Each removal waits for the kernel's grace period
+        (~0.06-0.1 s): one by one, as bcc's cleanup() does, 60 probes took 5 s, so
+        they are closed concurrently first; cleanup() then frees the rest."""
+        if self._bpf is None:
+            return
+        bpf, self._bpf = self._bpf, None
+        jobs = [(bpf.detach_uprobe_event, ev) for ev in list(bpf.uprobe_fds)]
+        jobs += [(bpf.detach_tracepoint, tp) for tp in list(bpf.tracepoint_fds)]
+        if jobs:
+            with ThreadPoolExecutor(max_workers=min(len(jobs), 64)) as pool:
+                for future in [pool.submit(fn, name) for fn, name in jobs]:
+                    with contextlib.suppress(Exception):  # cleanup() retries what failed
+                        future.result()
+        bpf.cleanup()
