@@ -33,6 +33,7 @@ LEAKY_TRUTH = {
     "lib_leak": (999, 3),
 }
 PLUGIN_TRUTH = {"plugin_leak": (2_220, 5)}
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 
 def malloc_sites(report: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -46,10 +47,11 @@ def site(report: dict[str, Any], function: str, kind: str = "malloc") -> dict[st
     return found[0]
 
 
-def run_json(tmp_path: Path, *args: str) -> tuple[dict[str, Any], int]:
+def run_json(tmp_path: Path, *args: str, preload: str = "") -> tuple[dict[str, Any], int]:
     out = tmp_path / "report.json"
     proc = subprocess.run([NATRACE, "run", "--json", "-o", str(out), *args],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "LD_PRELOAD": preload})
     assert out.exists(), proc.stderr
     assert out.stat().st_mode & 0o777 == 0o600
     return json.loads(out.read_text()), proc.returncode
@@ -85,21 +87,19 @@ def test_run_exact_figures_for_every_entry_point(tmp_path: Path) -> None:
 
 def test_jemalloc_preloaded_is_traced_exactly(tmp_path: Path) -> None:
     """The allocator is found from what the target maps: jemalloc via LD_PRELOAD."""
-    jemalloc = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
-    out = tmp_path / "report.json"
-    proc = subprocess.run([NATRACE, "run", "--json", "-o", str(out), "--", str(build().leaky),
-                           "--churn", "100000"], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "LD_PRELOAD": jemalloc})
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    report, code = run_json(tmp_path, "--", str(build().leaky), "--churn", "100000",
+                            preload=JEMALLOC)
+    assert code == 0
     sites = malloc_sites(report)
     for function, expected in LEAKY_TRUTH.items():
         assert sites.get(function) == expected, (function, sites)
     assert not any(report["loss"].values()), report["loss"]
 
 
-def test_cxx_new_is_charged_to_its_caller(tmp_path: Path) -> None:
-    report, code = run_json(tmp_path, "--", str(build().leaky_cpp))
+@pytest.mark.parametrize("preload", ["", JEMALLOC])
+def test_cxx_new_is_charged_to_its_caller(preload: str, tmp_path: Path) -> None:
+    """libstdc++'s new calls malloc; jemalloc's own new and delete bypass it."""
+    report, code = run_json(tmp_path, "--", str(build().leaky_cpp), preload=preload)
     assert code == 0
     sites = malloc_sites(report)
     assert sites["make_widgets()"] == (6 * 48, 6)
