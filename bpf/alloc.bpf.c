@@ -95,11 +95,6 @@ static __always_inline void record(void *ctx, u64 addr, u64 size) {
         return;
     }
 #endif
-    if (allocs.lookup(&addr)) {
-        /* The block was released by a path we don't see: drop the old record. */
-        release(addr);
-        count(NATRACE_CNT_STALE, 1);
-    }
     struct alloc_info info = {};
     info.size = size;
     info.ts_ns = bpf_ktime_get_ns();
@@ -116,7 +111,15 @@ static __always_inline void record(void *ctx, u64 addr, u64 size) {
             return;
         }
     }
-    if (allocs.update(&addr, &info) != 0) {
+    /* Insert-if-absent spares a lookup on every allocation; an address already
+     * there was released by a path we don't see: drop the old record first. */
+    int err = allocs.insert(&addr, &info);
+    if (err == -EEXIST) {
+        release(addr);
+        count(NATRACE_CNT_STALE, 1);
+        err = allocs.insert(&addr, &info);
+    }
+    if (err != 0) {
         count(NATRACE_CNT_UNTRACKED, 1);
         count(NATRACE_CNT_UNTRACKED_BYTES, size);
         return;
