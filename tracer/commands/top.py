@@ -44,7 +44,7 @@ def command(pid: int | None, interval: float, iterations: int | None, view: str,
     """Watch call sites, modules and memory of a live process, refreshed every interval.
 
     Give -p PID to attach, or -- CMD ARGS to launch. Leak suspects (LEAK) are sites
-    whose unfreed bytes keep growing, not the largest. Keys: v/1-5 view, s sort,
+    whose unfreed bytes keep growing, not the largest. Keys: v/1-6 view, s sort,
     p pause, / filter, Enter stack, w write the report (-o FILE, --json),
     f write an HTML flamegraph, q quit.
     Quitting detaches every probe and leaves the process running.

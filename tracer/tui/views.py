@@ -198,6 +198,33 @@ def syscalls_table(state: LiveState) -> Table:
     return Table("Memory syscalls", columns, rows, empty="no memory syscalls seen")
 
 
+def handles_table(state: LiveState) -> Table:
+    """Create/destroy pairs (PGresult, PGconn, N-API references, --handle): live handles,
+    growth, and the call sites that created the live ones."""
+    columns = [Column("HANDLE", 22), Column("LIVE", 9, True), Column("CREATED", 9, True),
+               Column("/MIN", 9, True), Column("OLDEST", 8, True), Column("CREATED AT", 0)]
+    rows = []
+    for handle in state.snapshot.handles:
+        growth = handle.per_minute or 0.0
+        oldest = handle.oldest_age or 0.0
+        rows.append(Row(key=handle.name,
+                        cells=(handle.name, f"{handle.live:,}", f"{handle.created:,}",
+                               f"{growth:+,.0f}" if handle.per_minute is not None else "",
+                               duration(oldest) if handle.oldest_age is not None else "", ""),
+                        sort=(handle.name, handle.live, handle.created, growth, oldest, "")))
+        for hs in handle.sites[:5]:
+            where = site_label(hs.site) + (f" via {hs.site.via}" if hs.site.via else "")
+            rows.append(Row(key=f"{handle.name}\0{where}",
+                            cells=("", f"{hs.live:,}", f"{hs.created:,}", "",
+                                   duration(hs.oldest_age) if hs.oldest_age is not None
+                                   else "", where),
+                            sort=(handle.name, hs.live, hs.created, 0.0,
+                                  hs.oldest_age or 0.0, where),
+                            stack=stack_lines(hs.site.frames, hs.site.charge_index, where)))
+    return Table("Handles (create/destroy pairs)", columns, rows,
+                 empty="no handle pairs traced (libpq, node, or --handle)")
+
+
 # name -> (key that shows it, builder); the order of the help bar
 VIEWS: dict[str, tuple[str, Callable[[LiveState], Table]]] = {
     "sites": ("1", sites_table),
@@ -205,6 +232,7 @@ VIEWS: dict[str, tuple[str, Callable[[LiveState], Table]]] = {
     "locks": ("3", locks_table),
     "syscalls": ("4", syscalls_table),
     "regions": ("5", regions_table),
+    "handles": ("6", handles_table),
 }
 
 
