@@ -63,3 +63,19 @@ def test_attached_with_snapshot(e2e: Env, tmp_path: Path) -> None:
     finally:
         app.kill()
         app.wait()
+
+
+def test_javascript_frames_are_named_from_node_perf_map(e2e: Env, tmp_path: Path) -> None:
+    """`node --perf-basic-prof` writes /tmp/perf-PID.map: the JS functions that called
+    into the addon appear by name, classed js, in its allocation stack."""
+    out = tmp_path / "report.json"
+    node, *rest = scenario.app_command(e2e.conninfo, 3)
+    proc = subprocess.run([NATRACE, "run", "--json", "-o", str(out), "--", node,
+                           "--perf-basic-prof", *rest],
+                          env={**os.environ, "VAULT_ADDON": str(e2e.addon)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    stash = next(s for s in report["sites"] if s["function"] == "vault_stash_blocks")
+    js = [f["symbol"] for f in stash["stack"] if f["module_class"] == "js"]
+    assert any(s.startswith("JS:") and "tick" in s and "app.js" in s for s in js), js
