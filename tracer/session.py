@@ -100,7 +100,7 @@ class Session:
                 next_tick = now + interval
                 if on_interval is not None:
                     on_interval(self)
-                time.sleep(POLL_SECONDS)
+            time.sleep(POLL_SECONDS)
         self._poll()
 
     def poll(self) -> bool:
