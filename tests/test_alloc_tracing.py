@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 from allocfixtures import build
+from tracing import snapshot_json, waiting
 
 pytestmark = pytest.mark.bpf
 
@@ -109,31 +109,12 @@ def test_cxx_new_is_charged_to_its_caller(preload: str, tmp_path: Path) -> None:
 
 def test_snapshot_attaches_to_a_running_process() -> None:
     fx = build()
-    target = subprocess.Popen([str(fx.leaky), "--wait", "--churn", "200000", "--plugin",
-                               str(fx.plugin)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
-    assert target.stdout is not None and target.stdin is not None
-    try:
-        assert target.stdout.readline().startswith("ready")
-        tracer = subprocess.Popen([NATRACE, "snapshot", "-p", str(target.pid), "--duration",
-                                   "120", "--json"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        assert tracer.stderr is not None
-        attached = tracer.stderr.readline()
-        assert "attached to PID" in attached, attached + tracer.stderr.read()
-        target.stdin.write("x")
-        target.stdin.flush()
-        assert target.stdout.readline().strip() == "done"
-        tracer.send_signal(signal.SIGINT)  # stop early: the report is still written
-        out, err = tracer.communicate(timeout=60)
-        assert tracer.returncode == 0, err
-        report = json.loads(out)
+    with waiting(str(fx.leaky), "--wait", "--churn", "200000", "--plugin",
+                 str(fx.plugin)) as target:
+        report = snapshot_json(target)
         assert report["target_exited"] is False
         assert_leaky_truth(report, with_plugin=True)
         assert target.poll() is None  # the target runs on, unharmed
-    finally:
-        target.kill()
-        target.wait()
 
 
 def test_sampled_mode_estimates_within_ten_percent(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 from handlefixtures import build
 from pgserver import PgServer, private_server
+from tracing import snapshot_json, waiting
 
 from tracer.probes.handles import find_library, parse_pair
 
@@ -112,33 +112,14 @@ def test_libpq_results_and_connections(tmp_path: Path, pg: PgServer) -> None:
 
 @pytest.mark.bpf
 def test_libpq_snapshot_of_a_running_process(pg: PgServer) -> None:
-    target = subprocess.Popen([str(build().pgresults), pg.conninfo, "--wait"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert target.stdout is not None and target.stdin is not None
-    try:
-        assert target.stdout.readline().startswith("ready")
-        tracer = subprocess.Popen([NATRACE, "snapshot", "-p", str(target.pid), "--duration",
-                                   "120", "--json"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        assert tracer.stderr is not None
-        attached = tracer.stderr.readline()
-        assert "attached to PID" in attached, attached + tracer.stderr.read()
-        target.stdin.write("x")
-        target.stdin.flush()
-        assert target.stdout.readline().strip() == "done"
-        tracer.send_signal(signal.SIGINT)
-        out, err = tracer.communicate(timeout=60)
-        assert tracer.returncode == 0, err
-        report = json.loads(out)
+    with waiting(str(build().pgresults), pg.conninfo, "--wait") as target:
+        report = snapshot_json(target)
         assert report["target_exited"] is False
         results = pair(report, "libpq PGresult")
         assert results["live"] == 137
         assert live_by_function(results) == {"keep_reports": 100, "keep_audit": 37}
         assert pair(report, "libpq PGconn")["live"] == 2
         assert target.poll() is None
-    finally:
-        target.kill()
-        target.wait()
 
 
 @pytest.mark.bpf
@@ -173,31 +154,12 @@ def test_user_pairs_exact(tmp_path: Path) -> None:
 @pytest.mark.bpf
 def test_destroying_handles_made_before_attach_is_counted(tmp_path: Path) -> None:
     fx = build()
-    target = subprocess.Popen([str(fx.widgets), "--wait"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    assert target.stdout is not None and target.stdin is not None
-    try:
-        assert target.stdout.readline().startswith("ready")
-        tracer = subprocess.Popen([NATRACE, "snapshot", "-p", str(target.pid), "--duration",
-                                   "120", "--json", "--handle",
-                                   "libwidget:widget_new:widget_free"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert tracer.stderr is not None
-        attached = tracer.stderr.readline()
-        assert "attached to PID" in attached, attached + tracer.stderr.read()
-        target.stdin.write("x")
-        target.stdin.flush()
-        assert target.stdout.readline().strip() == "done"
-        tracer.send_signal(signal.SIGINT)
-        out, err = tracer.communicate(timeout=60)
-        assert tracer.returncode == 0, err
-        widgets = pair(json.loads(out), "libwidget widget_new")
-        # widget_pair is not traced here: its two widget_new calls count as two handles
-        assert (widgets["created"], widgets["destroyed"], widgets["destroyed_unknown"],
-                widgets["live"]) == (50, 15, 4, 35)
-    finally:
-        target.kill()
-        target.wait()
+    with waiting(str(fx.widgets), "--wait") as target:
+        report = snapshot_json(target, "--handle", "libwidget:widget_new:widget_free")
+    widgets = pair(report, "libwidget widget_new")
+    # widget_pair is not traced here: its two widget_new calls count as two handles
+    assert (widgets["created"], widgets["destroyed"], widgets["destroyed_unknown"],
+            widgets["live"]) == (50, 15, 4, 35)
 
 
 @pytest.mark.bpf

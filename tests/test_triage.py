@@ -6,13 +6,13 @@ from __future__ import annotations
 import functools
 import json
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tracing import snapshot_json, waiting
 
 from tracer.model.locks import percentile_ns
 from tracer.unwind import _ends_in_call, splice_caller
@@ -92,27 +92,8 @@ def test_contended_mutex_is_flagged_with_its_locking_function(tmp_path: Path) ->
 
 @pytest.mark.bpf
 def test_memory_syscalls_counts_bytes_and_errors_are_exact() -> None:
-    target = subprocess.Popen([str(build("memsys"))], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    assert target.stdout is not None and target.stdin is not None
-    try:
-        assert target.stdout.readline().startswith("ready")
-        tracer = subprocess.Popen([NATRACE, "snapshot", "-p", str(target.pid), "--duration",
-                                   "120", "--no-allocs", "--json"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        assert tracer.stderr is not None
-        attached = tracer.stderr.readline()
-        assert "attached to PID" in attached, attached + tracer.stderr.read()
-        target.stdin.write("x")
-        target.stdin.flush()
-        assert target.stdout.readline().strip() == "done"
-        tracer.send_signal(signal.SIGINT)
-        out, err = tracer.communicate(timeout=60)
-        assert tracer.returncode == 0, err
-    finally:
-        target.kill()
-        target.wait()
-    report = json.loads(out)
+    with waiting(str(build("memsys"))) as target:
+        report = snapshot_json(target, "--no-allocs")
     assert report["mode"] == "triage"
     rows = {s["syscall"]: s for s in report["syscalls"]}
     # Between attach and "done" the fixture makes only do_maps()'s calls (memsys.c).

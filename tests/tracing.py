@@ -3,11 +3,14 @@ held at its `--wait` gate, and a check that no probe is left in a process."""
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 NATRACE = str(Path(sys.executable).with_name("natrace"))
 
@@ -69,3 +72,15 @@ def patched_code_bytes(pid: int) -> int:
                     differ += sum(a != b for a, b in zip(live[off:off + 4096],
                                                          disk[off:off + 4096]))
     return differ
+
+
+def snapshot_json(target: subprocess.Popen[str], *args: str) -> dict[str, Any]:
+    """`natrace snapshot -p` (with ARGS) on a fixture held by `waiting`: attach, let the
+    fixture work, stop natrace with SIGINT once it is done; the JSON report."""
+    tracer = attach(target.pid, "--duration", "10m", "--json", *args)
+    release(target)
+    tracer.send_signal(signal.SIGINT)  # stop early: the report is still written
+    out, err = tracer.communicate(timeout=120)
+    assert tracer.returncode == 0, err
+    report: dict[str, Any] = json.loads(out)
+    return report
