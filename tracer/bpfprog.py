@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from tracer import doctor
 from tracer.errors import KernelFeatureError
 
 _HEADER = "natrace.h"
@@ -72,6 +73,9 @@ def compile_program(name: str, defines: dict[str, int | str]) -> Any:
     """Compile bpf/<name> with -D parameters; one line of bcc's complaint on failure."""
     bcc = import_bcc()
     src = source_dir()
+    tracefs, check = doctor.find_tracefs()
+    if tracefs is None:
+        raise KernelFeatureError(f"tracefs is not usable ({check.detail}): {check.fix}")
     if not Path(f"/lib/modules/{os.uname().release}/build/include").exists():
         raise KernelFeatureError(
             f"no kernel headers at /lib/modules/{os.uname().release}/build: "
