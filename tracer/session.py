@@ -1,8 +1,8 @@
 """One tracing session: a target, its probes, and the loop that keeps them drained.
 
-The engine under `run` and `snapshot` (and later `top`, `record`): attach or launch,
-poll until a deadline, a signal or the target's exit, then turn what the probes hold
-into a model Snapshot. Probes are always detached, whatever happens.
+The engine under every tracing command (run, snapshot, top, record, guard): attach or
+launch, poll until a deadline, a signal, the target's exit or exec, then turn what the
+probes hold into a model Snapshot. Probes are always detached, whatever happens.
 """
 
 from __future__ import annotations
