@@ -73,7 +73,8 @@ def test_javascript_frames_are_named_from_node_perf_map(e2e: Env, tmp_path: Path
     proc = subprocess.run([NATRACE, "run", "--json", "-o", str(out), "--", node,
                            "--perf-basic-prof", *rest],
                           env={**os.environ, "VAULT_ADDON": str(e2e.addon)},
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)  # node drops isolate-*.log files in its cwd
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     stash = next(s for s in report["sites"] if s["function"] == "vault_stash_blocks")
