@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tracer.model.frames import Frame, function_key
+from tracer.model.frames import Frame, charged, function_key
 
 
 @dataclass
@@ -20,9 +20,7 @@ class CallSite:
 
     @property
     def frame(self) -> Frame | None:
-        if not self.frames:
-            return None
-        return self.frames[min(self.charge_index, len(self.frames) - 1)]
+        return charged(self.frames, self.charge_index)
 
     @property
     def function(self) -> str | None:

@@ -41,6 +41,11 @@ class Frame:
         return text
 
 
+def charged(frames: list[Frame], charge_index: int) -> Frame | None:
+    """The frame figures are charged to (None for a stack that was not captured)."""
+    return frames[min(charge_index, len(frames) - 1)] if frames else None
+
+
 def function_key(frame: Frame | None, lost_stack: str | None = None) -> tuple[str, str]:
     """The function a call site is grouped by across stacks and snapshots: (module,
     symbol), else (module, offset), else the bare address; ("", "lost:WHY") for a
