@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from tracer.live import LiveState
 from tracer.model.callsite import CallSite
 from tracer.model.frames import Frame
-from tracer.reporters.text import size
+from tracer.units import format_size as size
 
 SPARK = "▁▂▃▄▅▆▇█"
 SUSPECT = "LEAK"
