@@ -21,12 +21,13 @@ class Built:
     arenas: Path
     mappings: Path
     grower: Path
+    frag: Path
 
 
 @functools.cache
 def build() -> Built:
     BUILD.mkdir(parents=True, exist_ok=True)
-    for name in ("arenas", "mappings", "grower"):
+    for name in ("arenas", "mappings", "grower", "frag"):
         subprocess.run(["gcc", *CFLAGS, "-o", str(BUILD / name), str(SRC / f"{name}.c")],
                        check=True, capture_output=True)
-    return Built(BUILD / "arenas", BUILD / "mappings", BUILD / "grower")
+    return Built(BUILD / "arenas", BUILD / "mappings", BUILD / "grower", BUILD / "frag")

@@ -1,0 +1,524 @@
+"""glibc malloc's own books, read from outside through /proc/PID/mem.
+
+No injection and no stopping: the arenas (main_arena and its `next` list), each
+arena's system memory, top chunk, fastbins, unsorted, small and large bins, and the
+tcaches found at the start of each heap are read while the process runs. The struct
+layouts and the addresses of main_arena and mp_ come from libc's debug info
+(libc6-dbg, by build-id) through pyelftools' DWARF, derived once per build-id and
+cached.
+
+Every pointer followed must lie in one of the arena's heaps, be aligned, and agree
+with its neighbours (a free chunk's size matches its bin, the next chunk's prev_size
+and PREV_INUSE, fd/bk point back). An arena whose walk fails a check, whose lock was
+held, or whose malloc_state changed during the walk is read again, a bounded number
+of times, then reported as torn: its figures are never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from elftools.elf.elffile import ELFFile
+
+from tracer.files import write_private
+from tracer.model.books import AllocatorBooks, ArenaBooks, TcacheBooks
+from tracer.model.memory import ArenaHeap, Region
+from tracer.symbols.elfsyms import ElfSymbols, default_cache_dir
+
+LAYOUT_VERSION = 1
+SIZE_SZ = 8
+ALIGN = 16
+MINSIZE = 32
+PREV_INUSE, SIZE_BITS = 1, 7
+PAGE = os.sysconf("SC_PAGE_SIZE")
+ATTEMPTS = 20  # reads of one arena before it is reported torn
+BUSY_WAIT = 0.002  # seconds between attempts
+MAX_CHUNKS = 2_000_000  # free chunks walked per arena, all lists together
+MAX_ARENAS = 1024
+
+_LIBC = re.compile(r"(^|/)libc(\.so\.6|-2\.\d+\.so)$")
+_OTHER_ALLOCATOR = re.compile(r"(^|/)lib(jemalloc|tcmalloc|tcmalloc_minimal|mimalloc)[^/]*\.so")
+# struct -> members every reading needs
+_NEEDED = {
+    "malloc_state": ("mutex", "fastbinsY", "top", "bins", "next", "system_mem"),
+    "malloc_par": ("trim_threshold", "arena_max", "n_mmaps", "mmapped_mem", "sbrk_base",
+                   "tcache_bins", "tcache_count"),
+    "_heap_info": ("ar_ptr", "prev", "size"),
+    "tcache_perthread_struct": ("counts", "entries"),
+    "tcache_entry": ("next", "key"),
+}
+_VARIABLES = ("main_arena", "mp_")
+
+
+class Torn(Exception):
+    """The memory changed under the read (or a check failed): read again."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the reader needs from libc's DWARF: struct sizes, member offsets and array
+    lengths, and link-time addresses of main_arena and mp_."""
+
+    build_id: str
+    sizes: dict[str, int]
+    members: dict[str, dict[str, list[int]]]  # struct -> member -> [offset, elem size, count]
+    addresses: dict[str, int]
+
+    def off(self, struct_name: str, member: str) -> int:
+        return self.members[struct_name][member][0]
+
+    def count(self, struct_name: str, member: str) -> int:
+        return self.members[struct_name][member][2]
+
+    def elem(self, struct_name: str, member: str) -> int:
+        return self.members[struct_name][member][1]
+
+
+class NoLayout(Exception):
+    """libc's layout cannot be had (no debug info, or DWARF we do not understand)."""
+
+
+# -- layout from DWARF ------------------------------------------------------------------
+
+
+def layout_for(libc: str, debug_dirs: Sequence[str] | None = None,
+               cache_dir: str | None = None) -> Layout:
+    """The layout of the libc at `libc` (a path we can open); raises NoLayout."""
+    syms = ElfSymbols(libc, debug_dirs=debug_dirs, cache_dir="")
+    build_id = syms.build_id
+    if build_id is None:
+        raise NoLayout(f"{libc} has no build-id: its malloc books cannot be matched "
+                       f"to debug info")
+    cache = cache_dir if cache_dir is not None else os.path.join(default_cache_dir(), "books")
+    cached = os.path.join(cache, f"{build_id}.json") if cache else None
+    if cached and os.path.exists(cached):
+        try:
+            with open(cached) as fh:
+                data = json.load(fh)
+            if data.get("v") == LAYOUT_VERSION:
+                return Layout(build_id, data["sizes"], data["members"], data["addresses"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    debug = syms.debug_file if syms.source != "symtab" else libc
+    if debug is None:
+        dirs = ", ".join(syms.debug_dirs)
+        raise NoLayout(f"no debug info for {os.path.basename(libc)} (build-id {build_id}) "
+                       f"under {dirs}: install libc6-dbg to read glibc's malloc books")
+    layout = _layout_from_dwarf(debug, build_id)
+    if cached:
+        try:
+            os.makedirs(cache, mode=0o700, exist_ok=True)
+            write_private(cached, json.dumps({"v": LAYOUT_VERSION, **asdict(layout)}))
+        except OSError:
+            pass
+    return layout
+
+
+def _layout_from_dwarf(path: str, build_id: str) -> Layout:
+    try:
+        with open(path, "rb") as fh:
+            elf = ELFFile(fh)
+            if not elf.has_dwarf_info():
+                raise NoLayout(f"{path} has no DWARF: cannot read glibc's malloc books")
+            dwarf = elf.get_dwarf_info()
+            for cu in dwarf.iter_CUs():
+                name = cu.get_top_DIE().attributes.get("DW_AT_name")
+                if name is not None and re.search(rb"(^|/)malloc\.c$", name.value):
+                    return _layout_from_cu(cu, build_id)
+    except NoLayout:
+        raise
+    except Exception as e:  # hostile or unexpected DWARF: say so in one line
+        raise NoLayout(f"cannot read malloc's layout from {path}: {type(e).__name__}") from e
+    raise NoLayout(f"{path} has no malloc.c compile unit: cannot read glibc's malloc books")
+
+
+def _layout_from_cu(cu: Any, build_id: str) -> Layout:
+    sizes: dict[str, int] = {}
+    members: dict[str, dict[str, list[int]]] = {}
+    addresses: dict[str, int] = {}
+    for die in cu.iter_DIEs():
+        name_attr = die.attributes.get("DW_AT_name")
+        if name_attr is None:
+            continue
+        name = name_attr.value.decode()
+        if (die.tag == "DW_TAG_structure_type" and name in _NEEDED and name not in sizes
+                and "DW_AT_byte_size" in die.attributes):
+            sizes[name] = die.attributes["DW_AT_byte_size"].value
+            members[name] = {
+                c.attributes["DW_AT_name"].value.decode(): [
+                    c.attributes["DW_AT_data_member_location"].value, *_shape(c)]
+                for c in die.iter_children()
+                if c.tag == "DW_TAG_member" and "DW_AT_name" in c.attributes
+                and "DW_AT_data_member_location" in c.attributes}
+        elif die.tag == "DW_TAG_variable" and name in _VARIABLES:
+            loc = die.attributes.get("DW_AT_location")
+            if loc is not None and isinstance(loc.value, list) and len(loc.value) == 9 \
+                    and loc.value[0] == 0x03:  # DW_OP_addr
+                addresses[name] = int.from_bytes(bytes(loc.value[1:]), "little")
+    for s, needed in _NEEDED.items():
+        missing = [m for m in needed if m not in members.get(s, {})]
+        if missing:
+            raise NoLayout(f"glibc's {s} has no {', '.join(missing)} in its debug info: "
+                           f"this glibc's malloc books cannot be read")
+    for v in _VARIABLES:
+        if v not in addresses:
+            raise NoLayout(f"glibc's debug info does not place {v}: malloc books unreadable")
+    return Layout(build_id, sizes, members, addresses)
+
+
+def _shape(member: Any) -> tuple[int, int]:
+    """(element size, element count) of a member's type; count 1 for a scalar."""
+    t = member.get_DIE_from_attribute("DW_AT_type")
+    count = 1
+    while True:
+        if t.tag == "DW_TAG_array_type":
+            for sub in t.iter_children():
+                if "DW_AT_count" in sub.attributes:
+                    count *= sub.attributes["DW_AT_count"].value
+                elif "DW_AT_upper_bound" in sub.attributes:
+                    count *= sub.attributes["DW_AT_upper_bound"].value + 1
+        elif "DW_AT_byte_size" in t.attributes:
+            return t.attributes["DW_AT_byte_size"].value, count
+        elif t.tag == "DW_TAG_pointer_type":
+            return 8, count
+        if "DW_AT_type" not in t.attributes:
+            return 0, count
+        t = t.get_DIE_from_attribute("DW_AT_type")
+
+
+# -- reading the process ------------------------------------------------------------------
+
+
+class Memory:
+    """The target's memory, read with pread on /proc/PID/mem (root, or ptrace access)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        self._pagemap: int | None = None
+
+    def read(self, addr: int, size: int) -> bytes:
+        try:
+            data = os.pread(self._fd, size, addr)
+        except OSError as e:
+            raise Torn(f"unreadable at {addr:#x}") from e
+        if len(data) != size:
+            raise Torn(f"short read at {addr:#x}")
+        return data
+
+    def u64(self, addr: int) -> int:
+        return int.from_bytes(self.read(addr, 8), "little")
+
+    def resident(self, start: int, end: int) -> int:
+        """Bytes of [start, end) whose pages are in RAM (pagemap's present bit)."""
+        if end <= start:
+            return 0
+        first, last = start // PAGE, (end - 1) // PAGE
+        try:
+            if self._pagemap is None:
+                self._pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
+            data = os.pread(self._pagemap, 8 * (last - first + 1), 8 * first)
+        except OSError:
+            return 0
+        present = [e >> 63 for (e,) in struct.iter_unpack("<Q", data)]
+        total = sum(present) * PAGE
+        if present and present[0]:
+            total -= start - first * PAGE
+        if present and present[-1]:
+            total -= (last + 1) * PAGE - end
+        return total
+
+    def close(self) -> None:
+        for fd in (self._fd, self._pagemap):
+            if fd is not None:
+                os.close(fd)
+
+
+@dataclass(frozen=True)
+class _Range:
+    start: int
+    end: int
+
+
+class _Arena:
+    """One arena's address and the ranges its chunks may lie in."""
+
+    def __init__(self, address: int, main: bool, ranges: list[_Range]) -> None:
+        self.address = address
+        self.main = main
+        self.ranges = ranges
+
+    def holds(self, addr: int, size: int = MINSIZE) -> bool:
+        return any(r.start <= addr and addr + size <= r.end for r in self.ranges)
+
+
+def read_books(pid: int, regions: Sequence[Region], heaps: Sequence[ArenaHeap],
+               threads: int | None = None, debug_dirs: Sequence[str] | None = None,
+               cache_dir: str | None = None) -> AllocatorBooks:
+    """The allocator's books now. `regions` are the process's smaps regions and `heaps`
+    the arena heaps found among them (tracer.memory.regions)."""
+    at = time.time()
+    other = next((m.group(2) for r in regions if r.backing == "file"
+                  for m in [_OTHER_ALLOCATOR.search(r.path)] if m), None)
+    if other is not None:
+        return AllocatorBooks(other, False, _unreadable(other), at=at, threads=threads)
+    libc = next((r for r in regions if r.backing == "file" and _LIBC.search(r.path)), None)
+    if libc is None:
+        return AllocatorBooks("glibc", False, "no libc.so.6 mapped (a static program?): "
+                              "glibc's malloc books cannot be found", at=at, threads=threads)
+    base = _load_base(pid, libc.path, regions)
+    try:
+        layout = layout_for(_openable(pid, libc.path), debug_dirs, cache_dir)
+    except NoLayout as e:
+        return AllocatorBooks("glibc", False, str(e), at=at, threads=threads)
+    try:
+        mem = Memory(pid)
+    except OSError as e:
+        return AllocatorBooks("glibc", False, f"cannot read /proc/{pid}/mem "
+                              f"({e.strerror}): run as root", at=at, threads=threads)
+    try:
+        return _read(mem, layout, base, regions, heaps, threads, at)
+    finally:
+        mem.close()
+
+
+def _unreadable(allocator: str) -> str:
+    return (f"the process allocates with {allocator}, whose books natrace cannot read "
+            f"from outside (no debug layout for it): free-vs-live inside {allocator} and "
+            f"its retained pages are not measured")
+
+
+def _openable(pid: int, path: str) -> str:
+    inside = f"/proc/{pid}/root{path}"
+    return inside if os.path.exists(inside) else path
+
+
+def _load_base(pid: int, path: str, regions: Sequence[Region]) -> int:
+    """Where offset 0 of libc is mapped (its first mapping maps offset 0)."""
+    with open(f"/proc/{pid}/maps") as fh:
+        for line in fh:
+            f = line.split()
+            if len(f) >= 6 and f[5] == path and int(f[2], 16) == 0:
+                return int(f[0].split("-")[0], 16)
+    return min(r.start for r in regions if r.path == path)
+
+
+def _read(mem: Memory, layout: Layout, base: int, regions: Sequence[Region],
+          heaps: Sequence[ArenaHeap], threads: int | None, at: float) -> AllocatorBooks:
+    mp = base + layout.addresses["mp_"]
+    par = mem.read(mp, layout.sizes["malloc_par"])
+
+    def p(member: str) -> int:
+        o, size, _ = layout.members["malloc_par"][member]
+        return int.from_bytes(par[o:o + size], "little")
+
+    main = base + layout.addresses["main_arena"]
+    brk = [_Range(r.start, r.end) for r in regions if r.backing == "heap"]
+    arenas = _arena_list(mem, layout, main, brk, heaps)
+    books = AllocatorBooks("glibc", True, at=at, threads=threads, mmapped=p("mmapped_mem"),
+                           mmapped_blocks=p("n_mmaps"), trim_threshold=p("trim_threshold"),
+                           arena_max=p("arena_max"))
+    for arena in arenas:
+        for _ in range(ATTEMPTS):
+            try:
+                books.arenas.append(_read_arena(mem, layout, arena, heaps))
+                break
+            except Torn:
+                time.sleep(BUSY_WAIT)
+        else:
+            books.torn.append(arena.address)
+    books.tcaches = _tcaches(mem, layout, arenas, p("sbrk_base"), p("tcache_bins"),
+                             p("tcache_count"))
+    return books
+
+
+def _arena_list(mem: Memory, layout: Layout, main: int, brk: list[_Range],
+                heaps: Sequence[ArenaHeap]) -> list[_Arena]:
+    """main_arena, then its `next` list: each must be the arena of a heap found."""
+    by_arena: dict[int, list[_Range]] = {}
+    for h in heaps:
+        if h.arena is not None:
+            by_arena.setdefault(h.arena, []).append(_Range(h.start, h.start + h.mapped))
+    out = [_Arena(main, True, brk)]
+    nxt = layout.off("malloc_state", "next")
+    addr = main
+    for _ in range(MAX_ARENAS):
+        addr = mem.u64(addr + nxt)
+        if addr == main:
+            return out
+        if addr not in by_arena:  # not one of the heaps' arenas: stop, never guess
+            return out
+        out.append(_Arena(addr, False, by_arena[addr]))
+    return out
+
+
+def _read_arena(mem: Memory, layout: Layout, arena: _Arena,
+                heaps: Sequence[ArenaHeap]) -> ArenaBooks:
+    size = layout.sizes["malloc_state"]
+    raw = mem.read(arena.address, size)
+
+    def field(member: str, i: int = 0) -> int:
+        o = layout.off("malloc_state", member) + 8 * i
+        return int.from_bytes(raw[o:o + 8], "little")
+
+    if struct.unpack_from("<i", raw, layout.off("malloc_state", "mutex"))[0]:
+        raise Torn("arena locked")
+    system_mem = field("system_mem")
+    top = field("top")
+    bin0 = arena.address + layout.off("malloc_state", "bins") - 2 * SIZE_SZ
+    if system_mem == 0 and top == bin0:  # never used (another allocator, or no malloc yet)
+        return ArenaBooks(arena.address, arena.main, 0, 0, 0, 0, 0, 0, 0, 0)
+    walk = _Walk(mem, arena)
+    top_size = walk.chunk_size(top)
+    if not arena.holds(top, top_size):
+        raise Torn("top chunk outside the arena's heaps")
+    fast = sum(walk.fastbin(field("fastbinsY", i), (i + 2) * ALIGN)
+               for i in range(layout.count("malloc_state", "fastbinsY")))
+    bins = [0, 0, 0]  # unsorted, small, large
+    for i in range(1, layout.count("malloc_state", "bins") // 2 + 1):
+        head = bin0 + (i - 1) * 2 * SIZE_SZ
+        kind = 0 if i == 1 else 1 if i < 64 else 2
+        bins[kind] += walk.bin(head, field("bins", 2 * (i - 1) + 1), i)
+    if mem.read(arena.address, size) != raw:
+        raise Torn("arena changed during the walk")
+    resident = walk.resident + mem.resident(top + 2 * SIZE_SZ, top + top_size)
+    nheaps = 1 if arena.main else sum(1 for h in heaps if h.arena == arena.address)
+    return ArenaBooks(arena.address, arena.main, nheaps, system_mem, top_size, fast, bins[0],
+                      bins[1], bins[2], walk.chunks, resident)
+
+
+class _Walk:
+    """Free-list walks of one arena, every pointer checked."""
+
+    def __init__(self, mem: Memory, arena: _Arena) -> None:
+        self.mem = mem
+        self.arena = arena
+        self.chunks = 0
+        self.resident = 0
+
+    def chunk_size(self, p: int) -> int:
+        if p % ALIGN or not self.arena.holds(p):
+            raise Torn(f"chunk {p:#x} outside the arena")
+        return self.mem.u64(p + SIZE_SZ) & ~SIZE_BITS
+
+    def _count(self) -> None:
+        self.chunks += 1
+        if self.chunks > MAX_CHUNKS:
+            raise Torn("too many free chunks")
+
+    def fastbin(self, p: int, want: int) -> int:
+        total = 0
+        while p:
+            self._count()
+            if self.chunk_size(p) != want:
+                raise Torn("fastbin chunk of the wrong size")
+            total += want
+            fd_at = p + 2 * SIZE_SZ
+            p = (fd_at >> 12) ^ self.mem.u64(fd_at)  # safe-linking (glibc 2.32+)
+        return total
+
+    def bin(self, head: int, last: int, index: int) -> int:
+        """Walk bin `index` backwards from its head, as mallinfo does."""
+        total, prev, p = 0, head, last
+        while p != head:
+            self._count()
+            if p % ALIGN or not self.arena.holds(p, 4 * SIZE_SZ):
+                raise Torn("bin chunk outside the arena")
+            _, size, fd, bk = struct.unpack("<4Q", self.mem.read(p, 4 * SIZE_SZ))
+            size &= ~SIZE_BITS
+            if fd != prev or not _fits_bin(size, index) or not self.arena.holds(p, size):
+                raise Torn("bin chunk inconsistent with its list")
+            prev_size, next_size = struct.unpack("<2Q", self.mem.read(p + size, 2 * SIZE_SZ))
+            if prev_size != size or next_size & PREV_INUSE:
+                raise Torn("free chunk's footer disagrees")
+            self.resident += self.mem.resident(p + 2 * SIZE_SZ, p + size)
+            total += size
+            prev, p = p, bk
+        return total
+
+
+def _fits_bin(size: int, index: int) -> bool:
+    if size < MINSIZE:
+        return False
+    if index == 1:
+        return True
+    if index < 64:
+        return size == index * ALIGN
+    return _largebin_index(size) == index
+
+
+def _largebin_index(sz: int) -> int:
+    """glibc's largebin_index_64."""
+    for shift, limit, base in ((6, 48, 48), (9, 20, 91), (12, 10, 110), (15, 4, 119),
+                               (18, 2, 124)):
+        if (sz >> shift) <= limit:
+            return base + (sz >> shift)
+    return 126
+
+
+def _tcaches(mem: Memory, layout: Layout, arenas: list[_Arena], sbrk_base: int,
+             nbins: int, max_count: int) -> list[TcacheBooks]:
+    """The tcache_perthread_struct at the start of each arena's first heap: a thread's
+    first malloc makes it there. Threads sharing an arena have theirs elsewhere; those
+    are not reachable without the thread pointer and are left out."""
+    def anywhere(addr: int) -> bool:
+        return any(a.holds(addr) for a in arenas)
+
+    size = layout.sizes["tcache_perthread_struct"]
+    chunk = (size + SIZE_SZ + ALIGN - 1) & ~(ALIGN - 1)
+    out = []
+    for arena in arenas:
+        first = sbrk_base if arena.main else arena.address + layout.sizes["malloc_state"]
+        first += -(first + 2 * SIZE_SZ) % ALIGN
+        for _ in range(ATTEMPTS):
+            try:
+                found = _tcache_at(mem, layout, arena, anywhere, first, chunk, nbins,
+                                   max_count)
+                break
+            except Torn:
+                time.sleep(BUSY_WAIT)
+        else:
+            found = None
+        if found is not None:
+            out.append(found)
+    return out
+
+
+def _tcache_at(mem: Memory, layout: Layout, arena: _Arena, anywhere: Callable[[int], bool],
+               p: int, chunk: int, nbins: int, max_count: int) -> TcacheBooks | None:
+    """A thread frees into its own tcache blocks of any arena: entries may lie in any."""
+    if not arena.holds(p, chunk) or mem.u64(p + SIZE_SZ) & ~SIZE_BITS != chunk:
+        return None
+    raw = mem.read(p + 2 * SIZE_SZ, layout.sizes["tcache_perthread_struct"])
+    co, cs = layout.off("tcache_perthread_struct", "counts"), \
+        layout.elem("tcache_perthread_struct", "counts")
+    eo = layout.off("tcache_perthread_struct", "entries")
+    nbins = min(nbins, layout.count("tcache_perthread_struct", "counts"))
+    counts = [int.from_bytes(raw[co + i * cs:co + (i + 1) * cs], "little") for i in range(nbins)]
+    entries = list(struct.unpack_from(f"<{nbins}Q", raw, eo))
+    if any(c > max_count or (c == 0) != (e == 0) for c, e in zip(counts, entries)):
+        return None  # not a tcache (or not yet one)
+    keys: set[int] = set()
+    for i, (c, e) in enumerate(zip(counts, entries)):
+        for _ in range(c):
+            if not e or e % ALIGN or not anywhere(e - 2 * SIZE_SZ):
+                raise Torn("tcache entry outside the arena")
+            if mem.u64(e - SIZE_SZ) & ~SIZE_BITS != MINSIZE + i * ALIGN:
+                raise Torn("tcache entry of the wrong size")
+            nxt, key = struct.unpack("<2Q", mem.read(e, 2 * SIZE_SZ))
+            keys.add(key)
+            e = (e >> 12) ^ nxt
+        if e:
+            raise Torn("tcache list longer than its count")
+    if len(keys) > 1:
+        raise Torn("tcache entries with different keys")
+    chunks = sum(counts)
+    return TcacheBooks(p, arena.address, chunks,
+                       sum(c * (MINSIZE + i * ALIGN) for i, c in enumerate(counts)))
