@@ -14,10 +14,10 @@ import argparse
 import signal
 import sys
 
-from tracer import bpfprog
-from tracer import target as targets
-from tracer.allocators import find_entry_points
+from tracer.probes import bpfprog
+from tracer.probes import target as targets
 from tracer.probes.alloc import entry_probe_offset
+from tracer.probes.allocators import find_entry_points
 
 PROGRAM = """
 int on_entry(void *ctx) { return 0; }

@@ -1,7 +1,7 @@
 /* Layouts shared by natrace's BPF programs and its Python side.
  *
  * The BPF C includes this file; Python reads the NATRACE_* #defines from it
- * (tracer/bpfprog.py) and gets the struct layouts from bcc, which builds its
+ * (tracer/probes/bpfprog.py) and gets the struct layouts from bcc, which builds its
  * ctypes from these very declarations. Change a layout here and both sides follow.
  */
 #ifndef NATRACE_H

@@ -7,7 +7,7 @@
  * id in a map that allocates on insert, so a big limit costs nothing until used.
  * Ids stay s32 and negative values stay -errno, like bpf_get_stackid's.
  *
- * Compile-time parameters: MAX_STACKS; NCPUS (possible CPUs, set by tracer/bpfprog.py).
+ * Compile-time parameters: MAX_STACKS; NCPUS (possible CPUs, set by tracer/probes/bpfprog.py).
  */
 #ifndef NATRACE_STACKS_BPF_H
 #define NATRACE_STACKS_BPF_H

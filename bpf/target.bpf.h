@@ -3,7 +3,7 @@
  * Included by each compile unit (alloc.bpf.c, triage.bpf.c): each gets its own copy
  * of the `armed` map and the exec tracepoint. bcc rewrites map calls (armed.lookup)
  * and generates tracepoint argument structs only in the main source, so
- * tracer/bpfprog.py pastes *.bpf.h includes into it before compiling.
+ * tracer/probes/bpfprog.py pastes *.bpf.h includes into it before compiling.
  *
  * Compile-time parameters:
  *   TARGET_TGID  the traced process

@@ -15,7 +15,7 @@ import pytest
 @functools.cache
 def bpf_unusable_reason() -> str | None:
     """Why BPF tracing cannot work here (the first failing doctor check), or None."""
-    from tracer import doctor
+    from tracer.probes import doctor
 
     _, tracefs = doctor.find_tracefs()
     for result in (

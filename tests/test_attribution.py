@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tracer.attribution import (
+from tracer.model.frames import Frame
+from tracer.symbols.attribution import (
     charge_frame,
     module_class,
     normalize_symbol,
     parse_charge_to,
     responsible_frame,
 )
-from tracer.model.frames import Frame
 
 
 @pytest.mark.parametrize("path, cls", [

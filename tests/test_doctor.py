@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import tracer
-from tracer import doctor
 from tracer.errors import PrivilegeError
-from tracer.privileges import PRIVILEGE_MESSAGE, require_tracing_privileges
+from tracer.probes import doctor
+from tracer.probes.privileges import PRIVILEGE_MESSAGE, require_tracing_privileges
 
 NATRACE = str(Path(sys.executable).parent / "natrace")
 REQUIRED = [
@@ -81,7 +81,7 @@ def test_kernel_check(release: str, status: str, words: str) -> None:
 
 def test_require_tracing_privileges_raises_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     failed = doctor.CheckResult("privileges", "fail", "euid 1000 without CAP_BPF", "x")
-    monkeypatch.setattr("tracer.privileges.check_privileges", lambda: failed)
+    monkeypatch.setattr("tracer.probes.privileges.check_privileges", lambda: failed)
     with pytest.raises(PrivilegeError) as info:
         require_tracing_privileges()
     assert str(info.value) == PRIVILEGE_MESSAGE
@@ -91,7 +91,8 @@ def test_require_tracing_privileges_raises_one_line(monkeypatch: pytest.MonkeyPa
 
 def test_require_tracing_privileges_passes_when_privileged(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        "tracer.privileges.check_privileges", lambda: doctor.CheckResult("privileges", "ok", "root")
+        "tracer.probes.privileges.check_privileges",
+        lambda: doctor.CheckResult("privileges", "ok", "root"),
     )
     require_tracing_privileges()
 
@@ -156,7 +157,8 @@ def _unprivileged_prefix() -> tuple[str, ...]:
     nobody = (setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all")
     # nobody may not be able to reach a checkout under /root: then stay uid 0 with no capabilities.
     reachable = subprocess.run(
-        [*nobody, sys.executable, "-c", "import tracer.doctor"], capture_output=True, timeout=60
+        [*nobody, sys.executable, "-c", "import tracer.probes.doctor"],
+        capture_output=True, timeout=60,
     )
     if reachable.returncode == 0:
         return nobody

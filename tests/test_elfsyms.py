@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from symfixtures import build, source_line
 
-from tracer.demangle import demangle, demangle_many
-from tracer.elfsyms import STATS, ElfSymbols
+from tracer.symbols.demangle import demangle, demangle_many
+from tracer.symbols.elfsyms import STATS, ElfSymbols
 
 NODE = "/usr/bin/node"
 EXPORTED = ("syms_alpha", "syms_beta", "syms_gamma")
@@ -119,7 +119,7 @@ def test_cxx_names_demangle() -> None:
 
 
 def test_cxxfilt_fallback_batches() -> None:
-    from tracer import demangle as d
+    from tracer.symbols import demangle as d
     out = d._cxxfilt(["_ZN5vault6Widget4growEi", "plain", "_Zbad!"])
     assert out == {"_ZN5vault6Widget4growEi": "vault::Widget::grow(int)", "plain": "plain",
                    "_Zbad!": "_Zbad!"}
@@ -153,7 +153,7 @@ def test_disk_cache_is_used_and_invalidated(tmp_path: Path) -> None:
 
 
 def test_default_cache_dir_honours_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from tracer.elfsyms import default_cache_dir
+    from tracer.symbols.elfsyms import default_cache_dir
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == str(tmp_path / "natrace")
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tracer.growth import GrowthPolicy, GrowthTracker, fit
+from tracer.model.growth import GrowthPolicy, GrowthTracker, fit
 
 MIB = 1024 * 1024
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from memfixtures import build
 
-from tracer import regions
+from tracer.engine.session import Session, SessionOptions
+from tracer.memory import regions
+from tracer.memory.reconcile import reconcile, traced_heap_bytes
 from tracer.model.frames import Frame
 from tracer.model.sites import Site
-from tracer.reconcile import reconcile, traced_heap_bytes
-from tracer.session import Session, SessionOptions
-from tracer.target import attach
+from tracer.probes.target import attach
 
 NATRACE = str(Path(sys.executable).with_name("natrace"))
 MIB = 1 << 20

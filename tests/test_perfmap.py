@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tracer.perfmap import PerfMap, parse_line, perf_map_path
+from tracer.symbols.perfmap import PerfMap, parse_line, perf_map_path
 
 
 def test_lookup_and_garbage(tmp_path: Path) -> None:

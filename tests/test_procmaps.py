@@ -10,7 +10,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracer.procmaps import MapsHistory, parse_line, resolve_in_root
+from tracer.symbols.procmaps import MapsHistory, parse_line, resolve_in_root
 
 LINES = [
     "55d0c0a00000-55d0c0a01000 r--p 00000000 08:01 1311 /usr/bin/prog\n",

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from symfixtures import build, fake_maps, source_line
 
-from tracer.elfsyms import ElfSymbols
-from tracer.perfmap import PerfMap
-from tracer.procmaps import MapsHistory
-from tracer.symbolizer import Symbolizer
+from tracer.symbols.elfsyms import ElfSymbols
+from tracer.symbols.perfmap import PerfMap
+from tracer.symbols.procmaps import MapsHistory
+from tracer.symbols.symbolizer import Symbolizer
 
 BASE = 0x7F1234500000
 

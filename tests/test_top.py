@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tracer import target as targets
-from tracer.live import LiveDriver
-from tracer.session import Session, SessionOptions
+from tracer.engine.live import LiveDriver
+from tracer.engine.session import Session, SessionOptions
+from tracer.probes import target as targets
 from tracer.tui.app import TopApp
 from tracer.tui.views import SUSPECT, Row
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tracer.live import LiveState, ProcessStats
+from tracer.engine.live import LiveState, ProcessStats
 from tracer.model.callsite import CallSite
 from tracer.model.frames import Frame
 from tracer.model.handles import HandleSite, HandleType

@@ -15,7 +15,7 @@ import pytest
 from tracing import snapshot_json, waiting
 
 from tracer.model.locks import percentile_ns
-from tracer.unwind import _ends_in_call, splice_caller
+from tracer.symbols.unwind import _ends_in_call, splice_caller
 
 NATRACE = str(Path(sys.executable).with_name("natrace"))
 SRC = Path(__file__).parent / "fixtures" / "src" / "triage"

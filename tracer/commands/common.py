@@ -9,18 +9,18 @@ from typing import Any, TypeVar
 
 import click
 
-from tracer.attribution import parse_charge_to
 from tracer.commands import outputs
+from tracer.engine.session import Session, SessionOptions
 from tracer.errors import UsageError
 from tracer.files import write_private
 from tracer.model.snapshot import Snapshot
-from tracer.privileges import require_tracing_privileges
 from tracer.probes.alloc import AllocOptions
 from tracer.probes.handles import HandleOptions, parse_pair
+from tracer.probes.privileges import require_tracing_privileges
+from tracer.probes.target import Target
 from tracer.reporters import json as json_report
 from tracer.reporters import text as text_report
-from tracer.session import Session, SessionOptions
-from tracer.target import Target
+from tracer.symbols.attribution import parse_charge_to
 from tracer.units import Duration, Size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -142,7 +142,7 @@ def trace(target: Target, args: TraceArgs, duration: float | None) -> None:
         session.run(duration)
         snap = session.snapshot()
         print_report(snap, args)
-        outputs.save(snap, args)
+        outputs.save(snap, args.session, args.record, args.flamegraph)
     finally:
         session.close()
 

@@ -1,4 +1,4 @@
-"""`natrace doctor`: check that this machine and this user can trace (see tracer.doctor)."""
+"""`natrace doctor`: check that this machine and this user can trace (see tracer.probes.doctor)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import click
 
-from tracer import doctor
+from tracer.probes import doctor
 
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "red", "info": "blue"}
 

@@ -17,16 +17,16 @@ from typing import Any
 
 import click
 
-from tracer import target as targets
 from tracer.commands import common
+from tracer.engine.session import Session, SessionOptions
 from tracer.errors import UsageError
 from tracer.files import write_private
 from tracer.model.snapshot import Snapshot
+from tracer.probes import target as targets
 from tracer.probes.alloc import AllocOptions
+from tracer.probes.target import Target
 from tracer.reporters import json as json_report
 from tracer.reporters import text as text_report
-from tracer.session import Session, SessionOptions
-from tracer.target import Target
 from tracer.units import Duration, format_size, parse_duration, parse_size
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from tracer.elfsyms import read_build_id
+from tracer.engine.session import SessionOptions
 from tracer.errors import UsageError
 from tracer.files import write_private
 from tracer.model import codec
@@ -18,10 +17,7 @@ from tracer.model.snapshot import Snapshot
 from tracer.recording import RecordingWriter
 from tracer.reporters import export
 from tracer.reporters.stacks import METRICS, ExportOptions
-from tracer.session import SessionOptions
-
-if TYPE_CHECKING:
-    from tracer.commands.common import TraceArgs
+from tracer.symbols.elfsyms import read_build_id
 
 
 def build_id_reader(pid: int) -> Callable[[str], str | None]:
@@ -51,23 +47,24 @@ def write_export(path: str, fmt: str, snap: Snapshot, options: ExportOptions,
     write_file(path, export.render(fmt, snap, options), *sources)
 
 
-def check(args: TraceArgs) -> None:
+def check(flamegraph: str | None) -> None:
     """Refuse a --flamegraph name whose format is unknown before tracing, not after."""
-    if args.flamegraph:
-        export.format_for(args.flamegraph)
+    if flamegraph:
+        export.format_for(flamegraph)
 
 
-def save(snap: Snapshot, args: TraceArgs) -> None:
+def save(snap: Snapshot, options: SessionOptions, record: str | None,
+         flamegraph: str | None) -> None:
     """The --record and --flamegraph files asked for on run or snapshot."""
-    if args.record:
-        with new_recording(args.record, snap.pid, snap.command, args.session, None) as rec:
+    if record:
+        with new_recording(record, snap.pid, snap.command, options, None) as rec:
             rec.add(snap)
-    if args.flamegraph:
-        fmt = export.format_for(args.flamegraph)
+    if flamegraph:
+        fmt = export.format_for(flamegraph)
         build_ids = {}
         if fmt == "pprof":
             read = build_id_reader(snap.pid)
             modules = {f.module for s in snap.sites for f in s.frames if f.module.startswith("/")}
             build_ids = {m: b for m in modules if (b := read(m))}
-        write_export(args.flamegraph, fmt, snap,
+        write_export(flamegraph, fmt, snap,
                      ExportOptions(METRICS["unfreed"], build_ids=build_ids))

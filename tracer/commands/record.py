@@ -7,11 +7,11 @@ from typing import Any
 
 import click
 
-from tracer import target as targets
 from tracer.commands import common, outputs
+from tracer.engine.session import Session
 from tracer.errors import UsageError
+from tracer.probes import target as targets
 from tracer.recording import RecordingWriter
-from tracer.session import Session
 from tracer.units import Duration
 
 

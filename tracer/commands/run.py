@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from tracer import target as targets
 from tracer.commands import common, outputs
+from tracer.probes import target as targets
 
 
 @click.command("run")
@@ -20,7 +20,7 @@ def command(ctx: click.Context, argv: tuple[str, ...], **opts: Any) -> None:
     Exits with the command's exit code.
     """
     args = common.TraceArgs.from_options(opts)
-    outputs.check(args)
+    outputs.check(args.flamegraph)
     common.check_privileges()
     target = targets.launch(list(argv))
     try:

@@ -12,16 +12,16 @@ from typing import Any
 
 import click
 
-from tracer import target as targets
 from tracer.commands import common
+from tracer.engine.live import LiveDriver, LiveState
+from tracer.engine.session import Session
 from tracer.errors import NatraceError, UsageError
 from tracer.files import write_private
-from tracer.live import LiveDriver, LiveState
+from tracer.probes import target as targets
 from tracer.reporters import flamegraph_html
 from tracer.reporters import json as json_report
 from tracer.reporters import text as text_report
 from tracer.reporters.stacks import ExportOptions
-from tracer.session import Session
 from tracer.tui.app import Writer, report_name, run_tui
 from tracer.tui.batch import run_batch
 from tracer.tui.views import VIEWS

@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable
 from typing import TypeVar
 
-from tracer.attribution import THREAD_STACK_MAKERS, charge_frame, made_by, made_by_allocator
-from tracer.callee import CalleeResolver
-from tracer.mappings import Owner
+from tracer.engine.callsites import CallSites
+from tracer.model.mappings import Owner
 from tracer.model.sites import Site
 from tracer.probes.alloc import RawSite, stack_error_name
-from tracer.symbolizer import Symbolizer
+from tracer.symbols.attribution import THREAD_STACK_MAKERS, charge_frame, made_by, made_by_allocator
 
 T = TypeVar("T")
 
@@ -43,10 +42,9 @@ def group_by(items: Iterable[T], key: Callable[[T], Hashable], weight: Callable[
 
 
 class Aggregator:
-    def __init__(self, symbolizer: Symbolizer, charge_to: str = "first") -> None:
-        self.symbolizer = symbolizer
+    def __init__(self, call_sites: CallSites, charge_to: str = "first") -> None:
+        self.call_sites = call_sites
         self.charge_to = charge_to
-        self.callees = CalleeResolver(symbolizer)
 
     def sites(self, raw: Iterable[RawSite], stack_of: Callable[[int], tuple[int, ...]],
               mappings: Iterable[tuple[Owner, int, int]] = ()) -> list[Site]:
@@ -81,19 +79,19 @@ class Aggregator:
             j += 1
         if j + 1 >= len(frames) or frames[j + 1].module_class == "libc":
             return None  # nothing outside called in: the module's own main, or a thread
-        name = self.callees.callee(frames[j + 1].address) or (frames[j].symbol if j > i
+        name = self.call_sites.callees.callee(frames[j + 1].address) or (frames[j].symbol if j > i
                                                                 else None)
         name = name.split("@", 1)[0] if name else None
         return name if name and name != frames[i].symbol else None
 
     def _site(self, kind: str, stack: tuple[int, ...], size: int, blocks: int,
               internal: bool) -> Site:
-        frames = self.symbolizer.frames(stack)
-        charge = charge_frame(frames, self.charge_to) if frames else 0
+        frames, charge = self.call_sites.charged(stack,
+                                                 lambda f: charge_frame(f, self.charge_to))
         if kind == "mmap" and made_by(frames, THREAD_STACK_MAKERS):
             kind, internal = "stack", True  # the thread library's, like arenas are malloc's
         internal = internal or (kind != "malloc" and made_by_allocator(frames))
-        return Site(kind, frames, size, blocks, charge_index=max(charge, 0),
+        return Site(kind, frames, size, blocks, charge_index=charge,
                     allocator_internal=internal, lost_stack=None if frames else "empty stack")
 
 

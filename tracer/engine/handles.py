@@ -1,9 +1,10 @@
 """Raw handle-probe figures -> model HandleTypes.
 
-Creation stacks are symbolized and charged to the first frame outside the pair's own
-library (and libc/libstdc++), so a PGresult made in PQmakeEmptyPGresult is charged to
-the program's function that called PQexec, with PQexec as its `via`. Sites are grouped
-by that function like allocation sites (tracer/aggregator.py's group_by).
+Creation stacks are symbolized and charged (tracer/engine/callsites.py) to the first
+frame outside the pair's own library (and libc/libstdc++), so a PGresult made in
+PQmakeEmptyPGresult is charged to the program's function that called PQexec, with PQexec
+as its `via`. Sites are grouped
+by that function like allocation sites (tracer/engine/aggregator.py's group_by).
 """
 
 from __future__ import annotations
@@ -11,27 +12,23 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from tracer.aggregator import group_by
-from tracer.attribution import RUNTIME_MODULES, first_frame_outside, module_class
-from tracer.callee import CalleeResolver
-from tracer.model.callsite import CallSite
+from tracer.engine.aggregator import group_by
+from tracer.engine.callsites import CallSites
 from tracer.model.handles import HandleSite, HandleType
-from tracer.probes.alloc import stack_error_name
-from tracer.probes.handles import HandleProbes, TracedPair
-from tracer.symbolizer import Symbolizer
+from tracer.probes.handles import HandleProbes
+from tracer.symbols.attribution import RUNTIME_MODULES, module_class
 
 #: Seconds of live counts below which no growth rate is given (it would be noise).
 MIN_GROWTH_SPAN = 10.0
 
 
-def handle_types(probes: HandleProbes, symbolizer: Symbolizer) -> list[HandleType]:
+def handle_types(probes: HandleProbes, call_sites: CallSites) -> list[HandleType]:
     """Every traced pair with its counters, growth, oldest handles and creation sites."""
     if not probes.attached:
         return []
     now_ns = time.monotonic_ns()
     stats = probes.pair_stats()
     oldest = probes.oldest()
-    callees = CalleeResolver(symbolizer)
     raw_by_pair = defaultdict(list)
     for r in probes.sites():
         raw_by_pair[r.pair].append(r)
@@ -45,7 +42,9 @@ def handle_types(probes: HandleProbes, symbolizer: Symbolizer) -> list[HandleTyp
         for r in raw_by_pair[tp.index]:
             born = oldest.get((tp.index, r.stack_id))
             age = (now_ns - born) / 1e9 if born is not None else None
-            site = _call_site(tp, r.stack_id, probes, symbolizer, callees)
+            site = call_sites.call_site(r.stack_id, probes.stack,
+                                        RUNTIME_MODULES | {module_class(tp.path)},
+                                        name_callee=True)
             sites.append(HandleSite(site, r.live, r.created, age))
         grouped = group_by(sites, lambda h: h.site.key, lambda h: h.live, _merge)
         live_sites = sorted((h for h in grouped if h.live > 0),
@@ -60,19 +59,6 @@ def handle_types(probes: HandleProbes, symbolizer: Symbolizer) -> list[HandleTyp
             oldest_age=max(ages) if ages else None, sites=live_sites))
     return out
 
-
-def _call_site(tp: TracedPair, stack_id: int, probes: HandleProbes,
-               symbolizer: Symbolizer, callees: CalleeResolver) -> CallSite:
-    """The creation site, charged to the first frame outside the pair's library; its
-    `via` is the library function that frame called (PQexec, PQsetdbLogin)."""
-    if stack_id < 0:
-        return CallSite(lost_stack=stack_error_name(stack_id))
-    frames = symbolizer.frames(probes.stack(stack_id))
-    if not frames:
-        return CallSite(lost_stack="empty stack")
-    inside = RUNTIME_MODULES | {module_class(tp.path)}
-    charge = max(first_frame_outside(frames, inside), 0)
-    return CallSite(frames, charge, callee=callees.callee(frames[charge].address))
 
 
 def _merge(have: HandleSite, other: HandleSite, heavier: bool) -> None:

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from tracer.growth import Fit, GrowthPolicy, GrowthTracker, fit
+from tracer.engine.session import POLL_SECONDS, Session
+from tracer.model.growth import Fit, GrowthPolicy, GrowthTracker, fit
 from tracer.model.sites import SiteKey
 from tracer.model.snapshot import Snapshot
-from tracer.session import POLL_SECONDS, Session
 
 RSS_WINDOW = 120.0  # seconds of RSS history behind the header's sparkline and rate
 

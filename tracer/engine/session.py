@@ -17,20 +17,21 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from tracer import bpfprog
-from tracer.aggregator import Aggregator
-from tracer.growth import GrowthTracker
-from tracer.handles import handle_types
-from tracer.mappings import Owner
-from tracer.memwatch import MemoryWatch
+from tracer.engine.aggregator import Aggregator
+from tracer.engine.callsites import CallSites
+from tracer.engine.handles import handle_types
+from tracer.engine.triage import TriageBuilder
+from tracer.memory.memwatch import MemoryWatch
+from tracer.model.growth import GrowthTracker
+from tracer.model.mappings import Owner
 from tracer.model.snapshot import Snapshot
+from tracer.probes import bpfprog
 from tracer.probes.alloc import AllocOptions, AllocProbes
 from tracer.probes.handles import HandleOptions, HandleProbes
+from tracer.probes.target import Target
 from tracer.probes.triage import TriageOptions, TriageProbes
-from tracer.procmaps import MapsHistory
-from tracer.symbolizer import Symbolizer
-from tracer.target import Target
-from tracer.triage import TriageBuilder
+from tracer.symbols.procmaps import MapsHistory
+from tracer.symbols.symbolizer import Symbolizer
 
 POLL_SECONDS = 0.05
 GROWTH_SECONDS = 1.0  # how often each call site's bytes are sampled for leak suspects
@@ -183,8 +184,8 @@ class Session:
     def snapshot(self) -> Snapshot:
         self._refresh_maps()
         maps = self.maps or MapsHistory.from_lines([], pid=self.target.pid)
-        symbolizer = Symbolizer(maps, self.target.pid)
-        aggregator = Aggregator(symbolizer, self.options.charge_to)
+        call_sites = CallSites(Symbolizer(maps, self.target.pid))
+        aggregator = Aggregator(call_sites, self.options.charge_to)
         mappings: list[tuple[Owner, int, int]] = []
         if not self.options.allocs:
             raw = []
@@ -216,16 +217,16 @@ class Session:
             exit_code=self.target.exit_code,
             memory=self.memory.report(sites, traced=self.options.allocs,
                                       from_start=self.target.launched),
-            **self._triage_report(symbolizer, duration),
-            handles=handle_types(self.handles, symbolizer),
+            **self._triage_report(call_sites, duration),
+            handles=handle_types(self.handles, call_sites),
             notes=self.notes + self._children_note(),
         )
 
-    def _triage_report(self, symbolizer: Symbolizer, duration: float) -> dict[str, Any]:
+    def _triage_report(self, call_sites: CallSites, duration: float) -> dict[str, Any]:
         """The Snapshot fields of the triage probes: locks, syscalls, faults."""
         if self.triage is None:
             return {}
-        builder = TriageBuilder(self.triage, symbolizer)
+        builder = TriageBuilder(self.triage, call_sites)
         return {
             "locks": builder.locks(self.triage.futexes(), duration, self.options.lock_share,
                                    int(self.options.lock_p99 * 1e9)),

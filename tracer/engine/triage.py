@@ -1,7 +1,7 @@
 """Raw triage figures -> model LockReport, SyscallSummary, FaultSummary.
 
 Stacks are completed (the libc frames and their caller that the frame-pointer walk
-skipped, tracer/unwind.py), symbolized, charged to the first frame outside libc and
+skipped, tracer/symbols/unwind.py), symbolized, charged to the first frame outside libc and
 libstdc++, and grouped by that function. Locks get their verdict here.
 """
 
@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tracer.attribution import first_frame_outside, normalize_symbol
+from tracer.engine.callsites import CallSites
 from tracer.model.callsite import CallSite
 from tracer.model.faults import FaultSite, FaultSummary
 from tracer.model.locks import BLOCKING, FutexSite, Lock, LockReport, command_name
 from tracer.model.syscalls import MemSyscall, SyscallSite, SyscallSummary
-from tracer.probes.alloc import stack_error_name
 from tracer.probes.triage import MEMSYS_NAMES, RawFutex, RawMemsys, TriageProbes
-from tracer.symbolizer import Symbolizer
-from tracer.unwind import CallChecker, window_callers
+from tracer.symbols.attribution import normalize_symbol
+from tracer.symbols.unwind import CallChecker, window_callers
 
 # What a lock word is, from the libc function its waiters went through.
 _KINDS = [("cond", "condvar"), ("rwlock", "rwlock"), ("sem_", "semaphore"),
@@ -29,26 +28,18 @@ IDLE_KINDS = frozenset({"condvar", "semaphore", "barrier", "thread join"})
 
 
 class TriageBuilder:
-    def __init__(self, probes: TriageProbes, symbolizer: Symbolizer) -> None:
+    def __init__(self, probes: TriageProbes, call_sites: CallSites) -> None:
         self.probes = probes
-        self.symbolizer = symbolizer
-        self.checker = CallChecker(symbolizer.maps)
-        self._sites: dict[int, CallSite] = {}
+        self.call_sites = call_sites
+        self.checker = CallChecker(call_sites.symbolizer.maps)
 
     def call_site(self, stack_id: int) -> CallSite:
-        """The named call site of one stack id (memoized)."""
-        got = self._sites.get(stack_id)
-        if got is None:
-            if stack_id < 0:
-                got = CallSite(lost_stack=stack_error_name(stack_id))
-            else:
-                stack = window_callers(self.probes.stack(stack_id),
-                                       self.probes.window(stack_id), self.checker)
-                frames = self.symbolizer.frames(stack)
-                got = CallSite(frames, max(first_frame_outside(frames), 0),
-                               None if frames else "empty stack")
-            self._sites[stack_id] = got
-        return got
+        return self.call_sites.call_site(stack_id, self._stack)
+
+    def _stack(self, stack_id: int) -> tuple[int, ...]:
+        """The frame-pointer walk completed with the callers it skipped."""
+        return window_callers(self.probes.stack(stack_id), self.probes.window(stack_id),
+                              self.checker)
 
     # -- locks ----------------------------------------------------------------------
 

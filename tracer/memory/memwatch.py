@@ -9,11 +9,11 @@ import os
 import time
 from collections.abc import Sequence
 
-from tracer import regions as regionscan
-from tracer.memstat import MemoryTimeline, thread_count
+from tracer.memory import regions as regionscan
+from tracer.memory.memstat import MemoryTimeline, thread_count
+from tracer.memory.reconcile import reconcile, traced_heap_bytes
 from tracer.model.memory import ArenaSummary, MemoryReport, MemorySample, RegionSummary
 from tracer.model.sites import Site
-from tracer.reconcile import reconcile, traced_heap_bytes
 
 # Reading smaps walks every page table: with tens of thousands of regions it takes
 # ~0.5 s, so regions are re-read at most once per this many times their last cost.

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from tracer.attribution import HEAP_MAKERS, made_by
 from tracer.model.memory import Reconciliation, Share
 from tracer.model.sites import Site
+from tracer.symbols.attribution import HEAP_MAKERS, made_by
 
 MALLOC_HEAPS = ("heap", "arena")  # backings where malloc's small blocks live
 

@@ -34,7 +34,7 @@ class Site:
     stack_ids: list[int] = field(default_factory=list)
     via: str | None = None  # the charged module's API its caller called (PQexec)
     per_minute: float | None = None  # growth of `bytes` over the last minute traced
-    suspect: bool = False  # growing steadily: a leak suspect (tracer/growth.py)
+    suspect: bool = False  # growing steadily: a leak suspect (tracer/model/growth.py)
 
     @property
     def frame(self) -> Frame | None:

@@ -13,14 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from tracer import bpfprog
-from tracer.allocators import EntryPoint, find_entry_points
 from tracer.errors import KernelFeatureError, TargetError
-from tracer.mappings import MappingTracker, Owner
-from tracer.placement import entry_offset
+from tracer.model.mappings import MappingTracker, Owner
+from tracer.probes import bpfprog
+from tracer.probes.allocators import EntryPoint, find_entry_points
 from tracer.probes.base import ProbeSet
-from tracer.target import Target
-from tracer.unwind import splice_caller
+from tracer.probes.placement import entry_offset
+from tracer.probes.target import Target
+from tracer.symbols.unwind import splice_caller
 
 _COUNTERS = {
     "stack_efault": "NATRACE_CNT_STACK_EFAULT",

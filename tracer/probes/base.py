@@ -8,9 +8,9 @@ import ctypes
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tracer import bpfprog
+from tracer.probes import bpfprog
 from tracer.probes.stacks import StackReader
-from tracer.target import Target
+from tracer.probes.target import Target
 
 
 class ProbeSet:

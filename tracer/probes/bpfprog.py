@@ -20,8 +20,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tracer import doctor
 from tracer.errors import KernelFeatureError
+from tracer.probes import doctor
 
 _HEADER = "natrace.h"
 

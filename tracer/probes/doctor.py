@@ -6,7 +6,7 @@ a check that would need them reports so instead of trying. The only slow check,
 compiling and loading a trivial BPF program, runs in a child process with a timeout
 so that a crash or hang inside libbcc cannot take the doctor down with it.
 
-`check_privileges` is also what tracer.privileges.require_tracing_privileges uses.
+`check_privileges` is also what tracer.probes.privileges.require_tracing_privileges uses.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ create a handle (returned, or written through an out-pointer) and the function t
 destroys it (the handle as its Nth argument). Built-in presets (libpq's PGresult and
 PGconn, Node-API references) are traced whenever the target maps their library;
 users add pairs with `--handle LIB:CREATE:DESTROY[:ARG]`. Hands raw per-pair and
-per-stack counters, live handles' ages and stacks to tracer/handles.py.
+per-stack counters, live handles' ages and stacks to tracer/engine/handles.py.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tracer import bpfprog
 from tracer.errors import KernelFeatureError, TargetError, UsageError
-from tracer.growth import Series
+from tracer.model.growth import Series
+from tracer.probes import bpfprog
 from tracer.probes.base import ProbeSet
-from tracer.target import Target
+from tracer.probes.target import Target
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Triage probes: futex waits, memory syscalls and page faults, tracepoints only.
 
 Owns the BPF program bpf/triage.bpf.c; hands raw per-key counters, stacks and the
-stack windows (user words above sp) to tracer/triage.py. Nothing here symbolizes.
+stack windows (user words above sp) to tracer/engine/triage.py. Nothing here symbolizes.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import errno
 import os
 from dataclasses import dataclass
 
-from tracer import bpfprog, doctor
 from tracer.errors import KernelFeatureError, TargetError
+from tracer.probes import bpfprog, doctor
 from tracer.probes.base import ProbeSet
-from tracer.target import Target
+from tracer.probes.target import Target
 
 # Optional tracepoints: (category/event of the enter tracepoint, -D flag when present).
 _OPTIONAL = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tracer.findings import findings
+from tracer.model.findings import findings
 from tracer.model.handles import HandleSite, HandleType
 from tracer.model.memory import ArenaSummary, MemoryReport, Reconciliation, RegionSummary
 from tracer.model.sites import Site

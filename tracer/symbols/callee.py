@@ -14,8 +14,8 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
 
-from tracer.procmaps import Mapping
-from tracer.symbolizer import Symbolizer
+from tracer.symbols.procmaps import Mapping
+from tracer.symbols.symbolizer import Symbolizer
 
 _STUB_BYTES = 16  # a PLT entry: [endbr64] [bnd] jmp *slot(%rip)
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 
-from tracer.attribution import module_class
-from tracer.demangle import demangle
-from tracer.elfsyms import ElfSymbols
 from tracer.model.frames import Frame
-from tracer.perfmap import PerfMap, perf_map_path
-from tracer.procmaps import Mapping, MapsHistory
+from tracer.symbols.attribution import module_class
+from tracer.symbols.demangle import demangle
+from tracer.symbols.elfsyms import ElfSymbols
+from tracer.symbols.perfmap import PerfMap, perf_map_path
+from tracer.symbols.procmaps import Mapping, MapsHistory
 
 JIT_MODULE = "[jit]"
 ANON_MODULE = "[anon]"

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tracer.attribution import RUNTIME_MODULES, module_class
-from tracer.procmaps import MapsHistory
+from tracer.symbols.attribution import RUNTIME_MODULES, module_class
+from tracer.symbols.procmaps import MapsHistory
 
 
 def splice_caller(stack: tuple[int, ...], caller: int) -> tuple[int, ...]:

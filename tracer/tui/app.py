@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, Static
 
-from tracer.live import LiveDriver, LiveState
+from tracer.engine.live import LiveDriver, LiveState
 from tracer.tui.views import (
     SUSPECT,
     VIEWS,

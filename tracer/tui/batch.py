@@ -6,8 +6,8 @@ import sys
 import time
 from typing import TextIO
 
-from tracer.live import LiveSampler, LiveState
-from tracer.session import Session
+from tracer.engine.live import LiveSampler, LiveState
+from tracer.engine.session import Session
 from tracer.tui.views import VIEWS, Table, header_lines
 
 

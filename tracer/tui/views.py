@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tracer.live import LiveState
+from tracer.engine.live import LiveState
 from tracer.model.callsite import CallSite
 from tracer.model.frames import Frame
 from tracer.units import format_size as size

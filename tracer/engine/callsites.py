@@ -1,0 +1,60 @@
+"""Stacks to call sites: the one place a captured stack is symbolized and the frame its
+figures belong to is chosen.
+
+Allocation sites, memory-syscall, fault and lock-wait sites and handle creations all
+come through here, so a better unwinder or a new charging rule changes every table at
+once instead of three of them drifting apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+
+from tracer.model.callsite import CallSite
+from tracer.model.frames import Frame
+from tracer.probes.alloc import stack_error_name
+from tracer.symbols.attribution import RUNTIME_MODULES, first_frame_outside
+from tracer.symbols.callee import CalleeResolver
+from tracer.symbols.symbolizer import Symbolizer
+
+#: Picks the index of the charged frame in a symbolized stack (innermost first).
+ChargeRule = Callable[[Sequence[Frame]], int]
+#: Returns the raw addresses (innermost first) of a stack id.
+StackReader = Callable[[int], tuple[int, ...]]
+
+
+class CallSites:
+    """Symbolized, charged stacks for one snapshot; memoized per stack id and rule."""
+
+    def __init__(self, symbolizer: Symbolizer) -> None:
+        self.symbolizer = symbolizer
+        self.callees = CalleeResolver(symbolizer)
+        self._memo: dict[tuple[int, frozenset[str], bool], CallSite] = {}
+
+    def charged(self, stack: tuple[int, ...], rule: ChargeRule) -> tuple[list[Frame], int]:
+        """The stack's frames and the index `rule` charges (0 for an empty stack)."""
+        frames = self.symbolizer.frames(stack)
+        return frames, (max(rule(frames), 0) if frames else 0)
+
+    def call_site(self, stack_id: int, stack_of: StackReader,
+                  inside: Collection[str] = RUNTIME_MODULES,
+                  name_callee: bool = False) -> CallSite:
+        """The site of a stack id, charged to its first frame outside the module
+        classes `inside`; with `name_callee`, `via` is read from that frame's own call
+        instruction (libraries tail-call static helpers that leave no named frame)."""
+        key = (stack_id, frozenset(inside), name_callee)
+        got = self._memo.get(key)
+        if got is None:
+            got = self._memo[key] = self._build(stack_id, stack_of, inside, name_callee)
+        return got
+
+    def _build(self, stack_id: int, stack_of: StackReader, inside: Collection[str],
+               name_callee: bool) -> CallSite:
+        if stack_id < 0:
+            return CallSite(lost_stack=stack_error_name(stack_id))
+        frames, charge = self.charged(stack_of(stack_id),
+                                      lambda f: first_frame_outside(f, inside))
+        if not frames:
+            return CallSite(lost_stack="empty stack")
+        callee = self.callees.callee(frames[charge].address) if name_callee else None
+        return CallSite(frames, charge, callee=callee)
