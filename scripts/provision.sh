@@ -18,6 +18,7 @@ packages=(bpfcc-tools python3-bpfcc libbpfcc python3-venv python3-dev
           postgresql libpq-dev nodejs npm
           heaptrack valgrind tmux procps util-linux ruby
           libjemalloc2   # a second allocator the allocation tests trace
+          systemtap-sdt-dev   # sys/sdt.h: the in-process sampler's USDT probes
           chromium)  # headless, for the HTML flamegraph tests
 # N-API headers (/usr/include/node) are in libnode-dev on Debian 12 and Ubuntu 22.04; a
 # nodejs from nodesource ships them itself and conflicts with libnode-dev.
@@ -88,6 +89,12 @@ if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/pip" install -q --upgrade pip >/dev/null
     "$venv/bin/pip" install -q -e "$here[test]"
     touch "$stamp"
+fi
+# The in-process sampler (sampler/), built from source with the system compiler into
+# sampler/build/ (natrace finds it there: `natrace sampler-path`). make: only when changed.
+if ! make -s -q -C "$here/sampler" 2>/dev/null; then
+    log "building the in-process sampler"
+    make -s -C "$here/sampler" >/dev/null
 fi
 # Node modules of the end-to-end scenario (tests/e2e/app): npm builds pg-native's
 # libpq addon against the system libpq. nodedir=/usr: headers from the OS, no download.
