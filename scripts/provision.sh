@@ -19,6 +19,7 @@ packages=(bpfcc-tools python3-bpfcc libbpfcc python3-venv python3-dev
           heaptrack valgrind tmux procps util-linux ruby
           libjemalloc2   # a second allocator the allocation tests trace
           systemtap-sdt-dev   # sys/sdt.h: the in-process sampler's USDT probes
+          prometheus     # natrace agent's tests scrape it (they start their own server)
           chromium)  # headless, for the HTML flamegraph tests
 # N-API headers (/usr/include/node) are in libnode-dev on Debian 12 and Ubuntu 22.04; a
 # nodejs from nodesource ships them itself and conflicts with libnode-dev.
