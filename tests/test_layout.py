@@ -20,6 +20,7 @@ ALLOWED = {
     "model": {"basics"},
     "reporters": {"model", "basics"},
     "tui": {"engine", "model", "reporters", "basics"},
+    "agent": {"probes", "symbols", "memory", "engine", "model", "reporters", "basics"},
     "commands": {"probes", "symbols", "memory", "engine", "model", "reporters", "tui",
                  "basics", "agent"},
     "basics": {"model", "commands"},

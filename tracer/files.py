@@ -25,3 +25,13 @@ def write_private(path: str, text: str | bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise UsageError(f"cannot write {path}: {err.strerror}") from None
+
+
+def prepare_dir(path: str, option: str) -> None:
+    """Create the output directory (0700) or say in one line why it is unusable."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{option}: cannot create {path}: {err.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{option}: {path} is not writable")

@@ -10,92 +10,22 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import click
 
 from tracer.commands import common
+from tracer.engine.limits import Action, Limits, act, parse_action, parse_limits
 from tracer.engine.session import Session, SessionOptions
 from tracer.errors import UsageError
-from tracer.files import write_private
+from tracer.files import prepare_dir, write_private
 from tracer.model.snapshot import Snapshot
 from tracer.probes import target as targets
 from tracer.probes.alloc import AllocOptions
-from tracer.probes.target import Target
 from tracer.reporters import json as json_report
 from tracer.reporters import text as text_report
-from tracer.units import Duration, format_size, parse_duration, parse_size
-
-
-@dataclass(frozen=True)
-class Limits:
-    rss: int | None
-    growth: tuple[int, float] | None  # (bytes, seconds)
-
-    def tripped(self, session: Session) -> str | None:
-        """Why a limit has tripped, or None."""
-        timeline = session.memory.timeline
-        last = timeline.last
-        if last is None:
-            return None
-        if self.rss is not None and last.rss > self.rss:
-            return (f"RSS {format_size(last.rss)} over the limit "
-                    f"{format_size(self.rss)}")
-        if self.growth is not None:
-            nbytes, seconds = self.growth
-            grown = timeline.growth(seconds)
-            if grown is not None and grown > nbytes:
-                return (f"RSS grew {format_size(grown)} in {seconds:g} s, over the limit "
-                        f"{format_size(nbytes)}/{seconds:g} s")
-        return None
-
-
-@dataclass(frozen=True)
-class Action:
-    kind: str  # "report", "signal" or "kill"
-    signal: signal.Signals | None = None
-
-    def describe(self) -> str:
-        if self.kind == "signal" and self.signal is not None:
-            return f"send {self.signal.name}"
-        return {"report": "write the report only", "kill": "SIGTERM, then SIGKILL"}[self.kind]
-
-
-def parse_action(text: str) -> Action:
-    if text in ("report", "kill"):
-        return Action(text)
-    if text.startswith("signal:"):
-        name = text.split(":", 1)[1].upper()
-        try:
-            sig = signal.Signals(int(name)) if name.isdigit() else signal.Signals[
-                name if name.startswith("SIG") else "SIG" + name]
-        except (KeyError, ValueError):
-            raise UsageError(f"--action: unknown signal {name!r} (e.g. signal:USR1, "
-                             "signal:TERM)") from None
-        return Action("signal", sig)
-    raise UsageError(f"--action: {text!r} is not report, kill or signal:NAME")
-
-
-def parse_limits(rss: str | None, growth: str | None) -> Limits:
-    if rss is None and growth is None:
-        raise UsageError("give --rss-limit SIZE and/or --growth SIZE/INTERVAL")
-    try:
-        rss_bytes = None if rss is None else parse_size(rss)
-    except ValueError as err:
-        raise UsageError(f"--rss-limit: {err}") from None
-    growth_limit = None
-    if growth is not None:
-        size_text, _, window = growth.partition("/")
-        try:
-            growth_limit = (parse_size(size_text), parse_duration(window or "<missing>"))
-        except ValueError as err:
-            raise UsageError(f"--growth: {err}; write SIZE/INTERVAL, e.g. 100M/10s") from None
-        if growth_limit[1] <= 0:
-            raise UsageError("--growth: the interval must be more than zero")
-    return Limits(rss_bytes, growth_limit)
+from tracer.units import Duration, format_size, parse_size
 
 
 @click.command("guard")
@@ -130,7 +60,7 @@ def command(pid: int, rss_limit: str | None, growth: str | None, action_text: st
         sample_bytes = parse_size(sample) if sample else 0
     except ValueError as err:
         raise UsageError(f"--sample: {err}") from None
-    _prepare_dir(report_dir)
+    prepare_dir(report_dir, "--report-dir")
     if not no_trace:
         common.check_privileges()
     target = targets.attach(pid)
@@ -155,7 +85,7 @@ def command(pid: int, rss_limit: str | None, growth: str | None, action_text: st
         session.close()
     path = _write_report(snap, reason, action, report_dir, top, as_json)
     click.echo(f"natrace guard: {reason}; report written to {path}", err=True)
-    click.echo(f"natrace guard: {_act(target, action, grace)}", err=True)
+    click.echo(f"natrace guard: {act(target, action, grace)}", err=True)
 
 
 def _watch(session: Session, limits: Limits, interval: float) -> str | None:
@@ -183,15 +113,6 @@ def _describe(limits: Limits) -> str:
     return ", ".join(parts)
 
 
-def _prepare_dir(path: str) -> None:
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--report-dir: cannot create {path}: {err.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"--report-dir: {path} is not writable")
-
-
 def _write_report(snap: Snapshot, reason: str, action: Action, report_dir: str, top: int,
                   as_json: bool) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(snap.taken_at))
@@ -206,24 +127,3 @@ def _write_report(snap: Snapshot, reason: str, action: Action, report_dir: str, 
                 + text_report.render(snap, top))
     write_private(path, text)
     return path
-
-
-def _act(target: Target, action: Action, grace: float) -> str:
-    """Do what --action says to the target (and only to it); say what happened."""
-    pid = target.pid
-    try:
-        if action.kind == "signal" and action.signal is not None:
-            os.kill(pid, action.signal)
-            return f"sent {action.signal.name} to PID {pid}"
-        if action.kind == "kill":
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                if not target.alive():
-                    return f"PID {pid} ended after SIGTERM"
-                time.sleep(0.05)
-            os.kill(pid, signal.SIGKILL)
-            return f"PID {pid} ignored SIGTERM for {grace:g} s: sent SIGKILL"
-    except ProcessLookupError:
-        return f"PID {pid} had already exited: nothing to signal"
-    return "report only: PID left running"

@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from tracer.commands import common, outputs
+from tracer.commands import common
+from tracer.engine.recordings import new_recording
 from tracer.engine.session import Session
 from tracer.errors import UsageError
 from tracer.probes import target as targets
@@ -49,7 +50,7 @@ def command(ctx: click.Context, pid: int | None, output: str, duration: float | 
         count += 1
 
     try:
-        writer = outputs.new_recording(output, target.pid, " ".join(target.argv), options,
+        writer = new_recording(output, target.pid, " ".join(target.argv), options,
                                        interval)
         session.start()
         common.announce(session, f"recording to {output} every {interval:g} s")

@@ -1,0 +1,216 @@
+"""`natrace agent` end to end: a real Prometheus server scrapes it, a loopback receiver
+stands in for Pyroscope (decoded with the published push.proto and profile.proto), and
+the process it watches is started after it, from tests/fixtures/src/leaky.c, whose
+leaks are known exactly.
+
+One scenario (module fixture) runs the agent once; the tests check what it left.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agenting import (
+    SCHEMAS,
+    Receiver,
+    free_port,
+    message_classes,
+    metrics_text,
+    prometheus,
+    running_agent,
+    wait_for,
+)
+from allocfixtures import build
+from tracing import release, waiting
+
+PERF = "anon_inode:[perf_event]"
+
+
+@dataclass
+class Scenario:
+    pid: int
+    report: dict[str, Any]  # the JSON report the allocation window wrote
+    report_path: Path
+    recording: Path
+    unfreed: dict[str, int]  # module -> natrace_unfreed_bytes, queried from Prometheus
+    rss: int  # natrace_process_rss_bytes, queried from Prometheus
+    metrics: str  # /metrics while the process was watched
+    perf_fds: tuple[int, int, int]  # the agent's perf-event fds: before, watching, after
+    posts: list[tuple[str, dict[str, str], bytes]]  # what reached the Pyroscope receiver
+    receiver_failed: int
+    lines: list[str]  # the agent's stderr
+    exit_code: int
+
+
+def _until_equal(what: str, get: Any, expected: Any) -> Any:
+    last: list[Any] = []
+
+    def probe() -> Any:
+        last[:] = [get()]
+        return last[0] if last[0] == expected else None
+
+    try:
+        return wait_for(what, probe)
+    except AssertionError:
+        assert last and last[0] == expected, what  # shows both sides
+        raise
+
+
+def _counter(text: str, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(found[1]) if found else -1.0
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
+    fx = build()
+    tmp = tmp_path_factory.mktemp("agent")
+    exe = tmp / "leaky-watched"  # a name of its own: other tests' leaky stay unwatched
+    shutil.copy(fx.leaky, exe)
+    receiver = Receiver(fail_first=1)
+    port = free_port()
+    try:
+        with prometheus(tmp, port) as query, running_agent(
+                "--match", re.escape(str(exe)), "--rss-limit", "1M", "--window", "10m",
+                "--listen", f"127.0.0.1:{port}", "--record-dir", str(tmp / "records"),
+                "--json", "--interval", "0.2s", "--push-interval", "1s",
+                "--pyroscope", receiver.url, "--service", "leaky-svc") as agent:
+            before = agent.fds(PERF)
+            with waiting(str(exe), "--wait", "--plugin", str(fx.plugin)) as proc:
+                agent.expect(rf"watching PID {proc.pid} ")
+                agent.expect(rf"PID {proc.pid} .*allocation tracing for")
+                release(proc)  # the leaks happen inside the window
+                os.kill(agent.proc.pid, signal.SIGUSR1)  # end the window now
+                done = agent.expect(rf"PID {proc.pid} .*window over; report (\S+), "
+                                    r"recording (\S+);")
+                report_path = Path(done[1].rstrip(","))
+                report = json.loads(report_path.read_text())
+                expected = {m["module"]: m["bytes"] for m in report["modules"]}
+
+                def unfreed() -> dict[str, int]:
+                    return {r["metric"]["module"]: int(float(r["value"][1]))
+                            for r in query(f'natrace_unfreed_bytes{{pid="{proc.pid}"}}')}
+
+                got = _until_equal("Prometheus to hold the report's unfreed bytes",
+                                   unfreed, expected)
+                want_rss = report["memory"]["timeline"][-1]["rss"]
+                rss = _until_equal(
+                    "Prometheus to hold the RSS",
+                    lambda: [int(float(r["value"][1])) for r in
+                             query(f'natrace_process_rss_bytes{{pid="{proc.pid}"}}')],
+                    [want_rss])[0]
+                wait_for("the profiles to reach the receiver",
+                         lambda: True if receiver.posts else None)
+                wait_for("the push counter", lambda: True if _counter(
+                    metrics_text(port), "natrace_pyroscope_pushes_total")
+                    == len(receiver.posts) else None)
+                text = metrics_text(port)
+                during = agent.fds(PERF)
+                pid = proc.pid
+            agent.expect(rf"PID {pid} \(.*\) ended: probes removed")
+            after = agent.fds(PERF)
+            code = agent.stop()
+    finally:
+        receiver.close()
+    return Scenario(pid, report, report_path, Path(done[2]), got, rss, text,
+                    (before, during, after), list(receiver.posts), receiver.failed,
+                    agent.lines, code)
+
+
+@pytest.mark.bpf
+def test_a_process_started_after_the_agent_is_watched_and_escalated(scenario: Scenario) -> None:
+    assert scenario.exit_code == 0, scenario.lines
+    assert any(f"watching PID {scenario.pid} (leaky-watched): triage" in line
+               for line in scenario.lines)
+    assert any("RSS" in line and "over the limit 1.0 MiB: allocation tracing" in line
+               for line in scenario.lines)
+    assert scenario.report["agent"]["reason"].endswith("; ended by SIGUSR1")
+    for path in (scenario.report_path, scenario.recording):
+        assert path.stat().st_mode & 0o777 == 0o600
+    assert scenario.lines[-1] == "natrace agent: stopped; every probe removed"
+
+
+@pytest.mark.bpf
+def test_unfreed_bytes_by_module_through_prometheus_match_the_report(scenario: Scenario) -> None:
+    modules = {m["module"]: (m["bytes"], m["blocks"]) for m in scenario.report["modules"]}
+    assert scenario.unfreed == {m: b for m, (b, _) in modules.items()}
+    # ... and the report holds the fixture's ground truth (leaky.c, plugin.c)
+    assert modules["addon:plugin"] == (2_220, 5)
+    by_function = {s["function"]: s["module_class"] for s in scenario.report["sites"]}
+    assert modules[by_function["lib_leak"]] == (999, 3)
+    main = by_function["leak_malloc"]
+    assert modules[main][0] == (10_000 + 2_000 + 4_096 + 768 + 1_024 + 84 + 20_000 + 2_112
+                                + 12 * 4096 + 6 * 4096)
+
+
+@pytest.mark.bpf
+def test_rss_through_prometheus_matches_the_report(scenario: Scenario) -> None:
+    assert scenario.rss == scenario.report["memory"]["timeline"][-1]["rss"] > 0
+
+
+@pytest.mark.bpf
+def test_promtool_check_metrics_is_clean(scenario: Scenario) -> None:
+    check = subprocess.run(["promtool", "check", "metrics"], input=scenario.metrics,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), \
+        check.stdout + check.stderr
+    for family in ("natrace_process_rss_bytes", "natrace_unfreed_bytes",
+                   "natrace_site_growth_bytes_per_second", "natrace_live_handles",
+                   "natrace_contended_locks", "natrace_events_lost_total",
+                   "natrace_agent_cpu_seconds_total", "natrace_agent_resident_memory_bytes",
+                   "natrace_escalations_total", "natrace_overhead_ratio",
+                   "natrace_pyroscope_push_failures_total"):
+        assert f"# TYPE {family} " in scenario.metrics, family
+
+
+@pytest.mark.bpf
+def test_probes_removed_when_the_process_ended(scenario: Scenario) -> None:
+    before, during, after = scenario.perf_fds
+    assert during > before
+    assert after == before
+
+
+@pytest.mark.bpf
+def test_pyroscope_push_decodes_with_the_published_schema(scenario: Scenario,
+                                                          tmp_path: Path) -> None:
+    from google.protobuf import json_format
+
+    push_request, = message_classes(tmp_path, SCHEMAS / "pyroscope", "push/v1/push.proto",
+                                    "push.v1.PushRequest")
+    profile, = message_classes(tmp_path, SCHEMAS, "profile.proto",
+                               "perftools.profiles.Profile")
+    assert scenario.receiver_failed == 1  # the first push was refused: retried, counted
+    assert _counter(scenario.metrics, "natrace_pyroscope_push_failures_total") == 1
+    path, headers, body = scenario.posts[-1]
+    assert path == "/push.v1.PusherService/Push"
+    assert headers["Content-Type"] == "application/json"
+    request = json_format.Parse(body, push_request())  # strict: unknown fields fail
+    expected = {m["module"]: (m["bytes"], m["blocks"]) for m in scenario.report["modules"]}
+    seen = {}
+    for series in request.series:
+        labels = {lp.name: lp.value for lp in series.labels}
+        assert labels["service_name"] == "leaky-svc"
+        assert labels["host"] == socket.gethostname()
+        assert labels["pid"] == str(scenario.pid)
+        assert labels["__name__"] == "memory"
+        prof = profile()
+        prof.ParseFromString(gzip.decompress(series.samples[0].raw_profile))
+        st = list(prof.string_table)
+        assert [st[t.type] for t in prof.sample_type][:2] == ["inuse_space", "inuse_objects"]
+        seen[labels["module"]] = (sum(s.value[0] for s in prof.sample),
+                                  sum(s.value[1] for s in prof.sample))
+        if labels["module"] == "addon:plugin":
+            plugin = [m for m in prof.mapping if st[m.filename].endswith("plugin.node")]
+            assert plugin and re.fullmatch(r"[0-9a-f]{40}", st[plugin[0].build_id])
+    assert seen == expected

@@ -1,0 +1,164 @@
+"""Which processes the agent watches: given PIDs, command lines matching a pattern,
+members of a cgroup. Rescanned every interval, so a service that restarts is picked
+up again and one that ended is dropped.
+
+A process is known by (PID, start time): a PID the kernel reuses for another process
+is a new process, not the old one come back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tracer.errors import UsageError
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    start: int  # clock ticks after boot (/proc/PID/stat field 22)
+    comm: str
+
+
+@dataclass(frozen=True)
+class Selector:
+    pids: frozenset[int]
+    patterns: tuple[re.Pattern[str], ...]
+    cgroups: tuple[str, ...]  # cgroup v2 paths below CGROUP_ROOT, e.g. /system.slice/x
+
+    def matches(self, pid: int) -> bool:
+        if pid in self.pids:
+            return True
+        if self.patterns:
+            line = cmdline(pid)
+            if line and any(p.search(line) for p in self.patterns):
+                return True
+        if self.cgroups:
+            group = cgroup_of(pid)
+            if group is not None and any(group == c or group.startswith(c.rstrip("/") + "/")
+                                         for c in self.cgroups):
+                return True
+        return False
+
+
+def parse_selector(pids: Iterable[int], patterns: Iterable[str],
+                   cgroups: Iterable[str]) -> Selector:
+    """One-line errors for a bad pattern or a cgroup that does not exist."""
+    compiled = []
+    for text in patterns:
+        try:
+            compiled.append(re.compile(text))
+        except re.error as err:
+            raise UsageError(f"--match: {text!r} is not a regular expression: {err}") from None
+    groups = []
+    for path in cgroups:
+        rel = path[len(CGROUP_ROOT):] if path.startswith(CGROUP_ROOT + "/") else path
+        rel = "/" + rel.strip("/")
+        if not os.path.isfile(os.path.join(CGROUP_ROOT + rel, "cgroup.procs")):
+            raise UsageError(f"--cgroup: {path} is not a cgroup v2 group (no "
+                             f"{CGROUP_ROOT}{rel}/cgroup.procs)")
+        groups.append(rel)
+    selector = Selector(frozenset(pids), tuple(compiled), tuple(groups))
+    if not (selector.pids or selector.patterns or selector.cgroups):
+        raise UsageError("say what to watch: -p PID, --match REGEX or --cgroup PATH")
+    return selector
+
+
+def cmdline(pid: int) -> str | None:
+    """The command line, arguments joined by spaces (None for a kernel thread or gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace") or None
+
+
+def is_natrace(pid: int) -> bool:
+    """Another natrace (its command line holds the patterns it was given): never
+    matched by a pattern or a cgroup, only by -p."""
+    line = cmdline(pid) or ""
+    return any(os.path.basename(word) == "natrace" for word in line.split()[:2])
+
+
+def cgroup_of(pid: int) -> str | None:
+    """The process's cgroup v2 path (the `0::` line of /proc/PID/cgroup)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as fh:
+            for line in fh:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        return None
+    return None
+
+
+def read_proc(pid: int) -> Proc | None:
+    """PID, start time and comm; None when gone, a zombie or a kernel thread."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X") or int(fields[6]) & 0x00200000:  # PF_KTHREAD
+        return None
+    return Proc(pid, int(fields[19]), comm)
+
+
+def _ancestors(pid: int) -> set[int]:
+    """pid and its parents: the agent never watches itself or the shell that started it
+    (whose command line holds the --match pattern too)."""
+    found = set()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                pid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
+class Discovery:
+    """The set of matching processes, and what changed since the last scan."""
+
+    def __init__(self, selector: Selector) -> None:
+        self.selector = selector
+        self.known: dict[int, Proc] = {}
+        self._exclude = _ancestors(os.getpid())
+        # -p PIDs are that process only: the PID reused later is someone else
+        self._pinned = {p.pid: p.start for p in map(read_proc, selector.pids) if p}
+
+    def scan(self) -> tuple[list[Proc], list[Proc]]:
+        """(processes that appeared, processes that ended) since the last scan."""
+        seen: dict[int, Proc] = {}
+        for pid in self._candidates():
+            if pid in self._exclude:
+                continue
+            old = self.known.get(pid)
+            proc = read_proc(pid)
+            if proc is None:
+                continue
+            if old is not None and old.start == proc.start:
+                seen[pid] = old
+            elif self._pinned.get(pid, proc.start) != proc.start:
+                continue
+            elif self.selector.matches(pid) and (pid in self.selector.pids
+                                                 or not is_natrace(pid)):
+                seen[pid] = proc
+        ended = [p for pid, p in self.known.items() if seen.get(pid) != p]
+        new = [p for pid, p in seen.items() if self.known.get(pid) != p]
+        self.known = seen
+        return new, ended
+
+    def _candidates(self) -> Iterable[int]:
+        if not self.selector.patterns and not self.selector.cgroups:
+            return self.selector.pids
+        return (int(d) for d in os.listdir("/proc") if d.isdigit())

@@ -1,0 +1,240 @@
+"""One watched process: triage probes all the time (tracepoints only, cheap enough for
+days), and allocation tracing for a bounded window when its memory trips a limit.
+
+Each window ends with a recording and a report written to --record-dir (0600) and,
+as with `natrace guard`, the action asked for (nothing, a signal, or a kill). A process
+escalates at most once per --cooldown, and never while the agent is over its budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tracer.agent.budget import Budget
+from tracer.agent.discovery import Proc
+from tracer.engine.limits import Action, Limits, act
+from tracer.engine.recordings import new_recording
+from tracer.engine.session import Session, SessionOptions
+from tracer.errors import NatraceError
+from tracer.files import write_private
+from tracer.model.snapshot import Snapshot
+from tracer.probes import target as targets
+from tracer.probes.handles import HandleOptions
+from tracer.reporters import json as json_report
+from tracer.reporters import text as text_report
+from tracer.units import format_size
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """What every supervisor is told (from the command line)."""
+
+    limits: Limits | None  # None: never escalate, triage only
+    action: Action
+    window: float  # seconds of allocation tracing per escalation
+    cooldown: float  # seconds before the same process may escalate again
+    record_dir: str
+    interval: float  # seconds between memory checks
+    top: int = 10  # call sites in reports and in the growth metric
+    as_json: bool = False
+    grace: float = 5.0  # --action kill: SIGTERM to SIGKILL
+    session: SessionOptions = field(default_factory=SessionOptions)  # charge-to, locks...
+
+
+@dataclass(frozen=True)
+class SiteRate:
+    module: str
+    site: str
+    bytes_per_second: float
+
+
+@dataclass(frozen=True)
+class ProcessFigures:
+    """What the metrics and profiles show of one process: an immutable copy, so the
+    HTTP thread never reads a supervisor mid-update."""
+
+    pid: int
+    comm: str
+    mode: str  # "triage" or "allocations"
+    probes: int
+    rss: int | None
+    escalations: int
+    modules: tuple[tuple[str, int, int], ...] = ()  # module class, unfreed bytes, blocks
+    sites: tuple[SiteRate, ...] = ()  # fastest-growing sites, at most `top`
+    handles: tuple[tuple[str, int], ...] = ()  # handle type, live
+    contended_locks: int = 0
+    lost: tuple[tuple[str, int], ...] = ()  # what the probes could not record, by kind
+
+
+Log = Callable[[str], None]
+
+
+class Supervisor:
+    def __init__(self, proc: Proc, config: WatchConfig, budget: Budget, log: Log) -> None:
+        self.proc = proc
+        self.config = config
+        self.budget = budget
+        self.log = log
+        self.target = targets.attach(proc.pid)
+        triage = replace(config.session, allocs=False, triage=True,
+                         memory_interval=config.interval)
+        self.triage = Session(self.target, triage)
+        self.window: Session | None = None
+        self.window_reason = ""
+        self.window_ends = 0.0
+        self.next_escalation = 0.0
+        self.escalations = 0
+        self.ended = False
+        self.allocations: Snapshot | None = None  # the last allocation window's figures
+        self.triaged: Snapshot | None = None  # the last triage figures (locks, handles)
+        self.unpushed: Snapshot | None = None  # allocation figures not yet sent to Pyroscope
+        self.reports: list[str] = []  # files written, newest last
+        self._seen = (0, 0)  # probe hits counted so far: allocator calls, syscalls
+
+    def start(self) -> None:
+        with self.budget.setup():
+            self.triage.start()
+
+    @property
+    def probe_count(self) -> int:
+        return self.triage.probe_count + (self.window.probe_count if self.window else 0)
+
+    def tick(self) -> None:
+        """Drain the probes, check the limits; start or end an allocation window."""
+        if not self.triage.poll():
+            self.ended = True
+        if self.window is not None:
+            if not self.window.poll():
+                self.ended = True
+            if self.ended or time.monotonic() >= self.window_ends:
+                self.finish_window()
+        elif not self.ended and self.config.limits is not None:
+            why = self.config.limits.tripped(self.triage)
+            if why is not None and time.monotonic() >= self.next_escalation:
+                if self.budget.over:
+                    self.next_escalation = time.monotonic() + self.config.interval
+                else:
+                    self.escalate(why)
+
+    def escalate(self, reason: str) -> None:
+        """Allocation probes for a window as long as the budget allows, sampled as it says."""
+        self.next_escalation = time.monotonic() + self.config.cooldown
+        options = replace(self.config.session, allocs=True, triage=False,
+                          alloc=replace(self.config.session.alloc,
+                                        sample_bytes=self.budget.sample_bytes),
+                          handles=HandleOptions(presets=False),
+                          memory_interval=self.config.interval)
+        session = Session(self.target, options)
+        try:
+            with self.budget.setup():
+                session.start()
+        except NatraceError as err:
+            session.close()
+            self.log(f"PID {self.proc.pid} ({self.proc.comm}): {reason}; allocation tracing "
+                     f"failed: {err}")
+            return
+        seconds = self.config.window * self.budget.window_share
+        self.window, self.window_reason = session, reason
+        self._seen = (0, self._seen[1])
+        self.window_ends = time.monotonic() + seconds
+        self.escalations += 1
+        sampled = (f", sampled every {format_size(self.budget.sample_bytes)}"
+                   if self.budget.sample_bytes else "")
+        self.log(f"PID {self.proc.pid} ({self.proc.comm}): {reason}: allocation tracing for "
+                 f"{seconds:g} s ({session.probe_count} probes{sampled})")
+
+    def end_window(self, why: str) -> None:
+        """End a window before its time (the budget, SIGUSR1); its files still written."""
+        if self.window is not None:
+            self.window_reason += f"; {why}"
+            self.finish_window()
+
+    def finish_window(self) -> None:
+        """Snapshot, detach, write the recording and the report, then act."""
+        session, self.window = self.window, None
+        if session is None:
+            return
+        try:
+            session.poll()  # what the ring buffer still holds (mappings) counts too
+            snap = session.snapshot()
+        finally:
+            with self.budget.setup():
+                session.close()
+        self.allocations = self.unpushed = snap
+        stem = os.path.join(self.config.record_dir, "natrace-agent-{}-{}".format(
+            snap.pid, time.strftime("%Y%m%d-%H%M%S", time.localtime(snap.taken_at))))
+        try:
+            with new_recording(stem + ".natrace", snap.pid, snap.command,
+                                       session.options, None) as rec:
+                rec.add(snap)
+            report = stem + (".json" if self.config.as_json else ".txt")
+            write_private(report, self._report(snap))
+        except (NatraceError, OSError) as err:
+            self.log(f"PID {snap.pid}: could not write the window's files: {err}")
+            return
+        self.reports += [stem + ".natrace", report]
+        done = "" if self.ended else "; " + act(self.target, self.config.action,
+                                                self.config.grace)
+        self.log(f"PID {snap.pid} ({self.proc.comm}): allocation window over; report "
+                 f"{report}, recording {stem}.natrace{done}")
+
+    def _report(self, snap: Snapshot) -> str:
+        head = {"reason": self.window_reason, "action": self.config.action.describe()}
+        if self.config.as_json:
+            doc: dict[str, Any] = json_report.to_dict(snap)
+            doc["agent"] = head
+            return json.dumps(doc, indent=2) + "\n"
+        return (f"natrace agent: {head['reason']}; action: {head['action']}\n"
+                + text_report.render(snap, self.config.top))
+
+    def refresh(self) -> None:
+        """Symbolize what the probes hold now (the slow part: done every push interval,
+        not every tick)."""
+        if not self.ended:
+            self.triaged = self.triage.snapshot()
+        if self.window is not None:
+            self.allocations = self.unpushed = self.window.snapshot()
+
+    def hits(self) -> tuple[int, int]:
+        """Probe hits since the last call: (allocator calls, syscall tracepoint calls)."""
+        calls = sum(self.window.probes.counters()[1].values()) if self.window else 0
+        syscalls = 0
+        if self.triage.triage is not None:
+            syscalls = (sum(m.calls for m in self.triage.triage.memsys() if m.stack_id is None)
+                        + sum(f.calls for f in self.triage.triage.futexes()))
+        seen, self._seen = self._seen, (calls, syscalls)
+        return max(0, calls - seen[0]), max(0, syscalls - seen[1])
+
+    def figures(self) -> ProcessFigures:
+        last = self.triage.memory.timeline.last
+        fig = ProcessFigures(self.proc.pid, self.proc.comm,
+                             "allocations" if self.window is not None else "triage",
+                             self.probe_count, last.rss if last else None, self.escalations)
+        alloc, tri = self.allocations, self.triaged
+        lost: dict[str, int] = {}
+        if alloc is not None:
+            rates = sorted((s for s in alloc.user_sites() if s.per_minute),
+                           key=lambda s: -(s.per_minute or 0))[:self.config.top]
+            fig = replace(fig, modules=tuple((m, b, n) for m, b, n, _ in alloc.by_module()),
+                          sites=tuple(SiteRate(s.module_class, s.label(),
+                                               (s.per_minute or 0) / 60) for s in rates))
+            lost.update(alloc.loss)
+        if tri is not None:
+            fig = replace(fig, handles=tuple((h.name, h.live) for h in tri.handles),
+                          contended_locks=len(tri.locks.contended()) if tri.locks else 0)
+            for kind, n in tri.triage_loss.items():
+                lost[kind] = lost.get(kind, 0) + n
+        return replace(fig, lost=tuple(sorted(lost.items())))
+
+    def close(self) -> None:
+        """Finish a window in progress (its files written), then detach everything."""
+        try:
+            self.finish_window()
+        finally:
+            with self.budget.setup():
+                self.triage.close()
