@@ -7,14 +7,12 @@
  * which handles them as range operations (partial munmap, mremap).
  *
  * Compile-time parameters (set by tracer/probes/alloc.py):
- *   TARGET_TGID      the traced process
  *   WAIT_EXEC        defined when natrace launched the target: record nothing
  *                    until the child has exec'd the command
  *   SAMPLE_BYTES     0 for exact tracing, else the byte-weighted sampling period
  *   MAX_ALLOCS, MAX_STACKS, STACK_DEPTH, RINGBUF_PAGES
  */
 #include <uapi/linux/ptrace.h>
-#include <linux/sched.h>
 #include "natrace.h"
 #include "target.bpf.h"
 #include "stacks.bpf.h"
@@ -229,7 +227,7 @@ int free_enter(struct pt_regs *ctx) {
 
 static __always_inline int syscall_enter(u64 a0, u64 a1, u64 a2, u64 a3, u32 flags) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    if ((pid_tgid >> 32) != TARGET_TGID || !is_armed())
+    if (!is_target(pid_tgid) || !is_armed())
         return 0;
     u32 tid = (u32)pid_tgid;
     struct syscall_args args = {.a0 = a0, .a1 = a1, .a2 = a2, .a3 = a3, .flags = flags};
@@ -244,7 +242,7 @@ static __always_inline int syscall_enter(u64 a0, u64 a1, u64 a2, u64 a3, u32 fla
 
 static __always_inline int syscall_exit(void *ctx, u32 kind, long ret) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    if ((pid_tgid >> 32) != TARGET_TGID)
+    if (!is_target(pid_tgid))
         return 0;
     u32 tid = (u32)pid_tgid;
     struct syscall_args *args = pending.lookup(&tid);

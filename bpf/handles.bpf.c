@@ -9,11 +9,10 @@
  * Each pair n has three stubs (create_enter_n, create_return_n, destroy_n); how it
  * passes its handle is in conf[n], written by tracer/probes/handles.py.
  *
- * Compile-time parameters: TARGET_TGID, WAIT_EXEC (see target.bpf.h),
+ * Compile-time parameters: WAIT_EXEC (see target.bpf.h),
  * MAX_HANDLES, MAX_STACKS (see stacks.bpf.h).
  */
 #include <uapi/linux/ptrace.h>
-#include <linux/sched.h>
 #include "natrace.h"
 #include "target.bpf.h"
 #include "stacks.bpf.h"

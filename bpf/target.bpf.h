@@ -5,8 +5,11 @@
  * and generates tracepoint argument structs only in the main source, so
  * tracer/probes/bpfprog.py pastes *.bpf.h includes into it before compiling.
  *
- * Compile-time parameters:
- *   TARGET_TGID  the traced process
+ * The traced process is not compiled in: it is in the `target` map, written by
+ * tracer/probes/base.py before anything is attached, so one compiled object (cached
+ * by tracer/probes/bpfprog.py) serves every process. 0 until then: no process.
+ *
+ * Compile-time parameter:
  *   WAIT_EXEC    defined when natrace launched the target: record nothing until the
  *                child has exec'd the command
  */
@@ -20,14 +23,21 @@
 #else
 #define EXPECTED_EXECS 0
 #endif
+BPF_ARRAY(target, u32, 1);   /* the traced process's tgid */
 BPF_ARRAY(execs, u64, 1);
 /* 1 while recording: set by Python at attach for a running target (tracer/probes/
  * gate.py), by the gate's exec for a launched one; cleared by any later exec, so
  * nothing of the next program mixes into the report of this one. */
 BPF_ARRAY(armed, u32, 1);
 
+static __always_inline int is_target(u64 pid_tgid) {
+    int zero = 0;
+    u32 *tgid = target.lookup(&zero);
+    return tgid && *tgid && (pid_tgid >> 32) == *tgid;
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exec) {
-    if ((bpf_get_current_pid_tgid() >> 32) != TARGET_TGID)
+    if (!is_target(bpf_get_current_pid_tgid()))
         return 0;
     int zero = 0;
     u64 *n = execs.lookup(&zero);

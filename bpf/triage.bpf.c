@@ -5,13 +5,12 @@
  * maps at snapshot time: cheap enough for hours on a production process.
  *
  * Compile-time parameters (set by tracer/probes/triage.py):
- *   TARGET_TGID, WAIT_EXEC   see target.h
+ *   WAIT_EXEC                see target.bpf.h
  *   MAX_KEYS, MAX_STACKS     aggregation and stack map sizes
  *   HAVE_FUTEX_WAIT, HAVE_FUTEX_WAKE, HAVE_FUTEX_WAITV, HAVE_FUTEX_REQUEUE,
  *   HAVE_PAGE_FAULT_USER     defined for the tracepoints this kernel has
  */
 #include <uapi/linux/ptrace.h>
-#include <linux/sched.h>
 #include "natrace.h"
 #include "target.bpf.h"
 #include "stacks.bpf.h"
@@ -40,7 +39,7 @@ BPF_ARRAY(zero_futex, struct futex_stats, 1);   /* never written: a zero value t
 BPF_ARRAY(brk_now, u64, 1);                      /* the break after the last brk call */
 
 static __always_inline int ours(void) {
-    return (bpf_get_current_pid_tgid() >> 32) == TARGET_TGID && is_armed();
+    return is_target(bpf_get_current_pid_tgid()) && is_armed();
 }
 
 static __always_inline void count(u32 which, u64 n) {

@@ -22,7 +22,9 @@ class ProbeSet:
         """Compile bpf/<source> for this target (launched: held at the exec gate)."""
         if target.launched:
             defines = {**defines, "WAIT_EXEC": 1}
-        self._bpf = bpfprog.compile_program(source, {"TARGET_TGID": target.pid, **defines})
+        self._bpf = bpfprog.compile_program(source, defines)
+        self._bpf["target"][ctypes.c_int(0)] = ctypes.c_uint32(target.pid)
+        self._bpf.attach_tracepoint_functions()
         self._stacks = StackReader(self._bpf)
 
     def _arm(self, target: Target) -> None:

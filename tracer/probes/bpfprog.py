@@ -1,17 +1,22 @@
-"""Compiling natrace's BPF C sources (bpf/) with bcc.
+"""Compiling natrace's BPF C sources (bpf/) with bcc, once per source and kernel.
 
-The only module that imports bcc's BPF class; it turns bcc's failures into
-NatraceErrors that say what to install or mount.
+With bpfimage.py, the only modules that import bcc's BPF class; it turns bcc's
+failures into NatraceErrors that say what to install or mount. Compiled objects are
+cached under ~/.cache/natrace/bpf; `python -m tracer.probes.bpfprog` is the child
+process that compiles.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import ctypes
 import functools
+import hashlib
 import io
+import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -20,10 +25,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tracer.errors import KernelFeatureError
+from tracer.errors import KernelFeatureError, UsageError
+from tracer.files import write_private
 from tracer.probes import doctor
+from tracer.symbols.elfsyms import default_cache_dir
 
 _HEADER = "natrace.h"
+_CACHE_FORMAT = 1  # bump when bpfimage.Image changes shape
+_COMPILE_TIMEOUT = 300.0
+
+#: How programs were obtained, for tests and the benchmark: compiled or from the cache.
+STATS: collections.Counter[str] = collections.Counter()
 
 
 def source_dir() -> Path:
@@ -70,29 +82,121 @@ def defines_symbol(path: str, name: str) -> bool:
 
 
 def compile_program(name: str, defines: dict[str, int | str]) -> Any:
-    """Compile bpf/<name> with -D parameters; one line of bcc's complaint on failure."""
-    bcc = import_bcc()
-    src = source_dir()
+    """bpf/<name> built with -D parameters and loaded (maps created, programs in the
+    kernel, nothing attached but tracepoint__* functions; see bpfimage.LoadedBPF).
+
+    The compiled object comes from natrace's cache when this exact source, flags,
+    kernel and bcc were compiled before; otherwise a child process compiles it, so
+    LLVM's second and ~60 MiB never enter natrace's own process, and the cache keeps
+    it. One line of the compiler's or the kernel's complaint on failure."""
+    import_bcc()
+    from tracer.probes import bpfimage
+
     tracefs, check = doctor.find_tracefs()
     if tracefs is None:
         raise KernelFeatureError(f"tracefs is not usable ({check.detail}): {check.fix}")
+    src = source_dir()
+    cflags = [f"-I{src}", "-Wno-macro-redefined", "-Wno-unused-function"]
+    defines = {"NCPUS": _possible_cpus(), **defines}
+    cflags += [f"-D{key}={value}" for key, value in defines.items()]
+    text = _paste_bpf_headers((src / name).read_text(), src)
+    path = _cache_path(text, cflags)
+    image = _read_cached(path)
+    if image is not None:
+        STATS["cache_hit"] += 1
+        try:
+            with captured_stderr():
+                return bpfimage.LoadedBPF(image)
+        except OSError:
+            pass  # e.g. the kernel changed under the same release: compile afresh
+    image = _compile_in_child(name, text, cflags)
+    STATS["compiled"] += 1
+    try:
+        with captured_stderr() as captured:
+            loaded = bpfimage.LoadedBPF(image)
+    except OSError as err:
+        detail = _first_error_line(captured.getvalue()) or str(err)
+        raise KernelFeatureError(f"could not load the BPF program {name}: {detail}") from None
+    _write_cached(path, image)
+    return loaded
+
+
+def _compile_in_child(name: str, text: str, cflags: list[str]) -> Any:
+    """bcc's compile of `text`, run by `python -m tracer.probes.bpfprog`."""
+    from tracer.probes import bpfimage
+
     if not Path(f"/lib/modules/{os.uname().release}/build/include").exists():
         raise KernelFeatureError(
             f"no kernel headers at /lib/modules/{os.uname().release}/build: "
             "run scripts/provision.sh (it installs and links them)"
         )
-    cflags = [f"-I{src}", "-Wno-macro-redefined", "-Wno-unused-function"]
-    defines = {"NCPUS": _possible_cpus(), **defines}
-    cflags += [f"-D{key}={value}" for key, value in defines.items()]
-    text = _paste_bpf_headers((src / name).read_text(), src)
+    request = json.dumps({"text": text, "cflags": cflags})
     try:
-        with captured_stderr() as captured:
-            return bcc.BPF(text=text, cflags=cflags)
-    except Exception as err:  # bcc raises bare Exception on compile/load failure
-        detail = _first_error_line(captured.getvalue()) or str(err).splitlines()[0]
-        raise KernelFeatureError(f"could not load the BPF program {name}: {detail}") from None
-    finally:
-        _release_compiler_memory()
+        proc = subprocess.run([sys.executable, "-m", "tracer.probes.bpfprog"], input=request,
+                              capture_output=True, text=True, timeout=_COMPILE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise KernelFeatureError(f"compiling the BPF program {name} took over "
+                                 f"{_COMPILE_TIMEOUT:g} s") from None
+    if proc.returncode != 0:
+        detail = (_first_error_line(proc.stderr) or proc.stderr.strip().splitlines()[-1:] or
+                  [f"the compiler exited with status {proc.returncode}"])
+        line = detail if isinstance(detail, str) else detail[0]
+        raise KernelFeatureError(f"could not load the BPF program {name}: {line}")
+    return bpfimage.Image.from_json(proc.stdout)
+
+
+def _cache_path(text: str, cflags: list[str]) -> str:
+    """Where the compiled object of (source, flags, headers, kernel, bcc) is kept."""
+    import bcc
+
+    uname = os.uname()
+    headers = sorted((p.name, p.read_text()) for p in source_dir().glob("*.h"))
+    build = os.path.realpath(f"/lib/modules/{uname.release}/build")
+    key = json.dumps([_CACHE_FORMAT, text, cflags, headers, uname.release, uname.version,
+                      build, getattr(bcc, "__version__", "")])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return os.path.join(default_cache_dir(), "bpf", digest + ".json")
+
+
+def _read_cached(path: str) -> Any:
+    """The cached Image at `path`, or None. Trusted only when this user owns it and its
+    directory and nobody else can write either: natrace loads it into the kernel."""
+    from tracer.probes import bpfimage
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd) as fh:
+        for st in (os.fstat(fh.fileno()), os.stat(os.path.dirname(path))):
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                return None
+        try:
+            return bpfimage.Image.from_json(fh.read())
+        except (ValueError, KeyError, TypeError):
+            return None  # torn or foreign: compiled afresh and overwritten
+
+
+def _write_cached(path: str, image: Any) -> None:
+    """Keep `image` for the next run; a cache that cannot be written is no error."""
+    with contextlib.suppress(OSError, UsageError):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        write_private(path, image.to_json())
+
+
+def _child_main() -> int:
+    """The compiling child: a {"text", "cflags"} request on stdin, the Image as JSON on
+    stdout; bcc's complaints stay on stderr for the parent to quote."""
+    from tracer.probes import bpfimage
+
+    request = json.load(sys.stdin)
+    try:
+        image = bpfimage.compile_image(request["text"], request["cflags"])
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 1
+    sys.stdout.write(image.to_json())
+    return 0
 
 
 _BPF_HEADER_INCLUDE = re.compile(r'^#include "([\w.-]+\.bpf\.h)"$', re.MULTILINE)
@@ -124,13 +228,6 @@ def captured_stderr() -> Iterator[io.StringIO]:
             buf.write(tmp.read().decode(errors="replace"))
 
 
-def _release_compiler_memory() -> None:
-    """Give back the heap LLVM used while compiling (~50 MiB): it is freed, but glibc
-    keeps freed memory for reuse, and the next compile or the tracing needs little."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _possible_cpus() -> int:
     """CPU slots per-CPU maps have (possible, not online: a CPU may come up later)."""
     from bcc.utils import get_possible_cpus
@@ -143,3 +240,7 @@ def _first_error_line(text: str) -> str:
         if "error" in line.lower():
             return line.strip()
     return ""
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

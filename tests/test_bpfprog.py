@@ -1,0 +1,83 @@
+"""Compiled BPF objects: compiled once in a child process, then loaded from the cache,
+trusted only when nobody else could have written them."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tracer.errors import KernelFeatureError
+from tracer.probes import bpfprog
+
+pytestmark = pytest.mark.bpf
+
+DEFINES: dict[str, int | str] = {"MAX_KEYS": 1024, "MAX_STACKS": 2048}
+
+
+@pytest.fixture()
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "natrace" / "bpf"
+
+
+@pytest.fixture()
+def loaded() -> Iterator[list[Any]]:
+    programs: list[Any] = []
+    yield programs
+    for bpf in programs:
+        bpf.cleanup()
+
+
+def _load(loaded: list[Any]) -> tuple[Any, int, int]:
+    """triage.bpf.c loaded once more; (program, compiles, cache hits) since before."""
+    compiled, hits = bpfprog.STATS["compiled"], bpfprog.STATS["cache_hit"]
+    bpf = bpfprog.compile_program("triage.bpf.c", DEFINES)
+    loaded.append(bpf)
+    return bpf, bpfprog.STATS["compiled"] - compiled, bpfprog.STATS["cache_hit"] - hits
+
+
+def test_second_load_comes_from_the_cache(cache: Path, loaded: list[Any]) -> None:
+    first, compiles, hits = _load(loaded)
+    assert (compiles, hits) == (1, 0)
+    [entry] = list(cache.iterdir())
+    assert entry.stat().st_mode & 0o777 == 0o600 and cache.stat().st_mode & 0o777 == 0o700
+    second, compiles, hits = _load(loaded)
+    assert (compiles, hits) == (0, 1)
+    # Fresh maps of the compiled sizes, separate from the first load's.
+    assert second["futexes"].max_entries == 1024 and second["windows"].max_entries == 2048
+    first["target"][ctypes.c_int(0)] = ctypes.c_uint32(4242)
+    assert second["target"][ctypes.c_int(0)].value == 0
+    assert first["target"][ctypes.c_int(0)].value == 4242
+
+
+def test_a_cache_entry_others_can_write_is_compiled_afresh(cache: Path,
+                                                           loaded: list[Any]) -> None:
+    _load(loaded)
+    [entry] = list(cache.iterdir())
+    os.chmod(entry, 0o666)
+    _, compiles, hits = _load(loaded)
+    assert (compiles, hits) == (1, 0)
+    assert entry.stat().st_mode & 0o777 == 0o600  # rewritten private
+
+
+def test_a_torn_cache_entry_is_compiled_afresh(cache: Path, loaded: list[Any]) -> None:
+    _load(loaded)
+    [entry] = list(cache.iterdir())
+    entry.write_text('{"functions": {"x": ')
+    _, compiles, hits = _load(loaded)
+    assert (compiles, hits) == (1, 0)
+    _, compiles, hits = _load(loaded)
+    assert (compiles, hits) == (0, 1)
+
+
+def test_a_compile_error_is_one_line() -> None:
+    with pytest.raises(KernelFeatureError) as info:
+        bpfprog._compile_in_child("broken.bpf.c", "int f(void *ctx) { return nope; }", [])
+    message = str(info.value)
+    assert message.startswith("could not load the BPF program broken.bpf.c: ")
+    assert "nope" in message and "\n" not in message
