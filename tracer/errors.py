@@ -39,6 +39,13 @@ class KernelFeatureError(NatraceError):
     exit_code = 4
 
 
+class OutputError(NatraceError):
+    """An output path natrace may not or cannot write (found before any probe is
+    attached), or a write that failed (disk full, I/O error, a FIFO's reader gone)."""
+
+    exit_code = 5
+
+
 class FileFormatError(NatraceError):
     """A recording or input file is missing, truncated, corrupted or too new."""
 

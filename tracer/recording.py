@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from tracer import __version__
+from tracer import __version__, files
 from tracer.errors import FileFormatError, UsageError
 from tracer.model import codec
 from tracer.model.frames import Frame
@@ -116,14 +116,14 @@ class RecordingWriter:
     """
 
     def __init__(self, path: str, meta: dict[str, Any],
-                 build_id: Callable[[str], str | None] = lambda _path: None) -> None:
+                 build_id: Callable[[str], str | None] = lambda _path: None,
+                 option: str = "-o") -> None:
         self.path = path
         self._build_id = build_id
         self._modules: dict[str, int] = {}
         self._frames: dict[Frame, int] = {}
         self._stacks: dict[tuple[int, ...], int] = {}
-        _create(path, meta)
-        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db = sqlite3.connect(_create(path, meta, option), isolation_level=None)
         self._db.execute("PRAGMA synchronous=FULL")
 
     def add(self, snap: Snapshot) -> int:
@@ -208,15 +208,13 @@ def _sections(snap: Snapshot) -> Iterator[tuple[str, Any]]:
                 yield f.name, value
 
 
-def _create(path: str, meta: dict[str, Any]) -> None:
-    """Schema and meta in a temporary file, renamed over `path` once complete (mode 0600)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".natrace-", suffix=".db")
-    except OSError as err:
-        raise UsageError(f"cannot write {path}: {err.strerror}") from None
-    os.close(fd)
-    try:
+def _create(path: str, meta: dict[str, Any], option: str) -> str:
+    """Schema and meta in a temporary file, renamed over `path` once complete (mode 0600);
+    the file really written (symlinks followed). SQLite needs a regular file: a device,
+    FIFO or descriptor is refused (tracer/files.py checks it before tracing)."""
+    out = files.check_output(path, option, regular_only=True)
+
+    def fill(_fd: int, tmp: str) -> None:
         db = sqlite3.connect(tmp)
         with contextlib.closing(db):
             db.executescript(_SCHEMA)
@@ -227,12 +225,12 @@ def _create(path: str, meta: dict[str, Any]) -> None:
                            [(k, v if isinstance(v, str) else json.dumps(v))
                             for k, v in rows.items()])
             db.commit()
-        os.replace(tmp, path)
+
+    try:
+        files.replace_atomically(out.real, fill)
     except (OSError, sqlite3.Error) as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise UsageError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") \
-            from None
+        raise out.fail(f"cannot write: {getattr(err, 'strerror', None) or err}") from None
+    return out.real
 
 
 @dataclass(frozen=True)

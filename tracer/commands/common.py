@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -12,7 +11,7 @@ import click
 from tracer.commands import outputs
 from tracer.engine.session import Session, SessionOptions
 from tracer.errors import UsageError
-from tracer.files import write_private
+from tracer.files import check_output, write_private, write_stdout
 from tracer.model.snapshot import Snapshot
 from tracer.probes.alloc import AllocOptions
 from tracer.probes.handles import HandleOptions, parse_pair
@@ -29,11 +28,11 @@ _REPORT_OPTIONS = [
     click.option("--top", "top", type=click.IntRange(min=1), default=10, show_default=True,
                  help="Call sites to list."),
     click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
-    click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None,
+    click.option("-o", "--output", "output", type=click.Path(), default=None,
                  help="Write the report to this file (mode 0600) instead of stdout."),
-    click.option("--record", "record", type=click.Path(dir_okay=False), default=None,
+    click.option("--record", "record", type=click.Path(), default=None,
                  help="Also save the final snapshot as a recording (see natrace record)."),
-    click.option("--flamegraph", "flamegraph", type=click.Path(dir_okay=False), default=None,
+    click.option("--flamegraph", "flamegraph", type=click.Path(), default=None,
                  help="Also write an unfreed-bytes flamegraph; the format follows the "
                       "extension (.html, .svg, .folded, .pb.gz, .speedscope.json)."),
 ]
@@ -121,6 +120,13 @@ class TraceArgs:
                    session=session_from_options(opts), record=opts["record"],
                    flamegraph=opts["flamegraph"])
 
+    def check_outputs(self) -> None:
+        """Every output path asked for, before anything is attached or launched: a
+        report must never be lost at the end of a trace for a name that could not work."""
+        if self.output:
+            check_output(self.output, "-o")
+        outputs.check(self.record, self.flamegraph)
+
 
 def announce(session: Session, doing: str) -> None:
     """The stderr line that says the probes are in place (scripts and tests wait for
@@ -141,8 +147,10 @@ def trace(target: Target, args: TraceArgs, duration: float | None) -> None:
                  "tracing until it exits")
         session.run(duration)
         snap = session.snapshot()
-        print_report(snap, args)
-        outputs.save(snap, args.session, args.record, args.flamegraph)
+        try:
+            print_report(snap, args)
+        finally:  # a closed stdout (`| head`) must not cost the recording or flamegraph
+            outputs.save(snap, args.session, args.record, args.flamegraph)
     finally:
         session.close()
 
@@ -150,11 +158,9 @@ def trace(target: Target, args: TraceArgs, duration: float | None) -> None:
 def print_report(snap: Snapshot, args: TraceArgs) -> None:
     out = json_report.render(snap) if args.as_json else text_report.render(snap, args.top)
     if args.output:
-        write_private(args.output, out)
+        write_private(args.output, out, "-o")
     else:
-        sys.stdout.write(out)
-        sys.stdout.flush()
-
+        write_stdout(out)
 
 
 def check_privileges() -> None:

@@ -39,7 +39,7 @@ def load(spec: str) -> Snapshot:
 @click.option("--json", "as_json", is_flag=True, help="Print the growth as JSON.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
               help="Call sites to list.")
-@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", "output", type=click.Path(), default=None,
               help="Write to this file (mode 0600) instead of stdout.")
 def command(before: str, after: str, as_json: bool, top: int, output: str | None) -> None:
     """Growth from BEFORE to AFTER: each a recording FILE or FILE@TIME (e.g. rec.db@30s)."""

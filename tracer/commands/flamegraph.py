@@ -19,7 +19,7 @@ from tracer.units import Duration
               show_default=True, help="What the widths measure.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None,
               help="Output format (default: from the output's extension).")
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--output", "output", required=True, type=click.Path(),
               help="File to write (mode 0600).")
 @click.option("--inverted", is_flag=True, help="Icicle graph: roots at the top (html/svg).")
 @click.option("--at", "at", type=Duration(), default=None,

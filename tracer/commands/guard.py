@@ -37,7 +37,7 @@ from tracer.units import Duration, format_size, parse_size
 @click.option("--action", "action_text", default="report", show_default=True,
               help="What to do after the report: report, signal:NAME (e.g. signal:USR1), "
                    "or kill (SIGTERM, then SIGKILL after --grace).")
-@click.option("--report-dir", "report_dir", type=click.Path(file_okay=False), default=".",
+@click.option("--report-dir", "report_dir", type=click.Path(), default=".",
               show_default=True, help="Directory for the report (files are mode 0600).")
 @click.option("--interval", type=Duration(), default=1.0, show_default=True,
               help="Seconds between checks.")
@@ -125,5 +125,5 @@ def _write_report(snap: Snapshot, reason: str, action: Action, report_dir: str, 
     else:
         text = (f"natrace guard: {reason}; action: {action.describe()}\n"
                 + text_report.render(snap, top))
-    write_private(path, text)
+    write_private(path, text, "--report-dir")
     return path

@@ -6,33 +6,32 @@ snapshot, and by `natrace flamegraph` for exports from a recording.
 
 from __future__ import annotations
 
-import os
-
 from tracer.engine.recordings import build_ids, new_recording
 from tracer.engine.session import SessionOptions
-from tracer.errors import UsageError
-from tracer.files import write_private
+from tracer.files import check_output, write_private
 from tracer.model.snapshot import Snapshot
 from tracer.reporters import export
 from tracer.reporters.stacks import METRICS, ExportOptions
 
 
-def write_file(path: str, data: str | bytes, *sources: str) -> None:
-    """Write atomically (0600); never over one of `sources`, the files read."""
-    for source in sources:
-        if os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
-            raise UsageError(f"{path} is an input file: choose another output")
-    write_private(path, data)
+def write_file(path: str, data: str | bytes, *sources: str, option: str = "-o") -> None:
+    """Write by tracer/files.py's rules; never over one of `sources`, the files read."""
+    check_output(path, option, sources)
+    write_private(path, data, option)
 
 
 def write_export(path: str, fmt: str, snap: Snapshot, options: ExportOptions,
-                 *sources: str) -> None:
-    write_file(path, export.render(fmt, snap, options), *sources)
+                 *sources: str, option: str = "-o") -> None:
+    write_file(path, export.render(fmt, snap, options), *sources, option=option)
 
 
-def check(flamegraph: str | None) -> None:
-    """Refuse a --flamegraph name whose format is unknown before tracing, not after."""
+def check(record: str | None, flamegraph: str | None) -> None:
+    """Refuse a --record or --flamegraph path that could not be written, or a flamegraph
+    format that is unknown, before tracing rather than after."""
+    if record:
+        check_output(record, "--record", regular_only=True)
     if flamegraph:
+        check_output(flamegraph, "--flamegraph")
         export.format_for(flamegraph)
 
 
@@ -40,10 +39,12 @@ def save(snap: Snapshot, options: SessionOptions, record: str | None,
          flamegraph: str | None) -> None:
     """The --record and --flamegraph files asked for on run or snapshot."""
     if record:
-        with new_recording(record, snap.pid, snap.command, options, None) as rec:
+        with new_recording(record, snap.pid, snap.command, options, None,
+                           "--record") as rec:
             rec.add(snap)
     if flamegraph:
         fmt = export.format_for(flamegraph)
         write_export(flamegraph, fmt, snap,
                      ExportOptions(METRICS["unfreed"],
-                                   build_ids=build_ids(snap) if fmt == "pprof" else {}))
+                                   build_ids=build_ids(snap) if fmt == "pprof" else {}),
+                     option="--flamegraph")

@@ -11,6 +11,7 @@ from tracer.commands import common
 from tracer.engine.recordings import new_recording
 from tracer.engine.session import Session
 from tracer.errors import UsageError
+from tracer.files import check_output
 from tracer.probes import target as targets
 from tracer.recording import RecordingWriter
 from tracer.units import Duration
@@ -18,7 +19,7 @@ from tracer.units import Duration
 
 @click.command("record")
 @click.option("-p", "--pid", type=int, default=None, help="Process to attach to.")
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--output", "output", required=True, type=click.Path(),
               help="Recording file to write (SQLite, mode 0600).")
 @click.option("--duration", type=Duration(), default=None,
               help="Stop after this long (default: when the target exits, or Ctrl-C).")
@@ -37,6 +38,7 @@ def command(ctx: click.Context, pid: int | None, output: str, duration: float | 
     if (pid is None) == (not argv):
         raise UsageError("give either -p PID or -- CMD ARGS")
     options = common.session_from_options(opts)
+    check_output(output, "-o", regular_only=True)
     common.check_privileges()
     target = targets.attach(pid) if pid is not None else targets.launch(list(argv))
     session = Session(target, options)

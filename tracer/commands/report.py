@@ -25,7 +25,7 @@ from tracer.units import Duration
 @click.option("--at", "at", type=Duration(), default=None,
               help="The snapshot taken at (or last before) this much tracing time "
                    "(default: the last).")
-@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", "output", type=click.Path(), default=None,
               help="Write the report to this file (mode 0600) instead of stdout.")
 def command(file: str, as_json: bool, top: int, module: str | None, at: float | None,
             output: str | None) -> None:

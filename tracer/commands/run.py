@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from tracer.commands import common, outputs
+from tracer.commands import common
 from tracer.probes import target as targets
 
 
@@ -20,7 +20,7 @@ def command(ctx: click.Context, argv: tuple[str, ...], **opts: Any) -> None:
     Exits with the command's exit code.
     """
     args = common.TraceArgs.from_options(opts)
-    outputs.check(args.flamegraph)
+    args.check_outputs()
     common.check_privileges()
     target = targets.launch(list(argv))
     try:

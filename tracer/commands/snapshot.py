@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from tracer.commands import common, outputs
+from tracer.commands import common
 from tracer.probes import target as targets
 from tracer.units import Duration
 
@@ -20,7 +20,7 @@ from tracer.units import Duration
 def command(pid: int, duration: float, **opts: Any) -> None:
     """Attach to PID without restarting it and report unfreed native memory by call site."""
     args = common.TraceArgs.from_options(opts)
-    outputs.check(args.flamegraph)
+    args.check_outputs()
     common.check_privileges()
     target = targets.attach(pid)
     common.trace(target, args, duration)

@@ -6,6 +6,7 @@ Full-screen (Textual) on a terminal; otherwise a plain frame every interval, lik
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from typing import Any
@@ -16,7 +17,7 @@ from tracer.commands import common
 from tracer.engine.live import LiveDriver, LiveState
 from tracer.engine.session import Session
 from tracer.errors import NatraceError, UsageError
-from tracer.files import write_private
+from tracer.files import check_directory, write_private
 from tracer.probes import target as targets
 from tracer.reporters import flamegraph_html
 from tracer.reporters import json as json_report
@@ -52,6 +53,9 @@ def command(pid: int | None, interval: float, iterations: int | None, view: str,
     args = common.TraceArgs.from_options(opts)
     if (pid is None) == (not argv):
         raise UsageError("give either -p PID or -- CMD ARGS: natrace top -p PID")
+    args.check_outputs()
+    if sys.stdout.isatty():  # the w and f keys write into the current directory
+        check_directory(".", "the w and f keys:", os.getcwd())
     common.check_privileges()
     target = targets.attach(pid) if pid is not None else targets.launch(list(argv))
     session = Session(target, args.session)
@@ -81,7 +85,7 @@ def _writer(args: common.TraceArgs) -> Writer:
             text = (json_report.render(snap) if args.as_json
                     else text_report.render(snap, args.top))
         try:
-            write_private(path, text)
+            write_private(path, text, "-o" if path == args.output else "w")
         except NatraceError as err:
             return str(err)
         return f"wrote {path}"

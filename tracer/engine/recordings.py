@@ -30,7 +30,7 @@ def build_ids(snap: Snapshot) -> dict[str, str]:
 
 
 def new_recording(path: str, pid: int, command: str, options: SessionOptions,
-                  interval: float | None) -> RecordingWriter:
+                  interval: float | None, option: str = "-o") -> RecordingWriter:
     meta = {"pid": pid, "command": command, "interval": interval,
             "options": codec.encode(options)}
-    return RecordingWriter(path, meta, build_id_reader(pid))
+    return RecordingWriter(path, meta, build_id_reader(pid), option)
