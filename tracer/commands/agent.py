@@ -64,7 +64,7 @@ def parse_share(text: str) -> float:
                    "guard).")
 @click.option("--grace", type=Duration(), default=5.0, show_default=True,
               help="With --action kill: seconds between SIGTERM and SIGKILL.")
-@click.option("--record-dir", "record_dir", type=click.Path(file_okay=False),
+@click.option("--record-dir", "record_dir", type=click.Path(),
               default="/var/lib/natrace", show_default=True,
               help="Where each window's recording and report go (mode 0600).")
 @click.option("--json", "as_json", is_flag=True, help="Write window reports as JSON.")
