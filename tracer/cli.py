@@ -11,20 +11,26 @@ import sys
 
 import click
 
-from tracer import __version__
-from tracer.commands import COMMANDS
+from tracer import __version__, commands
 from tracer.errors import NatraceError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Verbs(click.Group):
+    """The verbs of tracer.commands, each module imported when its verb is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(commands.VERBS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return commands.load(cmd_name) if cmd_name in commands.VERBS else None
+
+
+@click.group(cls=_Verbs, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="natrace")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for failures.")
 def cli(debug: bool) -> None:
     """Trace native memory allocations of a live Linux process with eBPF."""
 
-
-for _command in COMMANDS:
-    cli.add_command(_command)
 
 
 def _fail(message: str, code: int) -> None:
