@@ -191,29 +191,28 @@ int alloc_return(struct pt_regs *ctx) {
     if (--st->depth > 0)
         return 0;
     u64 ret = PT_REGS_RC(ctx);
-    u64 size = st->size, ptr = st->ptr;
+    u64 size = st->size, ptr = st->ptr, block = 0;
     switch (st->kind) {
-    case NATRACE_FN_POSIX_MEMALIGN: {
-        u64 block = 0;
-        if (ret != 0 || bpf_probe_read_user(&block, sizeof(block), (void *)ptr) != 0 || !block)
-            return 0;
-        record(ctx, block, size);
-        return 0;
-    }
+    case NATRACE_FN_POSIX_MEMALIGN:
+        if (ret != 0 || bpf_probe_read_user(&block, sizeof(block), (void *)ptr) != 0)
+            block = 0;
+        break;
     case NATRACE_FN_REALLOC:
         if (ret) {
             if (ptr)
                 release(ptr);
-            record(ctx, ret, size);
+            block = ret;
         } else if (size == 0 && ptr) {
             release(ptr);   /* realloc(p, 0) freed p */
         }
-        return 0;
+        break;
     default:
-        if (ret)
-            record(ctx, ret, size);
-        return 0;
+        block = ret;
     }
+    /* one call site of record(): the stack walk it inlines is verified once */
+    if (block)
+        record(ctx, block, size);
+    return 0;
 }
 
 int free_enter(struct pt_regs *ctx) {
@@ -271,6 +270,8 @@ static __always_inline int syscall_exit(void *ctx, u32 kind, long ret) {
         ev->addr = ret;
         ev->len = a.a1;
         ev->stack_id = (a.flags & NATRACE_EVF_ANON) ? capture_stack(ctx) : 0;
+        if ((a.flags & NATRACE_EVF_EXEC) && !(a.flags & NATRACE_EVF_ANON))
+            stop_for_unwind_rows();
         break;
     case NATRACE_EV_MUNMAP:
         ev->addr = a.a0;

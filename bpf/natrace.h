@@ -12,7 +12,56 @@
 
 struct natrace_stack {
     u64 ips[NATRACE_STACK_DEPTH];
+    u32 end;        /* NATRACE_END_*: why the walk stopped (CFI walk only; 0 otherwise) */
+    u32 pad;
 };
+
+/* ---- unwinding without frame pointers (bpf/stacks.bpf.h, tracer/probes/unwinding.py) ----
+ *
+ * One table for the whole target: rows sorted by runtime address, each saying how to
+ * step from a frame at or above its address to the caller's, until the next row. An
+ * object without frame pointers contributes its CFI rows (tracer/symbols/cfi.py),
+ * one with frame pointers (or JIT code) a single FP row; each executable mapping ends
+ * with a NO_MAPPING row. Python fills the idle half of the table, then points
+ * unwind_conf at it. */
+#define NATRACE_UNWIND_STEPS 18        /* binary-search steps over ... */
+#define NATRACE_UNWIND_ROWS 262144     /* ... the rows of each half: 1 << NATRACE_UNWIND_STEPS */
+
+/* How a row finds the canonical frame address (CFA); the return address is at CFA-8. */
+#define NATRACE_CFA_NONE 0          /* no unwind information covers this address */
+#define NATRACE_CFA_RSP 1           /* CFA = rsp + cfa_off */
+#define NATRACE_CFA_RBP 2           /* CFA = rbp + cfa_off */
+#define NATRACE_CFA_END 3           /* return address undefined: the outermost frame */
+#define NATRACE_CFA_UNSUPPORTED 4   /* a DWARF expression: the walk stops */
+#define NATRACE_CFA_FP 5            /* code with frame pointers: [rbp] caller's rbp, [rbp+8] return */
+#define NATRACE_CFA_NO_MAPPING 6    /* outside the target's executable mappings */
+/* How a row finds the caller's rbp. */
+#define NATRACE_RBP_SAME 0          /* unchanged */
+#define NATRACE_RBP_SAVED 1         /* saved at CFA + rbp_off */
+#define NATRACE_RBP_LOST 2          /* in another register or an expression: unknown */
+
+struct unwind_row {
+    u64 pc;         /* runtime address where the row begins */
+    s32 cfa_off;
+    s16 rbp_off;
+    u8 cfa;         /* NATRACE_CFA_* */
+    u8 rbp;         /* NATRACE_RBP_* */
+};
+
+struct unwind_conf {
+    u32 base;       /* the half in use starts at this index of unwind_rows */
+    u32 count;      /* its rows */
+};
+
+/* Why a stack walk ended (natrace_stack.end; per-capture counters in unwind_ends). */
+#define NATRACE_END_OUTERMOST 0     /* the first frame of the thread was reached */
+#define NATRACE_END_DEPTH 1         /* NATRACE_STACK_DEPTH frames taken */
+#define NATRACE_END_NO_MAPPING 2    /* an address outside the target's executable mappings */
+#define NATRACE_END_NO_ROW 3        /* no unwind row covers the address (an object's gap) */
+#define NATRACE_END_UNSUPPORTED 4   /* a rule the walk does not follow (DWARF expression) */
+#define NATRACE_END_READ 5          /* the stack could not be read there */
+#define NATRACE_END_BAD_FRAME 6     /* a frame pointer or CFA below the stack pointer */
+#define NATRACE_END_COUNT 7
 
 /* Allocator entry points, as the `kind` of a probe. */
 #define NATRACE_FN_MALLOC 1          /* (size) -- also valloc, pvalloc */

@@ -7,7 +7,15 @@
  * id in a map that allocates on insert, so a big limit costs nothing until used.
  * Ids stay s32 and negative values stay -errno, like bpf_get_stackid's.
  *
- * Compile-time parameters: MAX_STACKS; NCPUS (possible CPUs, set by tracer/probes/bpfprog.py).
+ * Frames come from the kernel's frame-pointer walk (bpf_get_stack), or, with
+ * UNWIND_CFI defined, from natrace's own walk: CFI rows (tracer/symbols/cfi.py) for
+ * objects whose code keeps no frame pointers, rbp for the others and for JIT code,
+ * each frame's object found in the target's executable mappings. Whatever the walk
+ * cannot follow ends the stack, the reason kept in the stack and counted: nothing
+ * is guessed.
+ *
+ * Compile-time parameters: MAX_STACKS; NCPUS (possible CPUs, set by tracer/probes/bpfprog.py);
+ * UNWIND_CFI (tracer/probes/unwinding.py fills its table).
  */
 #ifndef NATRACE_STACKS_BPF_H
 #define NATRACE_STACKS_BPF_H
@@ -17,20 +25,144 @@ BPF_F_TABLE("hash", s32, struct natrace_stack, stack_traces, MAX_STACKS, BPF_F_N
 BPF_PERCPU_ARRAY(stack_next, u32, 1);   /* ids handed out by this CPU */
 BPF_PERCPU_ARRAY(stack_scratch, struct natrace_stack, 1);
 
+#ifdef UNWIND_CFI
+BPF_ARRAY(unwind_conf, struct unwind_conf, 1);
+BPF_ARRAY(unwind_rows, struct unwind_row, 2 * NATRACE_UNWIND_ROWS);
+BPF_PERCPU_ARRAY(unwind_ends, u64, NATRACE_END_COUNT);
+
+#ifndef UNWIND_DEPTH
+#define UNWIND_DEPTH NATRACE_STACK_DEPTH
+#endif
+
+/* The row in force at `pc`, copied out. The search runs all its steps (the last ones
+ * re-read one row): one fixed path per frame is what keeps the verifier's work small
+ * enough for NATRACE_STACK_DEPTH frames. */
+static __always_inline int unwind_find_row(const struct unwind_conf *conf, u64 pc,
+                                           struct unwind_row *out) {
+    u32 base = conf->base, n = conf->count;
+    if (n == 0 || n > NATRACE_UNWIND_ROWS)
+        return 0;
+#pragma clang loop unroll(disable)
+    for (int k = 0; k < NATRACE_UNWIND_STEPS; k++) {
+        u32 half = n / 2;
+        u32 idx = base + half;
+        struct unwind_row *r = unwind_rows.lookup(&idx);
+        if (!r)
+            return 0;
+        if (r->pc <= pc)
+            base = idx;
+        n -= half;
+    }
+    struct unwind_row *r = unwind_rows.lookup(&base);
+    if (!r || r->pc > pc)
+        return 0;
+    *out = *r;
+    return 1;
+}
+
+/* Walk the user stack from the registers the thread entered the kernel with (a
+ * uprobe's trap, a syscall, a fault). Returns the frames taken; st->end says why the
+ * walk stopped. */
+static __always_inline u32 unwind_user_stack(struct natrace_stack *st) {
+    int zero = 0;
+    struct unwind_conf *confp = unwind_conf.lookup(&zero);
+    if (!confp)
+        return 0;
+    struct unwind_conf conf = *confp;
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 pc = 0, sp = 0, bp = 0;
+    bpf_probe_read_kernel(&pc, sizeof(pc), &regs->ip);
+    bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp);
+    bpf_probe_read_kernel(&bp, sizeof(bp), &regs->bp);
+    u32 end = NATRACE_END_DEPTH, n = 0;
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < UNWIND_DEPTH; i++) {
+        if (pc == 0) {
+            end = NATRACE_END_OUTERMOST;
+            break;
+        }
+        st->ips[i] = pc;
+        n = i + 1;
+        /* Every frame's pc is a return address (frame 0: the uretprobe's, or the
+         * instruction after a syscall) and may lie just past a noreturn call: the row
+         * of the call instruction itself is the one in force. */
+        struct unwind_row row = {};
+        if (!unwind_find_row(&conf, pc - 1, &row) || row.cfa == NATRACE_CFA_NO_MAPPING) {
+            end = NATRACE_END_NO_MAPPING;
+            break;
+        }
+        u64 cfa;
+        if (row.cfa == NATRACE_CFA_FP) {
+            /* [rbp] = the caller's rbp, [rbp+8] = the return address */
+            if (bp == 0) {
+                end = NATRACE_END_OUTERMOST;
+                break;
+            }
+            cfa = bp + 16;
+            row.rbp = NATRACE_RBP_SAVED;
+            row.rbp_off = -16;
+        } else if (row.cfa == NATRACE_CFA_RSP) {
+            cfa = sp + row.cfa_off;
+        } else if (row.cfa == NATRACE_CFA_RBP) {
+            cfa = bp + row.cfa_off;
+        } else {
+            end = row.cfa == NATRACE_CFA_END ? NATRACE_END_OUTERMOST
+                : row.cfa == NATRACE_CFA_NONE ? NATRACE_END_NO_ROW : NATRACE_END_UNSUPPORTED;
+            break;
+        }
+        if (cfa <= sp) {
+            end = NATRACE_END_BAD_FRAME;
+            break;
+        }
+        u64 ra = 0;
+        if (bpf_probe_read_user(&ra, sizeof(ra), (void *)(cfa - 8)) != 0) {
+            end = NATRACE_END_READ;
+            break;
+        }
+        if (row.rbp == NATRACE_RBP_SAVED) {
+            if (bpf_probe_read_user(&bp, sizeof(bp), (void *)(cfa + row.rbp_off)) != 0) {
+                end = NATRACE_END_READ;
+                break;
+            }
+        } else if (row.rbp == NATRACE_RBP_LOST) {
+            bp = 0;
+        }
+        sp = cfa;
+        pc = ra;
+    }
+    st->end = end;
+    u32 e = end;
+    u64 *c = unwind_ends.lookup(&e);
+    if (c)
+        *c += 1;   /* per-CPU slot */
+    return n;
+}
+#endif
+
 static __always_inline s32 user_stack_id(void *ctx) {
     int zero = 0;
     struct natrace_stack *st = stack_scratch.lookup(&zero);
     if (!st)
         return -ENOMEM;
+#ifdef UNWIND_CFI
+    /* zero-filled like bpf_get_stack's; the hash loop stops at the first zero, so the
+     * verifier need not follow it once per possible depth */
+    __builtin_memset(st->ips, 0, sizeof(st->ips));
+    if (unwind_user_stack(st) == 0)
+        return -EFAULT;
+    u32 frames = NATRACE_STACK_DEPTH;
+#else
     /* bpf_get_stack zero-fills what it doesn't write */
     long len = bpf_get_stack(ctx, st->ips, sizeof(st->ips), BPF_F_USER_STACK);
     if (len <= 0)
         return len < 0 ? (s32)len : -EFAULT;
     u32 frames = len / 8;
-    u64 hash = 14695981039346656037ULL;
+    st->end = 0;
+#endif
+    u64 hash = 14695981039346656037ULL ^ st->end;
 #pragma clang loop unroll(disable)
     for (u32 i = 0; i < NATRACE_STACK_DEPTH; i++) {
-        if (i >= frames)
+        if (i >= frames || st->ips[i] == 0)
             break;
         hash = (hash ^ st->ips[i]) * 1099511628211ULL;
     }

@@ -36,6 +36,21 @@ static __always_inline int is_target(u64 pid_tgid) {
     return tgid && *tgid && (pid_tgid >> 32) == *tgid;
 }
 
+#if defined(WAIT_EXEC) && defined(UNWIND_CFI)
+/* A launched target stops each time it maps code (and at its exec) until natrace has
+ * put that code's unwind rows in the table (tracer/probes/unwinding.py): its first
+ * allocations are unwound as truly as the later ones. 1 while such a stop is pending. */
+BPF_ARRAY(code_stops, u32, 1);
+static __always_inline void stop_for_unwind_rows(void) {
+    int zero = 0;
+    u32 one = 1;
+    code_stops.update(&zero, &one);
+    bpf_send_signal(19 /* SIGSTOP */);
+}
+#else
+static __always_inline void stop_for_unwind_rows(void) {}
+#endif
+
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     if (!is_target(bpf_get_current_pid_tgid()))
         return 0;
@@ -47,6 +62,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     *n = seen;
     u32 on = seen == EXPECTED_EXECS;
     armed.update(&zero, &on);
+    if (on)
+        stop_for_unwind_rows();
     return 0;
 }
 

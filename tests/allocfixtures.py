@@ -44,3 +44,25 @@ def build() -> Built:
     _run("gcc", *CFLAGS, "-o", b / "busy", SRC / "busy.c")
     return Built(b / "leaky", b / "plugin.node", b / "leaky_cpp", b / "threads", b / "execer",
                  b / "busy")
+
+
+@dataclass(frozen=True)
+class NoFp:
+    chain: Path     # -O2 -fomit-frame-pointer; ground truth in its source
+    libnofp: Path   # -O2 -fomit-frame-pointer library
+    libfp: Path     # a library with frame pointers calling back into chain
+
+
+@functools.cache
+def build_nofp() -> NoFp:
+    """tests/fixtures/src/nofp built the way Debian builds: -O2, no frame pointers."""
+    b = BUILD / "nofp"
+    b.mkdir(parents=True, exist_ok=True)
+    src = SRC / "nofp"
+    nofp = ["-O2", "-g", "-fomit-frame-pointer"]
+    _run("gcc", *nofp, "-shared", "-fPIC", "-o", b / "libnofp.so", src / "libnofp.c")
+    _run("gcc", "-O2", "-g", "-fno-omit-frame-pointer", "-shared", "-fPIC", "-o",
+         b / "libfp.so", src / "libfp.c")
+    _run("gcc", *nofp, "-o", b / "chain", src / "chain.c", f"-L{b}", "-lnofp", "-lfp",
+         f"-Wl,-rpath,{b}")
+    return NoFp(b / "chain", b / "libnofp.so", b / "libfp.so")

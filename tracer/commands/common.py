@@ -17,6 +17,7 @@ from tracer.probes.alloc import AllocOptions
 from tracer.probes.handles import HandleOptions, parse_pair
 from tracer.probes.privileges import require_tracing_privileges
 from tracer.probes.target import Target
+from tracer.probes.unwinding import UNWIND_MODES
 from tracer.reporters import json as json_report
 from tracer.reporters import text as text_report
 from tracer.symbols.attribution import parse_charge_to
@@ -53,6 +54,11 @@ _SESSION_OPTIONS = [
     click.option("--stack-map-size", "stack_map_size", type=click.IntRange(min=1024),
                  default=AllocOptions.stack_map_size, show_default=True,
                  help="Distinct stacks the kernel can hold."),
+    click.option("--unwind", "unwind", type=click.Choice(UNWIND_MODES), default="auto",
+                 show_default=True,
+                 help="How allocation stacks are walked: 'auto' uses the objects' CFI "
+                      "(.eh_frame) where their code keeps no frame pointers (libc, "
+                      "libstdc++, -O2 builds), 'cfi' everywhere, 'fp' frame pointers only."),
     click.option("--no-allocs", "no_allocs", is_flag=True,
                  help="Triage mode: no malloc probes, only tracepoints (locks, memory "
                       "syscalls, page faults); cheap enough for hours in production."),
@@ -92,7 +98,7 @@ def session_from_options(opts: dict[str, Any]) -> SessionOptions:
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--charge-to") from None
     alloc = AllocOptions(sample_bytes=opts["sample"] or 0, max_allocs=opts["max_allocs"],
-                         stack_map_size=opts["stack_map_size"])
+                         stack_map_size=opts["stack_map_size"], unwind=opts["unwind"])
     try:
         pairs = tuple(parse_pair(spec) for spec in opts["handle_specs"])
     except ValueError as err:

@@ -152,10 +152,16 @@ class Session:
                 return
         else:
             self.maps.refresh()
+        self.probes.update_unwind(self.maps)
 
     def _target_stopped_at_exit(self) -> bool:
-        """A launched target stops itself in exit(): read its maps while they exist."""
+        """A launched target stops itself in exit(): read its maps while they exist.
+        It also stops when it maps code, for its unwind rows: load them and resume it."""
         if not self.target.stopped():
+            return False
+        if self.probes.take_code_stop():
+            self._refresh_maps()
+            os.kill(self.target.pid, signal.SIGCONT)
             return False
         self.exiting = True
         self._refresh_maps()

@@ -46,6 +46,7 @@ class AllocOptions:
     max_allocs: int = 1 << 19
     stack_map_size: int = 1 << 16
     ringbuf_pages: int = 256
+    unwind: str = "auto"  # tracer/probes/unwinding.py's UNWIND_MODES
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class AllocProbes(ProbeSet):
             "MAX_STACKS": self.options.stack_map_size,
             "RINGBUF_PAGES": self.options.ringbuf_pages,
         }
-        self._load("alloc.bpf.c", target, defines)
+        self._load("alloc.bpf.c", target, defines, self.options.unwind)
         try:
             for ep in entry_points:
                 self._attach_entry_point(ep, target.pid)

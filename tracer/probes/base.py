@@ -13,21 +13,52 @@ from typing import Any
 from tracer.probes import bpfprog
 from tracer.probes.stacks import StackReader
 from tracer.probes.target import Target
+from tracer.probes.unwinding import UnwindTables
+from tracer.symbols.procmaps import MapsHistory
 
 
 class ProbeSet:
     def __init__(self) -> None:
         self._bpf: Any = None
         self._stacks: StackReader | None = None
+        self.unwind: UnwindTables | None = None  # None: frame pointers (bpf_get_stack)
+        self._code_stops = False  # the program stops a launched target at new code
 
-    def _load(self, source: str, target: Target, defines: dict[str, int | str]) -> None:
-        """Compile bpf/<source> for this target (launched: held at the exec gate)."""
+    def _load(self, source: str, target: Target, defines: dict[str, int | str],
+              unwind: str = "fp") -> None:
+        """Compile bpf/<source> for this target (launched: held at the exec gate).
+        `unwind` other than "fp" walks stacks with CFI rows (bpf/stacks.bpf.h); a running
+        target's table is filled before anything is recorded."""
         if target.launched:
             defines = {**defines, "WAIT_EXEC": 1}
+        if unwind != "fp":
+            defines = {**defines, "UNWIND_CFI": 1}
         self._bpf = bpfprog.compile_program(source, defines)
         self._bpf["target"][ctypes.c_int(0)] = ctypes.c_uint32(target.pid)
         self._bpf.attach_tracepoint_functions()
         self._stacks = StackReader(self._bpf)
+        if unwind != "fp":
+            self.unwind = UnwindTables(self._bpf, unwind)
+            self._code_stops = target.launched
+            if not target.launched:
+                with contextlib.suppress(OSError):
+                    self.unwind.update(MapsHistory(target.pid))
+
+    def update_unwind(self, maps: MapsHistory) -> None:
+        """The target's code changed: bring the unwind table up to date."""
+        if self.unwind is not None and self._bpf is not None:
+            self.unwind.update(maps)
+
+    def take_code_stop(self) -> bool:
+        """Was the launched target's last stop one for new code (bpf/target.bpf.h's
+        code_stops)? Clears it: the caller updates the table and resumes the target."""
+        if self._bpf is None or not self._code_stops:
+            return False
+        table = self._bpf["code_stops"]
+        if not table[ctypes.c_int(0)].value:
+            return False
+        table[ctypes.c_int(0)] = ctypes.c_uint32(0)
+        return True
 
     def _arm(self, target: Target) -> None:
         """Call once every probe is attached. A running target records from then on (a
