@@ -46,6 +46,7 @@ class Agent:
         self.escalations_before = 0  # of supervisors already dropped
         self.attach_failures = 0
         self.ended = 0
+        self.loops = 0
         self._me = psutil.Process()
         self._next_refresh = 0.0
         self.end_windows = threading.Event()  # SIGUSR1: end every allocation window now
@@ -62,6 +63,7 @@ class Agent:
                 self._drop(pid, "the agent is stopping")
 
     def step(self) -> None:
+        self.loops += 1
         if self.end_windows.is_set():
             self.end_windows.clear()
             for sup in self.supervisors.values():
@@ -136,4 +138,5 @@ class Agent:
             escalations=self.escalations_before + sum(s.escalations for s in sups),
             attach_failures=self.attach_failures,
             ended=self.ended,
+            loops=self.loops,
             pushes=self.pusher.counts() if self.pusher else None)

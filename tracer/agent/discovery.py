@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 from tracer.errors import UsageError
 
-CGROUP_ROOT = "/sys/fs/cgroup"
-
 
 @dataclass(frozen=True)
 class Proc:
@@ -29,7 +27,7 @@ class Proc:
 class Selector:
     pids: frozenset[int]
     patterns: tuple[re.Pattern[str], ...]
-    cgroups: tuple[str, ...]  # cgroup v2 paths below CGROUP_ROOT, e.g. /system.slice/x
+    cgroups: tuple[str, ...]  # paths inside a cgroup hierarchy, e.g. /system.slice/x
 
     def matches(self, pid: int) -> bool:
         if pid in self.pids:
@@ -39,10 +37,10 @@ class Selector:
             if line and any(p.search(line) for p in self.patterns):
                 return True
         if self.cgroups:
-            group = cgroup_of(pid)
-            if group is not None and any(group == c or group.startswith(c.rstrip("/") + "/")
-                                         for c in self.cgroups):
-                return True
+            for group in cgroups_of(pid):
+                if any(group == c or group.startswith(c.rstrip("/") + "/")
+                       for c in self.cgroups):
+                    return True
         return False
 
 
@@ -55,14 +53,7 @@ def parse_selector(pids: Iterable[int], patterns: Iterable[str],
             compiled.append(re.compile(text))
         except re.error as err:
             raise UsageError(f"--match: {text!r} is not a regular expression: {err}") from None
-    groups = []
-    for path in cgroups:
-        rel = path[len(CGROUP_ROOT):] if path.startswith(CGROUP_ROOT + "/") else path
-        rel = "/" + rel.strip("/")
-        if not os.path.isfile(os.path.join(CGROUP_ROOT + rel, "cgroup.procs")):
-            raise UsageError(f"--cgroup: {path} is not a cgroup v2 group (no "
-                             f"{CGROUP_ROOT}{rel}/cgroup.procs)")
-        groups.append(rel)
+    groups = [_group_path(path) for path in cgroups]
     selector = Selector(frozenset(pids), tuple(compiled), tuple(groups))
     if not (selector.pids or selector.patterns or selector.cgroups):
         raise UsageError("say what to watch: -p PID, --match REGEX or --cgroup PATH")
@@ -86,16 +77,40 @@ def is_natrace(pid: int) -> bool:
     return any(os.path.basename(word) == "natrace" for word in line.split()[:2])
 
 
-def cgroup_of(pid: int) -> str | None:
-    """The process's cgroup v2 path (the `0::` line of /proc/PID/cgroup)."""
+def cgroup_mounts() -> list[str]:
+    """Mount points of the cgroup hierarchies (v2 and v1: hybrid hosts have both)."""
+    try:
+        with open("/proc/self/mounts") as fh:
+            return [f[1] for f in (line.split() for line in fh)
+                    if len(f) > 2 and f[2] in ("cgroup2", "cgroup")]
+    except OSError:
+        return []
+
+
+def _group_path(path: str) -> str:
+    """A --cgroup argument as a path inside its hierarchy: a mounted group's directory
+    (/sys/fs/cgroup/system.slice/x.service) or the group's own path
+    (/system.slice/x.service), which must exist in some hierarchy."""
+    mounts = cgroup_mounts()
+    for mount in sorted(mounts, key=len, reverse=True):
+        if path.rstrip("/") == mount or path.startswith(mount.rstrip("/") + "/"):
+            if os.path.isfile(os.path.join(path, "cgroup.procs")):
+                return "/" + path[len(mount):].strip("/")
+            break
+    rel = "/" + path.strip("/")
+    if any(os.path.isfile(os.path.join(m + rel, "cgroup.procs")) for m in mounts):
+        return rel
+    raise UsageError(f"--cgroup: {path} is not a cgroup (no cgroup.procs there or under "
+                     "any cgroup mount)")
+
+
+def cgroups_of(pid: int) -> list[str]:
+    """The process's groups, one per hierarchy (/proc/PID/cgroup's third fields)."""
     try:
         with open(f"/proc/{pid}/cgroup") as fh:
-            for line in fh:
-                if line.startswith("0::"):
-                    return line[3:].strip()
+            return [line.rstrip("\n").split(":", 2)[2] for line in fh if line.count(":") >= 2]
     except OSError:
-        return None
-    return None
+        return []
 
 
 def read_proc(pid: int) -> Proc | None:

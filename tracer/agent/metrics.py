@@ -34,6 +34,7 @@ class AgentView:
     escalations: int = 0
     attach_failures: int = 0
     ended: int = 0  # processes that ended while watched
+    loops: int = 0  # turns of the agent loop (one per --interval when it keeps up)
     pushes: PushCounts | None = None
 
 
@@ -92,6 +93,8 @@ class AgentCollector(Collector):
         yield _counter("natrace_escalations", "Allocation windows opened.", v.escalations)
         yield _counter("natrace_attach_failures", "Matching processes natrace could not "
                        "attach to.", v.attach_failures)
+        yield _counter("natrace_agent_loops", "Turns of the agent's loop (one per "
+                       "--interval while it keeps up).", v.loops)
         yield _counter("natrace_processes_ended", "Watched processes that ended.", v.ended)
         yield _gauge("natrace_agent_resident_memory_bytes", "natrace's own resident memory.",
                      v.rss)
