@@ -10,6 +10,7 @@
  *   WAIT_EXEC        defined when natrace launched the target: record nothing
  *                    until the child has exec'd the command
  *   SAMPLE_BYTES     0 for exact tracing, else the byte-weighted sampling period
+ *   TARGET_PAGE_SIZE what pvalloc rounds sizes up to
  *   MAX_ALLOCS, MAX_STACKS, STACK_DEPTH, RINGBUF_PAGES
  */
 #include <uapi/linux/ptrace.h>
@@ -21,6 +22,7 @@ BPF_HASH(allocs, u64, struct alloc_info, MAX_ALLOCS);
 BPF_HASH(sites, s32, struct site_stats, MAX_STACKS + 16);
 BPF_TABLE("lru_hash", u32, struct entry_state, entries, 65536);
 BPF_PERCPU_ARRAY(counters, u64, NATRACE_NCOUNTERS);
+BPF_ARRAY(trampoline, u64, 1);   /* the uretprobe trampoline's address, once seen */
 BPF_RINGBUF_OUTPUT(mem_events, RINGBUF_PAGES);
 
 struct syscall_args {
@@ -36,8 +38,8 @@ static __always_inline void count(u32 which, u64 n) {
         *c += n;   /* per-CPU slot: no atomic needed */
 }
 
-static __always_inline s32 capture_stack(void *ctx) {
-    s32 id = user_stack_id(ctx);
+static __always_inline s32 capture_stack(void *ctx, u64 caller) {
+    s32 id = user_stack_id(ctx, caller);
     if (id >= 0)
         return id;
     if (id == -EFAULT)
@@ -85,7 +87,7 @@ static __always_inline void release(u64 addr) {
     count(NATRACE_CNT_FREE_CALLS, 1);
 }
 
-static __always_inline void record(void *ctx, u64 addr, u64 size) {
+static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller) {
     count(NATRACE_CNT_ALLOC_CALLS, 1);
 #if SAMPLE_BYTES > 0
     if (size < SAMPLE_BYTES && (bpf_get_prandom_u32() % SAMPLE_BYTES) >= size) {
@@ -96,7 +98,7 @@ static __always_inline void record(void *ctx, u64 addr, u64 size) {
     struct alloc_info info = {};
     info.size = size;
     info.ts_ns = bpf_ktime_get_ns();
-    info.stack_id = capture_stack(ctx);
+    info.stack_id = capture_stack(ctx, caller);
 
     struct site_stats *s = sites.lookup(&info.stack_id);
     if (!s) {
@@ -129,60 +131,151 @@ static __always_inline void record(void *ctx, u64 addr, u64 size) {
     __sync_fetch_and_add(&s->alloc_bytes, wb);
 }
 
-/* Entry: only the outermost allocator call of a thread is recorded. Wrappers
- * without frame pointers (strdup, operator new) are probed as outermost calls so
- * that the stack taken at their return starts at their caller; the size is that
- * of the first allocation made inside them. */
-static __always_inline int enter(u32 kind, u64 size, u64 ptr) {
+/* Is `slot` (an outer call's return-address slot) the uretprobe trampoline? There is
+ * one per process, at the start of its [uprobes] page; its code starts with `push %rax;
+ * push %rcx; push %r11` (the uretprobe syscall, 6.11+) or int3. Once seen, it is known.
+ * Until then, a page never executed can't be read here: a page-aligned address that
+ * can't be read may be a trampoline not yet run, taken as one (the call lives). */
+static __always_inline int is_trampoline(u64 slot) {
+    int zero = 0;
+    u64 *known = trampoline.lookup(&zero);
+    if (known && *known)
+        return *known == slot;
+    u32 code = 0;
+    if (bpf_probe_read_user(&code, sizeof(code), (void *)slot) != 0)
+        return slot && (slot & 4095) == 0;
+    if (code != 0x53415150 && (code & 0xff) != 0xcc)
+        return 0;
+    trampoline.update(&zero, &slot);
+    return 1;
+}
+
+/* Is the thread's outermost recorded call still running, seen from a call entered at
+ * `sp`? Not if `sp` is above its frame (it is gone), nor if its return-address slot no
+ * longer holds the trampoline (the stack was reused after a longjmp past it). */
+static __always_inline int outer_live(struct entry_state *st, u64 sp) {
+    if (sp > st->sp)
+        return 0;
+    u64 slot = 0;
+    if (bpf_probe_read_user(&slot, sizeof(slot), (void *)st->sp) != 0)
+        return 0;
+    return is_trampoline(slot);
+}
+
+/* Is the thread's wrapper (operator new, strdup) still running around a call at `sp`?
+ * Its return address is still in its slot while it lives. */
+static __always_inline int wrapper_live(struct entry_state *st, u64 sp) {
+    if (st->wrap_sp == 0 || sp >= st->wrap_sp)
+        return 0;
+    u64 slot = 0;
+    return bpf_probe_read_user(&slot, sizeof(slot), (void *)st->wrap_sp) == 0 &&
+           slot == st->wrap_caller;
+}
+
+static __always_inline struct entry_state *thread_state(u32 tid) {
+    struct entry_state *st = entries.lookup(&tid);
+    if (st)
+        return st;
+    struct entry_state fresh = {};
+    entries.update(&tid, &fresh);
+    return entries.lookup(&tid);
+}
+
+/* Entry: only the outermost allocator call of a thread is recorded; a call found
+ * nested in one that is gone starts afresh (the lost one is counted). */
+static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ptr) {
     if (!is_armed())
         return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct entry_state *st = entries.lookup(&tid);
-    if (st) {
-        if (st->depth++ > 0) {
-            if (st->kind == NATRACE_FN_WRAPPER && st->size == 0)
-                st->size = size;
+    u64 sp = PT_REGS_SP(ctx);
+    struct entry_state *st = thread_state((u32)bpf_get_current_pid_tgid());
+    if (!st)
+        return 0;
+    if (st->depth > 0) {
+        if (outer_live(st, sp)) {
+            st->depth++;
             return 0;
         }
-        st->size = size;
-        st->ptr = ptr;
-        st->kind = kind;
-        return 0;
+        count(NATRACE_CNT_UNRETURNED, 1);
     }
-    struct entry_state fresh = {.size = size, .ptr = ptr, .depth = 1, .kind = kind};
-    entries.update(&tid, &fresh);
+    st->depth = 1;
+    st->size = size;
+    st->ptr = ptr;
+    st->kind = kind;
+    st->sp = sp;
+    st->caller = wrapper_live(st, sp) ? st->wrap_caller : 0;
     return 0;
 }
 
+/* n * size into *out; 0 when it overflows (such a call fails). */
+static __always_inline int product(u64 n, u64 size, u64 *out) {
+    if ((n | size) >> 32) {
+        /* volatile: LLVM would turn the check into a 128-bit multiply BPF lacks */
+        volatile u64 limit = size ? ~0ULL / size : ~0ULL;
+        if (n > limit)
+            return 0;
+    }
+    *out = n * size;
+    return 1;
+}
+
 int malloc_enter(struct pt_regs *ctx) {
-    return enter(NATRACE_FN_MALLOC, PT_REGS_PARM1(ctx), 0);
+    return enter(ctx, NATRACE_FN_MALLOC, PT_REGS_PARM1(ctx), 0);
 }
 
 int calloc_enter(struct pt_regs *ctx) {
-    return enter(NATRACE_FN_CALLOC, PT_REGS_PARM1(ctx) * PT_REGS_PARM2(ctx), 0);
+    u64 size;
+    if (!product(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), &size))
+        return enter(ctx, NATRACE_FN_FAILED, 0, 0);
+    return enter(ctx, NATRACE_FN_CALLOC, size, 0);
 }
 
 int realloc_enter(struct pt_regs *ctx) {
-    return enter(NATRACE_FN_REALLOC, PT_REGS_PARM2(ctx), PT_REGS_PARM1(ctx));
+    return enter(ctx, NATRACE_FN_REALLOC, PT_REGS_PARM2(ctx), PT_REGS_PARM1(ctx));
 }
 
 int reallocarray_enter(struct pt_regs *ctx) {
-    return enter(NATRACE_FN_REALLOC, PT_REGS_PARM2(ctx) * PT_REGS_PARM3(ctx), PT_REGS_PARM1(ctx));
+    u64 size;
+    if (!product(PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), &size))
+        return enter(ctx, NATRACE_FN_FAILED, 0, 0);   /* never realloc(p, 0): p stays */
+    return enter(ctx, NATRACE_FN_REALLOC, size, PT_REGS_PARM1(ctx));
+}
+
+/* pvalloc reserves whole pages: its size rounded up to the page size. */
+int pvalloc_enter(struct pt_regs *ctx) {
+    u64 size = PT_REGS_PARM1(ctx);
+    if (size > ~0ULL - (TARGET_PAGE_SIZE - 1))
+        return enter(ctx, NATRACE_FN_FAILED, 0, 0);
+    size = (size + TARGET_PAGE_SIZE - 1) & ~(u64)(TARGET_PAGE_SIZE - 1);
+    return enter(ctx, NATRACE_FN_MALLOC, size, 0);
 }
 
 int memalign_enter(struct pt_regs *ctx) {
-    return enter(NATRACE_FN_MEMALIGN, PT_REGS_PARM2(ctx), 0);
-}
-
-int wrapper_enter(struct pt_regs *ctx) {
-    return enter(NATRACE_FN_WRAPPER, 0, 0);
+    return enter(ctx, NATRACE_FN_MEMALIGN, PT_REGS_PARM2(ctx), 0);
 }
 
 int posix_memalign_enter(struct pt_regs *ctx) {
-    return enter(NATRACE_FN_POSIX_MEMALIGN, PT_REGS_PARM3(ctx), PT_REGS_PARM1(ctx));
+    return enter(ctx, NATRACE_FN_POSIX_MEMALIGN, PT_REGS_PARM3(ctx), PT_REGS_PARM1(ctx));
 }
 
-/* Return: frame 0 of the stack taken here is the allocator's real caller. */
+/* A wrapper's entry (no uretprobe): keep the return address into its caller, unless
+ * it runs inside an allocator call or another wrapper (nothrow new -> new), whose
+ * caller is the one that counts. */
+int wrapper_enter(struct pt_regs *ctx) {
+    if (!is_armed())
+        return 0;
+    u64 sp = PT_REGS_SP(ctx), ret = 0;
+    if (bpf_probe_read_user(&ret, sizeof(ret), (void *)sp) != 0)
+        return 0;
+    struct entry_state *st = thread_state((u32)bpf_get_current_pid_tgid());
+    if (!st || (st->depth > 0 && outer_live(st, sp)) || wrapper_live(st, sp))
+        return 0;
+    st->wrap_sp = sp;
+    st->wrap_caller = ret;
+    return 0;
+}
+
+/* Return: frame 0 of the stack taken here is the allocator's real caller (a wrapper's
+ * caller is spliced in after it). */
 int alloc_return(struct pt_regs *ctx) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct entry_state *st = entries.lookup(&tid);
@@ -191,8 +284,10 @@ int alloc_return(struct pt_regs *ctx) {
     if (--st->depth > 0)
         return 0;
     u64 ret = PT_REGS_RC(ctx);
-    u64 size = st->size, ptr = st->ptr, block = 0;
+    u64 size = st->size, ptr = st->ptr, caller = st->caller, block = 0;
     switch (st->kind) {
+    case NATRACE_FN_FAILED:
+        return 0;
     case NATRACE_FN_POSIX_MEMALIGN:
         if (ret != 0 || bpf_probe_read_user(&block, sizeof(block), (void *)ptr) != 0)
             block = 0;
@@ -211,7 +306,23 @@ int alloc_return(struct pt_regs *ctx) {
     }
     /* one call site of record(): the stack walk it inlines is verified once */
     if (block)
-        record(ctx, block, size);
+        record(ctx, block, size, caller);
+    return 0;
+}
+
+/* A thread that ends inside an allocator call (killed, pthread_exit from a signal
+ * handler) leaves its state behind: drop it, counted. */
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if ((pid_tgid >> 32) != TARGET_TGID)
+        return 0;
+    u32 tid = (u32)pid_tgid;
+    struct entry_state *st = entries.lookup(&tid);
+    if (!st)
+        return 0;
+    if (st->depth > 0)
+        count(NATRACE_CNT_UNRETURNED, 1);
+    entries.delete(&tid);
     return 0;
 }
 
@@ -269,7 +380,7 @@ static __always_inline int syscall_exit(void *ctx, u32 kind, long ret) {
     case NATRACE_EV_MMAP:
         ev->addr = ret;
         ev->len = a.a1;
-        ev->stack_id = (a.flags & NATRACE_EVF_ANON) ? capture_stack(ctx) : 0;
+        ev->stack_id = (a.flags & NATRACE_EVF_ANON) ? capture_stack(ctx, 0) : 0;
         if ((a.flags & NATRACE_EVF_EXEC) && !(a.flags & NATRACE_EVF_ANON))
             stop_for_unwind_rows();
         break;
@@ -286,7 +397,7 @@ static __always_inline int syscall_exit(void *ctx, u32 kind, long ret) {
     case NATRACE_EV_BRK:
         ev->addr = ret;
         ev->len = 0;
-        ev->stack_id = capture_stack(ctx);
+        ev->stack_id = capture_stack(ctx, 0);
         break;
     }
     mem_events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);

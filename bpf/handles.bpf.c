@@ -123,7 +123,7 @@ static __always_inline int create_return(struct pt_regs *ctx, u32 pair) {
         __sync_fetch_and_add(&ps->stale, 1);
     }
     struct handle_info info = {.ts_ns = bpf_ktime_get_ns(), .tid = tid};
-    info.stack_id = user_stack_id(ctx);  /* -errno: its own bucket */
+    info.stack_id = user_stack_id(ctx, 0);  /* -errno: its own bucket */
     struct handle_site_key sk = {.pair = pair, .stack_id = info.stack_id};
     struct handle_site_stats *s = sites.lookup(&sk);
     if (!s) {

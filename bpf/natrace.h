@@ -64,14 +64,14 @@ struct unwind_conf {
 #define NATRACE_END_COUNT 7
 
 /* Allocator entry points, as the `kind` of a probe. */
-#define NATRACE_FN_MALLOC 1          /* (size) -- also valloc, pvalloc */
+#define NATRACE_FN_MALLOC 1          /* (size) -- also valloc; pvalloc rounded up to pages */
 #define NATRACE_FN_CALLOC 2          /* (n, size) */
 #define NATRACE_FN_REALLOC 3         /* (ptr, size) */
 #define NATRACE_FN_REALLOCARRAY 4    /* (ptr, n, size) */
 #define NATRACE_FN_MEMALIGN 5        /* (align, size) -- also aligned_alloc */
 #define NATRACE_FN_POSIX_MEMALIGN 6  /* (void **out, align, size) */
-#define NATRACE_FN_WRAPPER 7         /* strdup, operator new, ...: the size comes from
-                                        the first allocation made inside the call */
+#define NATRACE_FN_FAILED 8          /* a size that overflows (calloc, reallocarray,
+                                        pvalloc): the call fails and changes nothing */
 
 /* Blocks are counted in 1/65536ths so that sampled estimates (1/p blocks per
  * sampled allocation) stay exact integers in unsampled mode. */
@@ -90,7 +90,9 @@ struct unwind_conf {
 #define NATRACE_CNT_ALLOC_CALLS 9      /* outermost allocator calls seen */
 #define NATRACE_CNT_FREE_CALLS 10      /* free() of a tracked block */
 #define NATRACE_CNT_SAMPLED_OUT 11     /* allocations skipped by sampling */
-#define NATRACE_NCOUNTERS 12
+#define NATRACE_CNT_UNRETURNED 12      /* allocator calls that never returned (longjmp, a
+                                          thread gone mid-call): not recorded */
+#define NATRACE_NCOUNTERS 13
 
 /* Memory-mapping syscalls streamed to Python (range operations). */
 #define NATRACE_EV_MMAP 1
@@ -121,11 +123,21 @@ struct site_stats {
     u64 alloc_bytes;
 };
 
-/* A thread inside an allocator call; depth survives nested calls
- * (realloc -> malloc, calloc -> malloc -> mmap). */
+/* A thread inside an allocator call; depth survives nested calls (reallocarray ->
+ * realloc, operator new -> malloc). A call that never returns (longjmp, a thread gone
+ * mid-call) is found out by its stack slot: `sp` points at the outermost call's return
+ * address, which the uretprobe replaced with its trampoline while the call lives.
+ * Wrappers (strdup, operator new) get no uretprobe: an exception thrown through a
+ * trampoline finds no unwind info and terminates the program. Their entry keeps the
+ * return address into their caller, spliced into the stacks of the allocations made
+ * inside them. */
 struct entry_state {
     u64 size;
-    u64 ptr;       /* realloc's old block, posix_memalign's out-pointer */
+    u64 ptr;          /* realloc's old block, posix_memalign's out-pointer */
+    u64 sp;           /* user sp at the outermost call's entry */
+    u64 caller;       /* a live wrapper's return address when the outermost call began */
+    u64 wrap_sp;      /* user sp at the outermost live wrapper's entry (0: none) */
+    u64 wrap_caller;  /* ... and the return address found there */
     u32 depth;
     u32 kind;
 };

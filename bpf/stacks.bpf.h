@@ -139,7 +139,11 @@ static __always_inline u32 unwind_user_stack(struct natrace_stack *st) {
 }
 #endif
 
-static __always_inline s32 user_stack_id(void *ctx) {
+/* `caller`, when not 0, is the return address into the caller of a wrapper (operator
+ * new, strdup) around the allocator call the stack is taken at: a frame-pointer walk
+ * from inside the allocator skips it (wrappers keep no frame pointer), so it replaces
+ * frame 0 (inside the wrapper) unless the walk found it. */
+static __always_inline s32 user_stack_id(void *ctx, u64 caller) {
     int zero = 0;
     struct natrace_stack *st = stack_scratch.lookup(&zero);
     if (!st)
@@ -159,6 +163,8 @@ static __always_inline s32 user_stack_id(void *ctx) {
     u32 frames = len / 8;
     st->end = 0;
 #endif
+    if (caller && st->ips[1] != caller && st->ips[2] != caller)
+        st->ips[0] = caller;
     u64 hash = 14695981039346656037ULL ^ st->end;
 #pragma clang loop unroll(disable)
     for (u32 i = 0; i < NATRACE_STACK_DEPTH; i++) {

@@ -50,7 +50,7 @@ static __always_inline void count(u32 which, u64 n) {
 
 /* The user stack's id; the first time an id is seen, the words above sp too. */
 static __always_inline s32 stack_of(void *ctx) {
-    s32 id = user_stack_id(ctx);
+    s32 id = user_stack_id(ctx, 0);
     if (id < 0) {
         count(NATRACE_TC_STACK_LOST, 1);
         return id;

@@ -24,6 +24,8 @@ class Built:
     threads: Path  # 1,000 threads x 100 B from thread_body
     execer: Path  # leaks in before_exec(), then execs or forks
     busy: Path  # in malloc/free while natrace attaches, then after_busy(): 42 x 42 B
+    unreturned: Path  # allocator calls that never return, then leaks on the same thread
+    memaligns: Path  # the memalign family with valid and invalid alignments, then leaks
 
 
 def _run(*cmd: str | Path) -> None:
@@ -42,8 +44,10 @@ def build() -> Built:
     _run("gcc", *CFLAGS, "-pthread", "-o", b / "threads", SRC / "threads.c")
     _run("gcc", *CFLAGS, "-o", b / "execer", SRC / "execer.c")
     _run("gcc", *CFLAGS, "-o", b / "busy", SRC / "busy.c")
+    _run("g++", *CFLAGS, "-o", b / "unreturned", SRC / "unreturned.cpp")
+    _run("gcc", *CFLAGS, "-o", b / "memaligns", SRC / "memaligns.c")
     return Built(b / "leaky", b / "plugin.node", b / "leaky_cpp", b / "threads", b / "execer",
-                 b / "busy")
+                 b / "busy", b / "unreturned", b / "memaligns")
 
 
 @dataclass(frozen=True)

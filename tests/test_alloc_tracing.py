@@ -153,3 +153,35 @@ def test_unprivileged_run_exits_2() -> None:
     assert proc.returncode == 2, proc.stderr
     assert "root or CAP_BPF+CAP_PERFMON" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"  # libgoogle-perftools4
+TCMALLOC_MINIMAL = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+def test_calls_that_never_return_leave_no_thread_blind(tmp_path: Path) -> None:
+    """A caught bad_alloc, a longjmp out of operator new and a siglongjmp out of
+    realloc: every later allocation on the thread is still recorded, the call that
+    never returned is counted, and the program's own catch still works (no uretprobe
+    trampoline for the unwinder to trip on). Overflowing sizes are failed calls."""
+    report, code = run_json(tmp_path, "--", str(build().unreturned), "--abort-in-realloc")
+    assert code == 0  # terminate() would have made it 134
+    sites = malloc_sites(report)
+    assert sites["after_bad_alloc()"] == (2_000, 20)
+    assert sites["leak_deep(int)"] == (40 * 48, 40)  # 20 after the longjmp, 20 after abort
+    assert sites["kept_block()"] == (1_000, 1)  # reallocarray(p, 2^32, 2^32) failed: p lives
+    assert sites["pvalloc_leak()"] == (4_096 + 8_192, 2)  # whole pages
+    assert {k: v for k, v in report["loss"].items() if v} == {"unreturned": 1}
+
+
+@pytest.mark.parametrize("preload", ["", TCMALLOC_MINIMAL, TCMALLOC, JEMALLOC])
+def test_memalign_sequence_is_exact_under_each_allocator(preload: str, tmp_path: Path) -> None:
+    """Every alignment, valid or not, through memalign and posix_memalign: everything
+    freed is gone, and what follows on the thread is all there."""
+    report, code = run_json(tmp_path, "--", str(build().memaligns), preload=preload)
+    assert code == 0
+    sites = malloc_sites(report)
+    assert "memalign_sequence" not in sites
+    assert sites["kept_aligned"] == (300, 3)
+    assert sites["after_memaligns"] == (10_000, 10)
+    assert not any(report["loss"].values()), report["loss"]

@@ -22,6 +22,8 @@ LOSS_DESCRIPTIONS = {
     "sites_full": "allocations not tracked: site map full",
     "stale": "blocks reused without a traced free (freed through an untraced path)",
     "events_lost": "mapping events lost: ring buffer full",
+    "unreturned": "allocator calls that never returned (longjmp, thread gone mid-call): "
+                  "not recorded",
     "stack_lost": "triage events whose stack could not be captured",
     "keys_full": "triage events not counted: aggregation map full",
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ _COUNTERS = {
     "sites_full": "NATRACE_CNT_SITES_FULL",
     "stale": "NATRACE_CNT_STALE",
     "events_lost": "NATRACE_CNT_EVENTS_LOST",
+    "unreturned": "NATRACE_CNT_UNRETURNED",
 }
 _CALL_COUNTERS = {
     "allocs": "NATRACE_CNT_ALLOC_CALLS",
@@ -89,6 +91,7 @@ class AllocProbes(ProbeSet):
             "MAX_ALLOCS": self.options.max_allocs,
             "MAX_STACKS": self.options.stack_map_size,
             "RINGBUF_PAGES": self.options.ringbuf_pages,
+            "TARGET_PAGE_SIZE": os.sysconf("SC_PAGE_SIZE"),
         }
         self._load("alloc.bpf.c", target, defines, self.options.unwind)
         try:
@@ -199,9 +202,10 @@ class AllocProbes(ProbeSet):
 
 def entry_probe_offset(ep: EntryPoint) -> int:
     """Where in `ep` its entry uprobe goes: past free's NULL test when that reaches an
-    emulated instruction; 0 for functions that also get a uretprobe. Public so the
+    emulated instruction; 0 for every other function (a uretprobe, or a wrapper's
+    entry probe, reads the return address on top of the stack). Public so the
     benchmark's empty-probe floor sits exactly where natrace's probes do."""
-    if ep.has_return:
+    if not ep.null_first_arg_ignored:
         return 0
     with open(ep.path, "rb") as fh:
         fh.seek(ep.file_offset)

@@ -18,7 +18,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-# symbol -> BPF entry program; functions with a return value also get alloc_return.
+# symbol -> BPF entry program; the malloc family also gets alloc_return (a uretprobe).
 FAMILY: dict[str, str] = {
     "malloc": "malloc_enter",
     "calloc": "calloc_enter",
@@ -28,12 +28,15 @@ FAMILY: dict[str, str] = {
     "aligned_alloc": "memalign_enter",
     "memalign": "memalign_enter",
     "valloc": "malloc_enter",
-    "pvalloc": "malloc_enter",
+    "pvalloc": "pvalloc_enter",
     "free": "free_enter",
     "cfree": "free_enter",
 }
-# Helpers without frame pointers that return a block allocated inside them: probed
-# so that their caller, not the helper, is frame 0 of the allocation's stack.
+# Helpers without frame pointers that return a block allocated inside them: probed at
+# entry only, for the return address into their caller, which the stacks of the blocks
+# allocated inside them get back (a frame-pointer walk skips it). No uretprobe: an
+# exception thrown through one (std::bad_alloc out of operator new) would find the
+# trampoline's address on the stack, no unwind info for it, and terminate the program.
 WRAPPERS = ("strdup", "__strdup", "strndup", "__strndup", "wcsdup")
 FAMILY.update({name: "wrapper_enter" for name in WRAPPERS})
 # C++ operator new (size first in every variant) and operator delete (pointer first).
@@ -43,6 +46,7 @@ CXX_NEW = ("_Znwm", "_Znam", "_ZnwmRKSt9nothrow_t", "_ZnamRKSt9nothrow_t",
 CXX_DELETE = ("_ZdlPv", "_ZdaPv", "_ZdlPvm", "_ZdaPvm", "_ZdlPvSt11align_val_t",
               "_ZdaPvSt11align_val_t", "_ZdlPvmSt11align_val_t", "_ZdaPvmSt11align_val_t",
               "_ZdlPvRKSt9nothrow_t", "_ZdaPvRKSt9nothrow_t")
+ENTRY_ONLY = frozenset({"free_enter", "wrapper_enter"})  # BPF programs with no uretprobe
 _PREFIXES = ("", "je_", "tc_", "mi_")
 _LIBSTDCXX = re.compile(r"(^|/)libstdc\+\+\.so")
 _MALLOC_LIBRARY = re.compile(r"(^|/)lib(jemalloc|tcmalloc|mimalloc)[^/]*\.so")
@@ -80,7 +84,12 @@ class EntryPoint:
 
     @property
     def has_return(self) -> bool:
-        return self.program != "free_enter"
+        return self.program not in ENTRY_ONLY
+
+    @property
+    def null_first_arg_ignored(self) -> bool:
+        """free(NULL) records nothing: its probe may sit past the NULL test."""
+        return self.program == "free_enter"
 
 
 def candidate_files(paths: Iterable[str], executable: str | None) -> list[str]:
