@@ -314,7 +314,7 @@ int alloc_return(struct pt_regs *ctx) {
  * handler) leaves its state behind: drop it, counted. */
 TRACEPOINT_PROBE(sched, sched_process_exit) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    if ((pid_tgid >> 32) != TARGET_TGID)
+    if (!is_target(pid_tgid))
         return 0;
     u32 tid = (u32)pid_tgid;
     struct entry_state *st = entries.lookup(&tid);
