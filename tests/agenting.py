@@ -84,15 +84,22 @@ class AgentProcess:
 
     def fds(self, kind: str | None = None) -> int:
         """Open file descriptors of the agent (only those whose link is `kind`)."""
+        kinds = self.fd_kinds()
+        return sum(kinds.values()) if kind is None else kinds.get(kind, 0)
+
+    def fd_kinds(self) -> dict[str, int]:
+        """The agent's open descriptors by what they are: a file's path, "socket",
+        "pipe", or an anon inode's name."""
         base = f"/proc/{self.proc.pid}/fd"
-        count = 0
+        kinds: dict[str, int] = {}
         for fd in os.listdir(base):
             try:
                 link = os.readlink(f"{base}/{fd}")
             except OSError:
                 continue
-            count += kind is None or link == kind
-        return count
+            kind = link.split(":", 1)[0] if link.startswith(("socket:", "pipe:")) else link
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return kinds
 
     def rss(self) -> int:
         with open(f"/proc/{self.proc.pid}/statm") as fh:

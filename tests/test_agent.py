@@ -214,3 +214,70 @@ def test_pyroscope_push_decodes_with_the_published_schema(scenario: Scenario,
             plugin = [m for m in prof.mapping if st[m.filename].endswith("plugin.node")]
             assert plugin and re.fullmatch(r"[0-9a-f]{40}", st[plugin[0].build_id])
     assert seen == expected
+
+
+def _samples(text: str, name: str, pid: int) -> dict[str, float]:
+    """`name`'s samples for one PID, by their remaining label values joined."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels.get("pid") == str(pid):
+                rest = {k: v for k, v in s.labels.items() if k not in ("pid", "comm")}
+                out[",".join(rest.values())] = s.value
+    return out
+
+
+@pytest.mark.bpf
+def test_live_handles_in_triage_mode_without_limits(tmp_path: Path) -> None:
+    """No limit given: triage only, never a window; libpq's live PGresults and PGconns
+    (tests/fixtures/src/handles/pgresults.c: 137 and 2) in natrace_live_handles."""
+    from handlefixtures import build as build_handles
+    from pgserver import private_server
+
+    exe = tmp_path / "pgresults-watched"
+    shutil.copy(build_handles().pgresults, exe)
+    port = free_port()
+    with private_server(port=54343) as pg, running_agent(
+            "--match", re.escape(str(exe)), "--listen", f"127.0.0.1:{port}",
+            "--record-dir", str(tmp_path / "records"), "--interval", "0.2s",
+            "--push-interval", "0.5s") as agent:
+        with waiting(str(exe), pg.conninfo, "--wait") as proc:
+            agent.expect(rf"watching PID {proc.pid} ")
+            release(proc)
+            live = wait_for("137 live PGresults in the metrics", lambda: (
+                got if (got := _samples(metrics_text(port), "natrace_live_handles",
+                                        proc.pid)).get("libpq PGresult") == 137 else None))
+            tracing = _samples(metrics_text(port), "natrace_process_allocation_tracing",
+                               proc.pid)
+        assert agent.stop() == 0
+    assert live["libpq PGconn"] == 2
+    assert tracing == {"": 0}
+    assert not any("allocation tracing for" in line for line in agent.lines)
+    assert not (tmp_path / "records").exists() or not list((tmp_path / "records").iterdir())
+
+
+@pytest.mark.bpf
+def test_over_budget_no_window_opens_and_sampling_is_raised(tmp_path: Path) -> None:
+    """A budget nothing can keep (a millionth of a CPU): the limit trips, but the agent
+    stays in triage, says so, and the next window would be sampled."""
+    exe = tmp_path / "leaky-budget"
+    shutil.copy(build().leaky, exe)
+    port = free_port()
+    with running_agent("--match", re.escape(str(exe)), "--rss-limit", "1M",
+                       "--max-overhead", "0.0001%", "--listen", f"127.0.0.1:{port}",
+                       "--record-dir", str(tmp_path / "records"),
+                       "--interval", "0.2s") as agent:
+        wait_for("the agent to be over its budget", lambda: True if _counter(
+            metrics_text(port), "natrace_over_budget") == 1 else None)
+        with waiting(str(exe), "--wait") as proc:
+            agent.expect(rf"PID {proc.pid} .*over the limit 1.0 MiB, but natrace is over "
+                         r"--max-overhead: triage only")
+            text = metrics_text(port)
+        assert agent.stop() == 0
+    assert _counter(text, "natrace_escalations_total") == 0
+    assert _counter(text, "natrace_over_budget") == 1
+    assert _counter(text, "natrace_escalation_sample_bytes") >= 4096
+    assert _counter(text, "natrace_overhead_budget_ratio") == 1e-6
+    assert not any("allocation tracing for" in line for line in agent.lines)

@@ -89,6 +89,7 @@ class Supervisor:
         self.window_ends = 0.0
         self.next_escalation = 0.0
         self.escalations = 0
+        self.held_back = False  # a limit tripped while over budget (said once)
         self.ended = False
         self.allocations: Snapshot | None = None  # the last allocation window's figures
         self.triaged: Snapshot | None = None  # the last triage figures (locks, handles)
@@ -118,6 +119,10 @@ class Supervisor:
             if why is not None and time.monotonic() >= self.next_escalation:
                 if self.budget.over:
                     self.next_escalation = time.monotonic() + self.config.interval
+                    if not self.held_back:
+                        self.log(f"PID {self.proc.pid} ({self.proc.comm}): {why}, but natrace "
+                                 "is over --max-overhead: triage only until it is not")
+                    self.held_back = True
                 else:
                     self.escalate(why)
 
