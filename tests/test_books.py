@@ -33,10 +33,13 @@ class Frag:
         assert words[0] == "books", words
         return {k: int(v) for k, v in (w.split("=") for w in words[1:])}
 
-    def step(self) -> None:
+    def send(self, line: str) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write("step\n")
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
+
+    def step(self) -> None:
+        self.send("step")
         self.mallinfo = self._books_line()
 
     def books(self, **kw: object) -> AllocatorBooks:
@@ -46,8 +49,11 @@ class Frag:
 
 
 @contextmanager
-def frag(mode: str, threads: int, env: dict[str, str] | None = None) -> Iterator[Frag]:
-    proc = subprocess.Popen([str(build().frag), mode, str(threads)], stdin=subprocess.PIPE,
+def frag(mode: str, threads: int, env: dict[str, str] | None = None,
+         drip_ms: int = 0) -> Iterator[Frag]:
+    """The fixture, once it has done its setup and printed its mallinfo2 figures."""
+    drip = [str(drip_ms)] if drip_ms else []
+    proc = subprocess.Popen([str(build().frag), mode, str(threads), *drip], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
     try:
@@ -87,6 +93,9 @@ def test_fragmented_heaps_read_after_the_fact_match_mallinfo2(threads: int) -> N
     # each thread's tcache sits at the start of its arena's first heap (main's included)
     assert len(books.tcaches) == threads + 1
     assert {t.arena for t in books.tcaches} == {a.address for a in books.arenas}
+    # the three 1 MiB blocks glibc mapped one by one, found in the regions; one touched
+    assert books.mmapped_found == books.mmapped == 3 * (MIB + 4096)
+    assert MIB <= books.mmapped_resident < 2 * MIB
     assert books.arena_max == 0  # (glibc raised the trim threshold when a big block was freed)
 
 

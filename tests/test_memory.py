@@ -17,7 +17,8 @@ from memfixtures import build
 
 from tracer.engine.session import Session, SessionOptions
 from tracer.memory import regions
-from tracer.memory.reconcile import reconcile, traced_heap_bytes
+from tracer.memory.reconcile import split, traced_heap_bytes
+from tracer.model.books import AllocatorBooks, ArenaBooks
 from tracer.model.frames import Frame
 from tracer.model.sites import Site
 from tracer.probes.target import attach
@@ -136,22 +137,36 @@ def _site(kind: str, nbytes: int, symbol: str | None = None, internal: bool = Fa
     return Site(kind, frames, nbytes, 1, allocator_internal=internal)
 
 
-def test_reconcile_splits_the_remainder_by_owner() -> None:
+def _books(free_resident: int, overhead: int, large: int) -> AllocatorBooks:
+    arena = ArenaBooks(0x1000, True, 1, 100 * MIB, 0, 0, 0, 0, 0, 0, free_resident)
+    return AllocatorBooks("glibc", True, arenas=[arena], structs=overhead,
+                          mmapped_resident=large)
+
+
+def test_split_measures_every_part() -> None:
     rss = {"heap": 60 * MIB, "arena": 40 * MIB, "anonymous": 30 * MIB, "file": 10 * MIB,
-           "stack": 1 * MIB}
+           "stack": 1 * MIB, "kernel": 4096}
+    sp = split(rss, _books(70 * MIB, 1 * MIB, 8 * MIB), 12 * MIB, node=True,
+               traced_malloc=20 * MIB, traced_mmap=0)
+    parts = {p.key: sp.part(p.key) for p in sp.parts}
+    assert parts == {"live": 29 * MIB, "free": 70 * MIB, "overhead": 1 * MIB,
+                     "large": 8 * MIB, "v8": 12 * MIB, "stacks": 1 * MIB,
+                     "files": 10 * MIB, "other": 10 * MIB + 4096}
+    assert sum(p.bytes for p in sp.parts) == sp.rss == 141 * MIB + 4096
+    assert sp.free_by_arena == [(0x1000, 70 * MIB)] and not sp.notes
+    # no books, no tracing: the heaps stay one part, and the report says why
+    blind = split(rss, None, None, node=True)
+    assert {p.key: p.bytes for p in blind.parts}["heaps"] == 100 * MIB
+    assert sum(p.bytes for p in blind.parts) == blind.rss
+    assert any("V8's heap not measured" in n for n in blind.notes)
+    assert any("live vs free inside the allocator not measured" in n for n in blind.notes)
+
+
+def test_traced_heap_bytes_counts_the_allocators_heap_mappings() -> None:
     sites = [_site("malloc", 70 * MIB), _site("mmap", 20 * MIB),
-             _site("stack", 8 * MIB, "pthread_create@GLIBC_2.2.5", internal=True),
              _site("mmap", 128 * MIB, "alloc_new_heap", internal=True)]
-    rec = reconcile(rss, sites, traced=True, from_start=True, node=False)
-    owners = {s.owner.split(" (")[0]: s.bytes for s in rec.remainder}
-    assert (rec.rss, rec.malloc_bytes, rec.mmap_bytes) == (141 * MIB, 70 * MIB, 20 * MIB)
-    assert owners == {"allocator-retained or fragmented": 30 * MIB, "file mappings": 10 * MIB,
-                      "thread stacks": 1 * MIB, "anonymous mappings not traced": 10 * MIB}
-    assert rec.explained + sum(owners.values()) == rec.rss
     assert traced_heap_bytes(sites) == 128 * MIB
-    untraced = reconcile(rss, [], traced=False, from_start=False, node=True)
-    assert untraced.explained == 0
-    assert any(s.owner.startswith("V8 heap") and s.bytes == 30 * MIB for s in untraced.remainder)
+    assert traced_heap_bytes(sites[:2]) is None
 
 
 def test_session_keeps_the_last_memory_reading_after_the_target_exits() -> None:
@@ -168,7 +183,8 @@ def test_session_keeps_the_last_memory_reading_after_the_target_exits() -> None:
     assert snap.memory is not None and snap.memory.last is not None
     assert snap.memory.last.rss > 0 and len(snap.memory.timeline) >= 3
     assert snap.memory.arenas is not None and snap.memory.arenas.arenas == 8
-    assert snap.memory.reconciliation is not None
+    assert snap.memory.split is not None and snap.memory.verdict is not None
+    assert snap.memory.books is not None and snap.memory.books.complete
 
 
 @pytest.mark.bpf
@@ -182,9 +198,10 @@ def test_run_report_confirms_arenas_from_the_allocators_mmaps(tmp_path: Path) ->
     assert (arenas["arenas"], arenas["heaps"], arenas["verified"]) == (8, 8, True)
     assert arenas["traced_heap_bytes"] == 8 * 64 * MIB  # every heap seen being mapped
     assert arenas["dominates"] == ["VMS"]
-    assert "MALLOC_ARENA_MAX" in arenas["advice"]
-    rec = mem["reconciliation"]
-    assert rec["traced"] and rec["malloc_bytes"] >= 8 * 1000
+    # 8 arenas, yet nothing free in RAM inside them: no advice to pool arenas
+    assert mem["verdict"]["kind"] in ("neither", "unknown")
+    assert "MALLOC_ARENA_MAX" not in json.dumps(mem["verdict"])
+    assert mem["split"]["traced_malloc"] >= 8 * 1000
     assert mem["regions"]["count"] > 0 and mem["timeline"]
     text = subprocess.run([NATRACE, "run", "--", str(build().arenas)], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=180).stdout

@@ -8,6 +8,7 @@ probes hold into a model Snapshot. Probes are always detached, whatever happens.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import threading
 import time
@@ -30,6 +31,7 @@ from tracer.probes.alloc import AllocOptions, AllocProbes
 from tracer.probes.handles import HandleOptions, HandleProbes
 from tracer.probes.target import Target
 from tracer.probes.triage import TriageOptions, TriageProbes
+from tracer.symbols.attribution import first_frame_outside
 from tracer.symbols.procmaps import MapsHistory
 from tracer.symbols.symbolizer import Symbolizer
 
@@ -222,11 +224,31 @@ class Session:
             target_exited=self.exiting or not self.target.alive(),
             exit_code=self.target.exit_code,
             memory=self.memory.report(sites, traced=self.options.allocs,
-                                      from_start=self.target.launched),
+                                      from_start=self.target.launched,
+                                      v8_ranges=self._v8_ranges(call_sites),
+                                      command=shlex.join(self.target.argv)),
             **self._triage_report(call_sites, duration),
             handles=handle_types(self.handles, call_sites),
             notes=self.notes + self._children_note(),
         )
+
+    def _v8_ranges(self, call_sites: CallSites) -> list[tuple[int, int]] | None:
+        """Live mappings node's own code made (V8's page allocator: its heap and JIT
+        code), from the traced mmap call sites; None when mappings were not traced."""
+        if not self.options.allocs or not self.memory.node:
+            return None
+        v8: dict[Owner, bool] = {}
+        out = []
+        for start, end, owner in self.probes.mappings.ranges():
+            if owner.kind != "mmap" or owner.allocator_internal:
+                continue
+            if owner not in v8:
+                frames, i = call_sites.charged(owner.stack,
+                                               lambda f: first_frame_outside(f, ("libc",)))
+                v8[owner] = bool(frames) and frames[i].module_class == "node"
+            if v8[owner]:
+                out.append((start, end))
+        return out
 
     def _triage_report(self, call_sites: CallSites, duration: float) -> dict[str, Any]:
         """The Snapshot fields of the triage probes: locks, syscalls, faults."""

@@ -28,6 +28,7 @@ from typing import Any
 from elftools.elf.elffile import ELFFile
 
 from tracer.files import write_private
+from tracer.memory.regions import find_arenas, read_smaps
 from tracer.model.books import AllocatorBooks, ArenaBooks, TcacheBooks
 from tracer.model.memory import ArenaHeap, Region
 from tracer.symbols.elfsyms import ElfSymbols, default_cache_dir
@@ -36,9 +37,11 @@ LAYOUT_VERSION = 1
 SIZE_SZ = 8
 ALIGN = 16
 MINSIZE = 32
-PREV_INUSE, SIZE_BITS = 1, 7
+PREV_INUSE, IS_MMAPPED, SIZE_BITS = 1, 2, 7
 PAGE = os.sysconf("SC_PAGE_SIZE")
 ATTEMPTS = 20  # reads of one arena before it is reported torn
+ARENA_BUDGET = 2.0  # seconds of attempts on one arena before it is reported torn
+REGION_ROUNDS = 2  # fresh reads of the regions when arenas stay torn
 BUSY_WAIT = 0.002  # seconds between attempts
 MAX_CHUNKS = 2_000_000  # free chunks walked per arena, all lists together
 MAX_ARENAS = 1024
@@ -218,27 +221,49 @@ class Memory:
 
     def resident(self, start: int, end: int) -> int:
         """Bytes of [start, end) whose pages are in RAM (pagemap's present bit)."""
-        if end <= start:
+        return self.resident_spans(start, end, [(start, end)])
+
+    def resident_spans(self, start: int, end: int, spans: Sequence[tuple[int, int]]) -> int:
+        """Bytes of the `spans` (inside [start, end)) whose pages are in RAM: pagemap is
+        read once for the whole range."""
+        if end <= start or not spans:
             return 0
-        first, last = start // PAGE, (end - 1) // PAGE
+        base = start // PAGE
         try:
             if self._pagemap is None:
                 self._pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
-            data = os.pread(self._pagemap, 8 * (last - first + 1), 8 * first)
+            data = os.pread(self._pagemap, 8 * ((end - 1) // PAGE - base + 1), 8 * base)
         except OSError:
             return 0
         present = [e >> 63 for (e,) in struct.iter_unpack("<Q", data)]
-        total = sum(present) * PAGE
-        if present and present[0]:
-            total -= start - first * PAGE
-        if present and present[-1]:
-            total -= (last + 1) * PAGE - end
+        total = 0
+        for a, b in spans:
+            first, last = a // PAGE - base, (b - 1) // PAGE - base
+            if b <= a or first < 0 or last >= len(present):
+                continue
+            total += sum(present[first:last + 1]) * PAGE
+            if present[first]:
+                total -= a - (first + base) * PAGE
+            if present[last]:
+                total -= (last + base + 1) * PAGE - b
         return total
 
     def close(self) -> None:
         for fd in (self._fd, self._pagemap):
             if fd is not None:
                 os.close(fd)
+
+
+def resident_bytes(pid: int, ranges: Sequence[tuple[int, int]]) -> int | None:
+    """Bytes of the [start, end) ranges in RAM (pagemap); None if unreadable."""
+    try:
+        mem = Memory(pid)
+    except OSError:
+        return None
+    try:
+        return sum(mem.resident(start, end) for start, end in ranges)
+    finally:
+        mem.close()
 
 
 @dataclass(frozen=True)
@@ -265,10 +290,12 @@ def read_books(pid: int, regions: Sequence[Region], heaps: Sequence[ArenaHeap],
     """The allocator's books now. `regions` are the process's smaps regions and `heaps`
     the arena heaps found among them (tracer.memory.regions)."""
     at = time.time()
-    other = next((m.group(2) for r in regions if r.backing == "file"
-                  for m in [_OTHER_ALLOCATOR.search(r.path)] if m), None)
+    other = next((r.path for r in regions if r.backing == "file"
+                  and _OTHER_ALLOCATOR.search(r.path)), None)
     if other is not None:
-        return AllocatorBooks(other, False, _unreadable(other), at=at, threads=threads)
+        name = _OTHER_ALLOCATOR.search(other).group(2)  # type: ignore[union-attr]
+        return AllocatorBooks(name, False, _unreadable(name, _openable(pid, other)), at=at,
+                              threads=threads)
     libc = next((r for r in regions if r.backing == "file" and _LIBC.search(r.path)), None)
     if libc is None:
         return AllocatorBooks("glibc", False, "no libc.so.6 mapped (a static program?): "
@@ -284,15 +311,39 @@ def read_books(pid: int, regions: Sequence[Region], heaps: Sequence[ArenaHeap],
         return AllocatorBooks("glibc", False, f"cannot read /proc/{pid}/mem "
                               f"({e.strerror}): run as root", at=at, threads=threads)
     try:
-        return _read(mem, layout, base, regions, heaps, threads, at)
+        why = ""
+        for attempt in range(REGION_ROUNDS + 1):
+            if attempt:
+                # a growing arena's top moves into a heap (or a part of one) mapped after
+                # `regions` were read: read them again, then the books
+                regions = read_smaps(pid)
+                heaps = find_arenas(pid, regions).heaps
+            try:
+                books = _read(mem, layout, base, regions, heaps, threads, at)
+            except Torn as e:  # the arena list or libc's own data moved under us
+                why = str(e)
+                continue
+            if not books.torn:
+                return books
+        if why:
+            return AllocatorBooks("glibc", False, f"the process changed while its books "
+                                  f"were read ({why}): not trusted", at=at, threads=threads)
+        return books
+    except OSError as e:  # gone (exit, exec) while read
+        return AllocatorBooks("glibc", False, f"cannot read the process's books "
+                              f"({e.strerror})", at=at, threads=threads)
     finally:
         mem.close()
 
 
-def _unreadable(allocator: str) -> str:
-    return (f"the process allocates with {allocator}, whose books natrace cannot read "
-            f"from outside (no debug layout for it): free-vs-live inside {allocator} and "
-            f"its retained pages are not measured")
+def _unreadable(allocator: str, path: str) -> str:
+    syms = ElfSymbols(path, cache_dir="")
+    debug = ("its debug info is here but natrace reads only glibc's layout"
+             if syms.debug_file or syms.source == "symtab" else
+             f"no debug info for {os.path.basename(path)} (build-id {syms.build_id})")
+    return (f"the process allocates with {allocator}: its books are not read ({debug}), so "
+            f"live vs free inside {allocator} and the pages it retains are not measured; "
+            f"its mappings count as anonymous memory")
 
 
 def _openable(pid: int, path: str) -> str:
@@ -322,20 +373,32 @@ def _read(mem: Memory, layout: Layout, base: int, regions: Sequence[Region],
     main = base + layout.addresses["main_arena"]
     brk = [_Range(r.start, r.end) for r in regions if r.backing == "heap"]
     arenas = _arena_list(mem, layout, main, brk, heaps)
+    missing = {h.arena for h in heaps if h.arena is not None} - {a.address for a in arenas}
+    if missing:
+        raise Torn(f"{len(missing)} arenas with heaps are not on main_arena's list")
     books = AllocatorBooks("glibc", True, at=at, threads=threads, mmapped=p("mmapped_mem"),
                            mmapped_blocks=p("n_mmaps"), trim_threshold=p("trim_threshold"),
                            arena_max=p("arena_max"))
     for arena in arenas:
+        until = time.monotonic() + ARENA_BUDGET
         for _ in range(ATTEMPTS):
             try:
                 books.arenas.append(_read_arena(mem, layout, arena, heaps))
                 break
             except Torn:
+                if time.monotonic() > until:
+                    books.torn.append(arena.address)
+                    break
                 time.sleep(BUSY_WAIT)
         else:
             books.torn.append(arena.address)
+    books.mmapped_found, books.mmapped_resident = _mmapped_chunks(mem, regions)
     books.tcaches = _tcaches(mem, layout, arenas, p("sbrk_base"), p("tcache_bins"),
                              p("tcache_count"))
+    tcache_chunk = _tcache_chunk(layout)
+    books.structs = (sum(layout.sizes["malloc_state"] for a in arenas if not a.main)
+                     + sum(layout.sizes["_heap_info"] for h in heaps if h.arena is not None)
+                     + tcache_chunk * len(books.tcaches))
     return books
 
 
@@ -353,10 +416,10 @@ def _arena_list(mem: Memory, layout: Layout, main: int, brk: list[_Range],
         addr = mem.u64(addr + nxt)
         if addr == main:
             return out
-        if addr not in by_arena:  # not one of the heaps' arenas: stop, never guess
-            return out
+        if addr not in by_arena:  # not one of the heaps' arenas: never guess
+            raise Torn(f"arena {addr:#x} has no heap among the regions read")
         out.append(_Arena(addr, False, by_arena[addr]))
-    return out
+    raise Torn("the arena list does not come back to main_arena")
 
 
 def _read_arena(mem: Memory, layout: Layout, arena: _Arena,
@@ -388,7 +451,10 @@ def _read_arena(mem: Memory, layout: Layout, arena: _Arena,
         bins[kind] += walk.bin(head, field("bins", 2 * (i - 1) + 1), i)
     if mem.read(arena.address, size) != raw:
         raise Torn("arena changed during the walk")
-    resident = walk.resident + mem.resident(top + 2 * SIZE_SZ, top + top_size)
+    walk.spans.append((top + 2 * SIZE_SZ, top + top_size))
+    resident = sum(mem.resident_spans(r.start, r.end, [sp for sp in walk.spans
+                                                       if r.start <= sp[0] < r.end])
+                   for r in arena.ranges)
     nheaps = 1 if arena.main else sum(1 for h in heaps if h.arena == arena.address)
     return ArenaBooks(arena.address, arena.main, nheaps, system_mem, top_size, fast, bins[0],
                       bins[1], bins[2], walk.chunks, resident)
@@ -401,7 +467,7 @@ class _Walk:
         self.mem = mem
         self.arena = arena
         self.chunks = 0
-        self.resident = 0
+        self.spans: list[tuple[int, int]] = []  # free bytes, for the residency count
 
     def chunk_size(self, p: int) -> int:
         if p % ALIGN or not self.arena.holds(p):
@@ -420,6 +486,7 @@ class _Walk:
             if self.chunk_size(p) != want:
                 raise Torn("fastbin chunk of the wrong size")
             total += want
+            self.spans.append((p + 2 * SIZE_SZ, p + want))
             fd_at = p + 2 * SIZE_SZ
             p = (fd_at >> 12) ^ self.mem.u64(fd_at)  # safe-linking (glibc 2.32+)
         return total
@@ -438,7 +505,7 @@ class _Walk:
             prev_size, next_size = struct.unpack("<2Q", self.mem.read(p + size, 2 * SIZE_SZ))
             if prev_size != size or next_size & PREV_INUSE:
                 raise Torn("free chunk's footer disagrees")
-            self.resident += self.mem.resident(p + 2 * SIZE_SZ, p + size)
+            self.spans.append((p + 2 * SIZE_SZ, p + size))
             total += size
             prev, p = p, bk
         return total
@@ -463,6 +530,32 @@ def _largebin_index(sz: int) -> int:
     return 126
 
 
+def _mmapped_chunks(mem: Memory, regions: Sequence[Region]) -> tuple[int, int]:
+    """Blocks glibc mapped one by one: anonymous regions tiled by chunks whose size has
+    IS_MMAPPED set (adjacent mappings merge into one region). (bytes, resident bytes);
+    the bytes should equal mp_.mmapped_mem."""
+    found = resident = 0
+    for r in regions:
+        if r.backing != "anonymous" or r.perms[:3] != "rw-" or r.size < 2 * PAGE:
+            continue
+        p, chunks = r.start, []
+        while p < r.end:
+            try:
+                prev_size, size = struct.unpack("<2Q", mem.read(p, 2 * SIZE_SZ))
+            except Torn:
+                break
+            length = size & ~SIZE_BITS
+            if not size & IS_MMAPPED or prev_size or length % PAGE or length == 0 \
+                    or p + length > r.end:
+                break
+            chunks.append((p, length))
+            p += length
+        if p == r.end:  # the whole region is mmapped chunks, or none of it counts
+            found += sum(n for _, n in chunks)
+            resident += sum(mem.resident(a, a + n) for a, n in chunks)
+    return found, resident
+
+
 def _tcaches(mem: Memory, layout: Layout, arenas: list[_Arena], sbrk_base: int,
              nbins: int, max_count: int) -> list[TcacheBooks]:
     """The tcache_perthread_struct at the start of each arena's first heap: a thread's
@@ -471,8 +564,7 @@ def _tcaches(mem: Memory, layout: Layout, arenas: list[_Arena], sbrk_base: int,
     def anywhere(addr: int) -> bool:
         return any(a.holds(addr) for a in arenas)
 
-    size = layout.sizes["tcache_perthread_struct"]
-    chunk = (size + SIZE_SZ + ALIGN - 1) & ~(ALIGN - 1)
+    chunk = _tcache_chunk(layout)
     out = []
     for arena in arenas:
         first = sbrk_base if arena.main else arena.address + layout.sizes["malloc_state"]
@@ -489,6 +581,10 @@ def _tcaches(mem: Memory, layout: Layout, arenas: list[_Arena], sbrk_base: int,
         if found is not None:
             out.append(found)
     return out
+
+
+def _tcache_chunk(layout: Layout) -> int:
+    return (layout.sizes["tcache_perthread_struct"] + SIZE_SZ + ALIGN - 1) & ~(ALIGN - 1)
 
 
 def _tcache_at(mem: Memory, layout: Layout, arena: _Arena, anywhere: Callable[[int], bool],

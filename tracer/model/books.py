@@ -59,6 +59,9 @@ class AllocatorBooks:
     threads: int | None = None
     mmapped: int = 0  # blocks glibc mapped one by one (mp_.mmapped_mem)
     mmapped_blocks: int = 0
+    mmapped_found: int = 0  # of those, found in the process's regions (should be all)
+    mmapped_resident: int = 0
+    structs: int = 0  # the allocator's own records in its heaps: malloc_state, heap_info, tcaches
     trim_threshold: int | None = None
     arena_max: int | None = None  # MALLOC_ARENA_MAX as the process sees it (0: default)
 
@@ -85,5 +88,88 @@ class AllocatorBooks:
         return self.system_mem - self.free - self.tcache + self.mmapped
 
     @property
+    def overhead(self) -> int:
+        """Bytes the allocator uses for itself: its records plus blocks cached per thread."""
+        return self.structs + self.tcache
+
+    @property
     def complete(self) -> bool:
         return self.readable and not self.torn
+
+
+@dataclass(frozen=True)
+class BooksReading:
+    """One reading of the books, for the timeline a leak verdict needs."""
+
+    at: float
+    in_use: int
+    free: int
+    free_resident: int
+
+
+@dataclass(frozen=True)
+class RssPart:
+    """One measured part of RSS: `key` is stable (live, large, free, overhead, v8,
+    stacks, files, heaps, other), `how` says what measured it."""
+
+    key: str
+    label: str
+    bytes: int
+    how: str
+
+
+@dataclass
+class RssSplit:
+    """RSS as the sum of its measured parts (the parts add up to `rss`)."""
+
+    rss: int
+    parts: list[RssPart] = field(default_factory=list)
+    free_by_arena: list[tuple[int, int]] = field(default_factory=list)  # (arena, resident free)
+    traced_malloc: int | None = None  # live malloc bytes tracing saw (None: not traced)
+    traced_mmap: int | None = None  # live anonymous mappings the program made (traced)
+    notes: list[str] = field(default_factory=list)  # what could not be measured, and why
+
+    def part(self, key: str) -> int:
+        return sum(p.bytes for p in self.parts if p.key == key)
+
+
+@dataclass
+class Verdict:
+    """Leak, fragmentation/retention, both, neither, or unknown, with the evidence and
+    only the advice the books support."""
+
+    kind: str  # leak | fragmentation | both | neither | unknown
+    evidence: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def headline(self) -> str:
+        return {"leak": "leak: live bytes are growing",
+                "fragmentation": "fragmentation/retention: the allocator holds free memory "
+                                 "it does not return",
+                "both": "leak and fragmentation/retention: live bytes grow, and the "
+                        "allocator holds free memory it does not return",
+                "neither": "no leak and no fragmentation seen",
+                "unknown": "leak or fragmentation: cannot tell"}[self.kind]
+
+
+def metrics(books: AllocatorBooks | None, split: RssSplit | None,
+            verdict: Verdict | None) -> list[tuple[str, dict[str, str], float]]:
+    """The books, the split and the verdict as (name, labels, value) gauges, for an
+    agent to export (Prometheus names, bytes as base units)."""
+    out: list[tuple[str, dict[str, str], float]] = []
+    if split is not None:
+        out += [("natrace_rss_part_bytes", {"part": p.key, "label": p.label}, p.bytes)
+                for p in split.parts]
+    if books is not None and books.complete:
+        for a in books.arenas:
+            arena = {"arena": "main" if a.main else hex(a.address)}
+            out += [("natrace_allocator_free_bytes", arena, a.free),
+                    ("natrace_allocator_free_resident_bytes", arena, a.free_resident),
+                    ("natrace_allocator_system_bytes", arena, a.system_mem)]
+        out += [("natrace_allocator_in_use_bytes", {}, books.in_use),
+                ("natrace_allocator_tcache_bytes", {}, books.tcache)]
+    if verdict is not None:
+        out += [("natrace_memory_verdict", {"verdict": k}, float(verdict.kind == k))
+                for k in ("leak", "fragmentation", "both", "neither", "unknown")]
+    return out

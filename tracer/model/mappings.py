@@ -86,6 +86,11 @@ class MappingTracker:
         for owner, (size, count) in acc.items():
             yield owner, size, count
 
+    def ranges(self) -> Iterator[tuple[int, int, Owner]]:
+        """(start, end, owner) of every live range, by address."""
+        for r in self._ranges:
+            yield r.start, r.end, r.owner
+
     def _overlapping(self, start: int, end: int) -> list[_Range]:
         i = max(bisect.bisect_right(self._starts, start) - 1, 0)
         found = []

@@ -1,9 +1,11 @@
 """What the kernel says the traced process holds: RSS over time, its regions, its glibc
-arenas, and how much of RSS the traced allocations explain."""
+arenas, the allocator's books, RSS split into measured parts, and the verdict."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from tracer.model.books import AllocatorBooks, BooksReading, RssSplit, Verdict
 
 
 @dataclass(frozen=True)
@@ -96,42 +98,6 @@ class ArenaSummary:
     def rss(self) -> int:
         return sum(h.rss for h in self.heaps)
 
-    def advice(self) -> str | None:
-        """The sentence a report prints when arenas are most of the process."""
-        if not self.dominates:
-            return None
-        what = " and ".join(self.dominates)
-        return (f"glibc malloc arenas make up most of {what}: {self.arenas} arenas for "
-                f"{self.threads if self.threads is not None else '?'} threads; try "
-                f"MALLOC_ARENA_MAX=2 (or 4) in the process's environment")
-
-
-@dataclass(frozen=True)
-class Share:
-    """A part of RSS and who likely owns it."""
-
-    owner: str
-    bytes: int
-
-
-@dataclass
-class Reconciliation:
-    """RSS against what tracing accounts for; the rest split among likely owners."""
-
-    rss: int
-    malloc_bytes: int  # live traced malloc blocks (user call sites)
-    mmap_bytes: int  # live traced anonymous mappings made by the program itself
-    traced: bool  # False: no allocation tracing, only the owners are estimated
-    remainder: list[Share] = field(default_factory=list)
-
-    @property
-    def explained(self) -> int:
-        return self.malloc_bytes + self.mmap_bytes
-
-    @property
-    def unexplained(self) -> int:
-        return max(self.rss - self.explained, 0)
-
 
 @dataclass
 class MemoryReport:
@@ -140,7 +106,10 @@ class MemoryReport:
     timeline: list[MemorySample] = field(default_factory=list)
     regions: RegionSummary | None = None
     arenas: ArenaSummary | None = None
-    reconciliation: Reconciliation | None = None
+    books: AllocatorBooks | None = None  # the allocator's own books, read from outside
+    books_timeline: list[BooksReading] = field(default_factory=list)
+    split: RssSplit | None = None  # RSS as measured parts
+    verdict: Verdict | None = None  # leak, fragmentation/retention, both, neither
 
     @property
     def last(self) -> MemorySample | None:

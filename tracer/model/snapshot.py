@@ -42,7 +42,7 @@ class Snapshot:
     calls: dict[str, int] = field(default_factory=dict)
     target_exited: bool = False
     exit_code: int | None = None
-    memory: MemoryReport | None = None  # RSS timeline, regions, arenas, reconciliation
+    memory: MemoryReport | None = None  # RSS timeline, regions, arenas, books, split, verdict
     allocs: bool = True  # False: triage mode (no malloc-family probes)
     locks: LockReport | None = None  # futex waits per lock word (triage probes)
     syscalls: SyscallSummary | None = None  # mmap, munmap, mremap, mprotect, madvise, brk

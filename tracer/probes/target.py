@@ -8,7 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tracer.errors import TargetError, UsageError
@@ -137,9 +137,11 @@ def attach(pid: int) -> Target:
     return Target(pid=pid, argv=argv)
 
 
-def launch(argv: Sequence[str]) -> Target:
+def launch(argv: Sequence[str], env: Mapping[str, str] | None = None,
+           stdout_to_stderr: bool = False) -> Target:
     """Fork the command held at a gate: it execs only after release(), so probes
-    attached in between see its first allocation. Never run through a shell."""
+    attached in between see its first allocation. Never run through a shell. `env`
+    replaces the environment; `stdout_to_stderr` keeps natrace's stdout for its report."""
     if not argv:
         raise UsageError("no command given: natrace run -- CMD ARGS")
     exe = resolve_command(argv[0])
@@ -158,7 +160,9 @@ def launch(argv: Sequence[str]) -> Target:
             os.close(write_end)
             os.read(read_end, 2)  # "go", or EOF if natrace died: exec either way
             os.close(read_end)
-            os.execv(exe, args)
+            if stdout_to_stderr:
+                os.dup2(2, 1)
+            os.execve(exe, args, dict(os.environ if env is None else env))
         finally:
             os._exit(127)
     os.close(read_end)

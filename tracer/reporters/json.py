@@ -67,8 +67,9 @@ def _site(site: Site) -> dict[str, Any]:
 
 
 def _memory(mem: MemoryReport) -> dict[str, Any]:
-    """Samples, regions, arenas and reconciliation as plain values (bytes throughout)."""
-    reg, ar, rec = mem.regions, mem.arenas, mem.reconciliation
+    """Samples, regions, arenas, books, the RSS split and the verdict as plain values
+    (bytes throughout)."""
+    reg, ar, books, sp, v = mem.regions, mem.arenas, mem.books, mem.split, mem.verdict
     return {
         "timeline": [asdict(s) for s in mem.timeline],
         "regions": None if reg is None else {
@@ -81,15 +82,19 @@ def _memory(mem: MemoryReport) -> dict[str, Any]:
         "arenas": None if ar is None else {
             "arenas": ar.arenas, "heaps": len(ar.heaps), "reserved": ar.reserved,
             "rss": ar.rss, "threads": ar.threads, "verified": ar.verified,
-            "dominates": ar.dominates, "advice": ar.advice(),
+            "dominates": ar.dominates,
             "traced_heap_bytes": ar.traced_heap_bytes,
             "heap_list": [asdict(h) for h in ar.heaps],
         },
-        "reconciliation": None if rec is None else {
-            "rss": rec.rss, "traced": rec.traced, "malloc_bytes": rec.malloc_bytes,
-            "mmap_bytes": rec.mmap_bytes, "unexplained": rec.unexplained,
-            "remainder": [asdict(s) for s in rec.remainder],
+        "books": None if books is None else {
+            **asdict(books), "system_mem": books.system_mem, "free": books.free,
+            "free_resident": books.free_resident, "tcache": books.tcache,
+            "in_use": books.in_use, "overhead": books.overhead, "complete": books.complete,
+            "arenas": [{**asdict(a), "free": a.free} for a in books.arenas],
         },
+        "books_timeline": [asdict(r) for r in mem.books_timeline],
+        "split": None if sp is None else asdict(sp),
+        "verdict": None if v is None else {**asdict(v), "headline": v.headline},
     }
 
 

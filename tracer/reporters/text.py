@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
+from tracer.model.books import AllocatorBooks, RssSplit, Verdict
 from tracer.model.findings import findings
 from tracer.model.handles import HandleSite, HandleType
-from tracer.model.memory import ArenaSummary, MemoryReport, Reconciliation, RegionSummary
+from tracer.model.memory import ArenaSummary, MemoryReport, RegionSummary
 from tracer.model.sites import Site
 from tracer.model.snapshot import LOSS_DESCRIPTIONS, Snapshot
 from tracer.reporters import triage as triage_report
@@ -132,8 +133,12 @@ def _memory(mem: MemoryReport) -> list[str]:
         out += _regions(mem.regions)
     if mem.arenas is not None:
         out += _arenas(mem.arenas)
-    if mem.reconciliation is not None:
-        out += _reconciliation(mem.reconciliation)
+    if mem.books is not None:
+        out += books_lines(mem.books)
+    if mem.split is not None:
+        out += _split(mem.split)
+    if mem.verdict is not None:
+        out += verdict_lines(mem.verdict)
     return out
 
 
@@ -169,20 +174,51 @@ def _arenas(ar: ArenaSummary) -> list[str]:
     if ar.traced_heap_bytes is not None:
         out.append(f"  allocation tracing saw the allocator map {size(ar.traced_heap_bytes)} "
                    "for arena heaps")
-    advice = ar.advice()
-    if advice:
-        out.append(f"  ! {advice}")
+    if ar.dominates:
+        out.append(f"  arenas make up most of {' and '.join(ar.dominates)}")
     return out
 
 
-def _reconciliation(rec: Reconciliation) -> list[str]:
-    out = [f"Where RSS goes ({size(rec.rss)} resident):"]
-    rows = []
-    if rec.traced:
-        rows += [("live malloc blocks (traced)", rec.malloc_bytes),
-                 ("live anonymous mappings (traced, mapped size)", rec.mmap_bytes)]
-    rows += [(s.owner, s.bytes) for s in rec.remainder]
-    out += [f"  {size(n):>12} {_pct(n, rec.rss):>6}  {owner}" for owner, n in rows]
+def books_lines(books: AllocatorBooks) -> list[str]:
+    """The allocator's own books, or one line saying why they could not be read."""
+    if not books.readable:
+        return [f"Allocator books ({books.allocator}): not read: {books.reason}"]
+    out = [f"Allocator books (glibc, read from outside): {len(books.arenas)} arenas, "
+           f"{size(books.system_mem)} from the system, {size(books.free)} free "
+           f"({size(books.free_resident)} of it in RAM), {size(books.in_use)} in use"]
+    if books.torn:
+        out.append(f"  ! {len(books.torn)} arenas changed under every read (torn): "
+                   "left out, their figures not trusted")
+    if books.mmapped_blocks:
+        out.append(f"  {books.mmapped_blocks:,} blocks mapped one by one: "
+                   f"{size(books.mmapped)} ({size(books.mmapped_resident)} in RAM)")
+    threads = f" of {books.threads} threads" if books.threads is not None else ""
+    out.append(f"  tcache: {size(books.tcache)} cached in the {len(books.tcaches)} "
+               f"tcaches found{threads} (one per arena's first heap)")
+    out.append(f"  {'ARENA':>16} {'HEAPS':>5} {'SYSTEM':>11} {'FREE':>11} {'IN RAM':>11} "
+               f"{'TOP':>11} {'CHUNKS':>9}")
+    out += [f"  {'main' if a.main else hex(a.address):>16} {a.heaps:>5} "
+            f"{size(a.system_mem):>11} {size(a.free):>11} {size(a.free_resident):>11} "
+            f"{size(a.top):>11} {a.free_chunks:>9,}" for a in books.arenas]
+    return out
+
+
+def _split(sp: RssSplit) -> list[str]:
+    out = [f"Where RSS goes ({size(sp.rss)} resident, each part measured):"]
+    out += [f"  {size(p.bytes):>12} {_pct(p.bytes, sp.rss):>6}  {p.label} ({p.how})"
+            for p in sp.parts]
+    if sp.traced_malloc is not None:
+        out.append(f"  traced since natrace attached: {size(sp.traced_malloc)} in live malloc "
+                   f"blocks, {size(sp.traced_mmap or 0)} in live mappings the program made")
+    out += [f"  ! {n}" for n in sp.notes]
+    return out
+
+
+def verdict_lines(v: Verdict) -> list[str]:
+    """The verdict, its evidence and the advice the books support."""
+    out = [f"Verdict: {v.headline}"]
+    out += [f"  - {e}" for e in v.evidence]
+    out += [f"  advice: {a}" for a in v.advice]
     return out
 
 

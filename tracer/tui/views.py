@@ -275,6 +275,11 @@ def header_lines(state: LiveState, paused: bool = False) -> list[str]:
         second += f"  regions {memory.regions.regions:,} ({memory.regions.writable:,} w)"
     if memory is not None and memory.arenas is not None:
         third += f"  glibc arenas {memory.arenas.arenas}"
+    if memory is not None and memory.verdict is not None:
+        books = memory.books
+        free = (f" free {size(books.free_resident)}" if books is not None and books.complete
+                else "")
+        third += f"  verdict {memory.verdict.kind}{free}"
     fourth = (f"events {state.events_per_s:,.0f}/s  lost {state.lost:,}  natrace "
               f"CPU {proc.self_cpu:.0f}% RSS {size(proc.self_rss)}")
     return [first, second, third, fourth]
