@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--workloads a,b] [--rounds N] [--no-throughput]`
+"""`python -m bench [--quick] [--workloads a,b] [--tools a,b] [--rounds N] [--no-throughput]`
 
 Builds the workloads, runs every tool in paired rounds, prints Markdown (the machine,
 the load before and after, one table per workload, the targets, the throughput
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="smoke run: small workloads, 1 round, short throughput ladder")
     parser.add_argument("--workloads", default=None,
                         help="comma-separated subset of: malloc, malloc-2t, futex, mmap, node")
+    parser.add_argument("--tools", default=None,
+                        help="comma-separated subset of the tools, by the names the tables "
+                             "show (e.g. 'natrace full,empty-probe floor')")
     parser.add_argument("--rounds", type=int, default=None,
                         help="paired rounds per tool (default 3, 1 with --quick)")
     parser.add_argument("--no-throughput", action="store_true",
@@ -58,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     specs = [available[n] for n in names]
     rounds = args.rounds or (1 if args.quick else 3)
     tools = all_tools()
+    if args.tools:
+        wanted = args.tools.split(",")
+        known = [t.name for t in tools]
+        if any(w not in known for w in wanted):
+            parser.error(f"unknown tool(s) in {args.tools!r}; known: {', '.join(known)}")
+        tools = [t for t in tools if t.name in wanted]
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
