@@ -87,6 +87,10 @@ class ProbeSet:
         if self._bpf is None:
             return
         bpf, self._bpf = self._bpf, None
+        # Inert at once: while the helper tears them down, the probes neither record
+        # nor stop the target (exit(), code mappings) once natrace has resumed it.
+        for flag in ("target", "armed"):
+            bpf[flag][ctypes.c_int(0)] = bpf[flag].Leaf(0)
         fds = [*bpf.uprobe_fds.values(), *bpf.tracepoint_fds.values()]
         with _last_references_elsewhere(fds):
             bpf.cleanup()
