@@ -246,13 +246,14 @@ def test_live_handles_in_triage_mode_without_limits(tmp_path: Path) -> None:
         with waiting(str(exe), pg.conninfo, "--wait") as proc:
             agent.expect(rf"watching PID {proc.pid} ")
             release(proc)
-            live = wait_for("137 live PGresults in the metrics", lambda: (
-                got if (got := _samples(metrics_text(port), "natrace_live_handles",
-                                        proc.pid)).get("libpq PGresult") == 137 else None))
+            live = _until_equal("137 PGresults and 2 PGconns live in the metrics",
+                                lambda: _samples(metrics_text(port), "natrace_live_handles",
+                                                 proc.pid),
+                                {"libpq PGresult": 137, "libpq PGconn": 2})
             tracing = _samples(metrics_text(port), "natrace_process_allocation_tracing",
                                proc.pid)
         assert agent.stop() == 0
-    assert live["libpq PGconn"] == 2
+    assert live == {"libpq PGresult": 137, "libpq PGconn": 2}
     assert tracing == {"": 0}
     assert not any("allocation tracing for" in line for line in agent.lines)
     assert not (tmp_path / "records").exists() or not list((tmp_path / "records").iterdir())

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from agenting import NATRACE, Receiver
+from agenting import NATRACE, Receiver, wait_for
 
 from tracer.agent.budget import MIN_SAMPLE_BYTES, Budget
 from tracer.agent.discovery import Discovery, cmdline, parse_selector
@@ -68,7 +68,8 @@ def test_discovery_never_matches_another_natrace(tmp_path: Path) -> None:
     shutil.copy("/bin/sh", tmp_path / "natrace")
     other = subprocess.Popen([str(tmp_path / "natrace"), "-c", "sleep 60; true", marker])
     try:
-        assert marker in (cmdline(other.pid) or "")
+        wait_for("its command line", lambda: True if marker in (cmdline(other.pid) or "")
+                 else None)
         assert Discovery(parse_selector([], [marker], [])).scan()[0] == []
     finally:
         other.kill()

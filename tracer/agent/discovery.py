@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tracer.errors import UsageError
+
+RECHECK_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -150,10 +153,15 @@ class Discovery:
         self._exclude = _ancestors(os.getpid())
         # -p PIDs are that process only: the PID reused later is someone else
         self._pinned = {p.pid: p.start for p in map(read_proc, selector.pids) if p}
+        # (PID, start time) that did not match, and when to look again: a command line
+        # can change (exec, or a shell's `exec node ...`), but not every scan
+        self._rejected: dict[int, tuple[int, float]] = {}
 
     def scan(self) -> tuple[list[Proc], list[Proc]]:
         """(processes that appeared, processes that ended) since the last scan."""
         seen: dict[int, Proc] = {}
+        rejected: dict[int, tuple[int, float]] = {}
+        now = time.monotonic()
         for pid in self._candidates():
             if pid in self._exclude:
                 continue
@@ -165,9 +173,14 @@ class Discovery:
                 seen[pid] = old
             elif self._pinned.get(pid, proc.start) != proc.start:
                 continue
+            elif (r := self._rejected.get(pid)) and r[0] == proc.start and r[1] > now:
+                rejected[pid] = r
             elif self.selector.matches(pid) and (pid in self.selector.pids
                                                  or not is_natrace(pid)):
                 seen[pid] = proc
+            else:
+                rejected[pid] = (proc.start, now + RECHECK_SECONDS)
+        self._rejected = rejected
         ended = [p for pid, p in self.known.items() if seen.get(pid) != p]
         new = [p for pid, p in seen.items() if self.known.get(pid) != p]
         self.known = seen
