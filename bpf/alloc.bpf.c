@@ -2,8 +2,9 @@
  * mappings through syscall tracepoints.
  *
  * malloc/free run millions of times a second, so they are aggregated here, in
- * the kernel: outstanding blocks by address (allocs) and atomic per-stack
- * counters (sites). mmap/munmap/mremap/brk are rare enough to stream to Python,
+ * the kernel: outstanding blocks by address (allocs) and per-CPU per-stack
+ * counters (sites: each CPU adds to its own copy, so no call writes a cache line
+ * another CPU writes; Python sums the copies). mmap/munmap/mremap/brk are rare enough to stream to Python,
  * which handles them as range operations (partial munmap, mremap).
  *
  * Compile-time parameters (set by tracer/probes/alloc.py):
@@ -19,7 +20,8 @@
 #include "stacks.bpf.h"
 
 BPF_HASH(allocs, u64, struct alloc_info, MAX_ALLOCS);
-BPF_HASH(sites, s32, struct site_stats, MAX_STACKS + 16);
+/* Allocated on insert: per-CPU values cost (CPUs x 32 B) per site, only for sites seen. */
+BPF_F_TABLE("percpu_hash", s32, struct site_stats, sites, MAX_STACKS + 16, BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", u32, struct entry_state, entries, 65536);
 BPF_PERCPU_ARRAY(counters, u64, NATRACE_NCOUNTERS);
 BPF_ARRAY(trampoline, u64, 1);   /* the uretprobe trampoline's address, once seen */
@@ -81,8 +83,8 @@ static __always_inline void release(u64 addr) {
         return;   /* another path released it first */
     struct site_stats *s = sites.lookup(&info.stack_id);
     if (s) {
-        __sync_fetch_and_add(&s->bytes, -(s64)weight_bytes(info.size));
-        __sync_fetch_and_add(&s->blocks_fp, -(s64)weight_blocks_fp(info.size));
+        s->bytes -= (s64)weight_bytes(info.size);   /* this CPU's copy: no atomic */
+        s->blocks_fp -= (s64)weight_blocks_fp(info.size);
     }
     count(NATRACE_CNT_FREE_CALLS, 1);
 }
@@ -125,10 +127,10 @@ static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller) {
         return;
     }
     u64 wb = weight_bytes(size), wn = weight_blocks_fp(size);
-    __sync_fetch_and_add(&s->bytes, (s64)wb);
-    __sync_fetch_and_add(&s->blocks_fp, (s64)wn);
-    __sync_fetch_and_add(&s->allocs_fp, wn);
-    __sync_fetch_and_add(&s->alloc_bytes, wb);
+    s->bytes += (s64)wb;   /* this CPU's copy: no atomic */
+    s->blocks_fp += (s64)wn;
+    s->allocs_fp += wn;
+    s->alloc_bytes += wb;
 }
 
 /* Is `slot` (an outer call's return-address slot) the uretprobe trampoline? There is

@@ -113,8 +113,10 @@ struct alloc_info {
     u32 pad;
 };
 
-/* Per call site (stack id), updated with atomic adds so a snapshot taken while
- * the program churns is exact. bytes/blocks are outstanding; allocs/alloc_bytes
+/* Per call site (stack id), one copy per CPU (alloc.bpf.c's percpu_hash): a CPU
+ * only adds to its own, so no atomics and no cache line shared between threads; a
+ * block freed on another CPU than it was allocated on leaves one copy negative and
+ * the sum, which Python takes, exact. bytes/blocks are outstanding; allocs/alloc_bytes
  * are totals since attach. In sampled mode all four are unbiased estimates. */
 struct site_stats {
     s64 bytes;

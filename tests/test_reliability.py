@@ -24,7 +24,9 @@ def sites_by_function(report: dict[str, Any]) -> dict[str, tuple[int, int]]:
             if s["kind"] == "malloc" and s["function"]}
 
 
-def wait_until_clean(pid: int, seconds: float = 10) -> int:
+def wait_until_clean(pid: int, seconds: float = 120) -> int:
+    """Bytes still patched once every probe is gone, or at the deadline (the kernel
+    removes uprobes one grace period at a time: seconds on a loaded machine)."""
     deadline = time.monotonic() + seconds
     while (left := patched_code_bytes(pid)) and time.monotonic() < deadline:
         time.sleep(0.1)

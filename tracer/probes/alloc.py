@@ -18,7 +18,7 @@ from tracer.errors import KernelFeatureError, TargetError
 from tracer.model.mappings import MappingTracker, Owner
 from tracer.probes import bpfprog
 from tracer.probes.allocators import EntryPoint, find_entry_points
-from tracer.probes.base import ProbeSet
+from tracer.probes.base import ProbeSet, map_items
 from tracer.probes.placement import entry_offset
 from tracer.probes.target import Target
 from tracer.symbols.unwind import splice_caller
@@ -150,13 +150,16 @@ class AllocProbes(ProbeSet):
         return splice_caller(self.stack(stack_id), caller)
 
     def sites(self) -> list[RawSite]:
+        """Per-stack counters, the CPUs' copies summed (see site_stats in natrace.h)."""
         shift = self._shift
         out = []
-        for key, value in self._bpf["sites"].items():
-            if value.allocs_fp == 0 and value.blocks_fp == 0:
+        for key, copies in map_items(self._bpf["sites"]):
+            allocs_fp = sum(c.allocs_fp for c in copies)
+            blocks_fp = sum(c.blocks_fp for c in copies)
+            if allocs_fp == 0 and blocks_fp == 0:
                 continue
-            out.append(RawSite(key.value, value.bytes, value.blocks_fp >> shift,
-                               value.allocs_fp >> shift, value.alloc_bytes))
+            out.append(RawSite(key, sum(c.bytes for c in copies), blocks_fp >> shift,
+                               allocs_fp >> shift, sum(c.alloc_bytes for c in copies)))
         return out
 
     def sites_older_than(self, min_age: float) -> list[RawSite]:
@@ -172,11 +175,7 @@ class AllocProbes(ProbeSet):
         return [RawSite(sid, b, n >> self._shift, 0, 0) for sid, (b, n) in acc.items()]
 
     def _iter_allocs(self) -> Iterator[tuple[Any, Any]]:
-        table = self._bpf["allocs"]
-        try:
-            yield from table.items_lookup_batch()
-        except Exception:  # kernels without batch ops
-            yield from table.items()
+        return map_items(self._bpf["allocs"])
 
     def _weight_bytes(self, size: int) -> int:
         rate = self.options.sample_bytes

@@ -96,6 +96,19 @@ class ProbeSet:
             bpf.cleanup()
 
 
+def map_items(table: Any) -> Iterator[tuple[Any, Any]]:
+    """A map's entries, fetched in batches where the kernel has batch lookups. Keys of
+    a plain C type come as Python ints either way (bcc's batches give ints, items()
+    ctypes objects); struct keys stay ctypes structs."""
+    try:
+        batch = table.items_lookup_batch()
+        for key, value in batch:
+            yield key, value
+    except Exception:  # kernels without batch ops
+        for key, value in table.items():
+            yield getattr(key, "value", key), value
+
+
 @contextlib.contextmanager
 def _last_references_elsewhere(fds: list[int]) -> Iterator[None]:
     """A helper process holds copies of `fds` until the block ends; without one (it

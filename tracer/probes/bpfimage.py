@@ -17,6 +17,7 @@ import json
 import os
 import struct
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -218,8 +219,13 @@ class LoadedBPF(bcc.BPF):
                                   f"{os.strerror(ct.get_errno())}")
                 self._map_fds.append(fd)
                 fds[spec.fd] = fd
-            for name, code in image.functions.items():
-                self._load_function(name, _relocated(code, fds))
+            # The kernel verifies each program in the loading thread (~1 s for one
+            # that walks CFI stacks): load them side by side, the longest first.
+            jobs = sorted(image.functions.items(), key=lambda item: -len(item[1]))
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                for done in [pool.submit(self._load_function, name, _relocated(code, fds))
+                             for name, code in jobs]:
+                    done.result()
         except BaseException:
             self.close()
             raise

@@ -21,7 +21,7 @@ from typing import Any
 from tracer.errors import KernelFeatureError, TargetError, UsageError
 from tracer.model.growth import Series
 from tracer.probes import bpfprog
-from tracer.probes.base import ProbeSet
+from tracer.probes.base import ProbeSet, map_items
 from tracer.probes.target import Target
 
 
@@ -250,11 +250,7 @@ class HandleProbes(ProbeSet):
         return out
 
     def _iter_handles(self) -> Iterator[tuple[Any, Any]]:
-        table = self._bpf["handles"]
-        try:
-            yield from table.items_lookup_batch()
-        except Exception:  # kernels without batch ops
-            yield from table.items()
+        return map_items(self._bpf["handles"])
 
     @property
     def attached(self) -> bool:
