@@ -4,6 +4,7 @@ die while natrace attaches, two natraces at once, full maps, bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from allocfixtures import build
 from tracing import NATRACE, attach, patched_code_bytes, release, waiting
@@ -46,6 +48,60 @@ def test_signal_detaches_and_still_reports(signum: int, tmp_path: Path) -> None:
         assert sites_by_function(json.loads(out.read_text()))["leak_malloc"] == (10_000, 10)
         assert wait_until_clean(target.pid) == 0  # torn down once natrace returned
         assert target.poll() is None
+
+
+def compiling(natrace_pid: int) -> bool:
+    """Is natrace's BPF compiler child running (natrace is inside its attach)?"""
+    for child in psutil.Process(natrace_pid).children():
+        with contextlib.suppress(psutil.Error):
+            if "tracer.probes.bpfprog" in " ".join(child.cmdline()):
+                return True
+    return False
+
+
+def start_uncached(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """natrace with an empty cache: every BPF program is compiled (seconds each), so a
+    signal can be sent while it attaches."""
+    return subprocess.Popen([NATRACE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_while_attaching_removes_what_was_placed(signum: int,
+                                                               tmp_path: Path) -> None:
+    with waiting(str(build().leaky), "--wait") as target:
+        tracer = start_uncached(tmp_path, "snapshot", "-p", str(target.pid), "--duration",
+                                "10m", "--json")
+        # the malloc probes are in place and the next program is being compiled
+        while not (patched_code_bytes(target.pid) > 0 and compiling(tracer.pid)):
+            assert tracer.poll() is None, tracer.communicate()
+            time.sleep(0.02)
+        tracer.send_signal(signum)
+        out, err = tracer.communicate(timeout=60)
+        assert tracer.returncode == 128 + signum, err
+        assert out == ""
+        assert err == (f"natrace: stopped by {signal.Signals(signum).name} while attaching: "
+                       "nothing was traced, and every probe placed was removed\n")
+        assert patched_code_bytes(target.pid) == 0
+        release(target)  # and the target runs on
+        assert target.poll() is None
+
+
+def test_a_stop_signal_while_attaching_for_run_never_starts_the_command(
+        tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    tracer = start_uncached(tmp_path, "run", "--", "/usr/bin/touch", str(marker))
+    while not compiling(tracer.pid):
+        assert tracer.poll() is None, tracer.communicate()
+        time.sleep(0.02)
+    gate = [c.pid for c in psutil.Process(tracer.pid).children()
+            if "tracer.probes.bpfprog" not in " ".join(c.cmdline())]
+    tracer.send_signal(signal.SIGINT)
+    _, err = tracer.communicate(timeout=60)
+    assert tracer.returncode == 130, err
+    assert err.startswith("natrace: stopped by SIGINT while attaching")
+    assert not marker.exists()
+    assert gate and not any(psutil.pid_exists(pid) for pid in gate)  # reaped, not left
 
 
 def test_sigkill_of_natrace_leaves_no_probe_behind() -> None:

@@ -7,12 +7,17 @@ with --debug, which shows the traceback.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
+from typing import Any
 
 import click
 
 from tracer import __version__, commands
 from tracer.errors import NatraceError
+from tracer.files import write_fd
 
 
 class _Verbs(click.Group):
@@ -34,8 +39,40 @@ def cli(debug: bool) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"natrace: {message}", err=True)
+    with contextlib.suppress(OSError):  # stderr made non-blocking by a target, or gone
+        write_fd(2, f"natrace: {message}\n".encode(errors="replace"))
     sys.exit(code)
+
+
+def _help_command(err: click.UsageError, args: list[str]) -> str:
+    """The command whose --help a usage error should point at: click blames the group
+    for errors met while it hands the arguments to a command (`snapshot -p`)."""
+    if err.ctx is not None and err.ctx.command is not cli:
+        return err.ctx.command_path
+    name = next((a for a in args if a in cli.commands), None)
+    return f"natrace {name}" if name else "natrace"
+
+
+def _stdout_closed() -> None:
+    """The reader of stdout went away (`natrace report FILE | head`): end quietly with
+    128 + SIGPIPE, as a shell reports a program killed by SIGPIPE (Python ignores the
+    signal). stdout is pointed at /dev/null so the interpreter's last flush can't fail."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+    sys.exit(128 + signal.SIGPIPE)
+
+
+def _invoke(args: list[str]) -> Any:
+    """What click's main() does without its own handling of errors: click turns EPIPE
+    into exit 1, natrace wants 141 (and one line for everything else)."""
+    try:
+        with cli.make_context("natrace", args) as ctx:
+            return cli.invoke(ctx)
+    except click.exceptions.Exit as done:  # --help, --version, ctx.exit(code)
+        return done.exit_code
+    except EOFError as err:
+        raise click.Abort() from err
 
 
 def main() -> None:
@@ -43,10 +80,10 @@ def main() -> None:
     debug = "--debug" in args[: next((i for i, a in enumerate(args)
                                       if not a.startswith("-")), len(args))]
     try:
-        code = cli.main(args=args, prog_name="natrace", standalone_mode=False)
+        code = _invoke(args)
     except click.UsageError as err:
-        where = err.ctx.command_path if err.ctx else "natrace"
-        _fail(f"{err.format_message()} (see '{where} --help')", err.exit_code)
+        _fail(f"{err.format_message()} (see '{_help_command(err, args)} --help')",
+              err.exit_code)
     except click.ClickException as err:
         _fail(err.format_message(), err.exit_code)
     except (click.Abort, KeyboardInterrupt):
@@ -56,7 +93,7 @@ def main() -> None:
             raise
         _fail(str(err), err.exit_code)
     except BrokenPipeError:
-        sys.exit(1)
+        _stdout_closed()
     except Exception as err:  # a bug: say so in one line; --debug shows where
         if debug:
             raise

@@ -46,7 +46,24 @@ class OutputError(NatraceError):
     exit_code = 5
 
 
+class PipeClosed(NatraceError):
+    """A FIFO or pipe natrace was writing lost its reader: 128 + SIGPIPE, as a shell
+    reports a program killed by SIGPIPE (natrace's own stdout ends so quietly)."""
+
+    exit_code = 141
+
+
 class FileFormatError(NatraceError):
     """A recording or input file is missing, truncated, corrupted or too new."""
 
     exit_code = 2
+
+
+class AttachInterrupted(NatraceError):
+    """SIGINT, SIGTERM or SIGHUP while the probes were being placed: what was placed is
+    removed and natrace exits 128 + the signal's number, as if killed by it."""
+
+    def __init__(self, signame: str, signum: int) -> None:
+        super().__init__(f"stopped by {signame} while attaching: nothing was traced, and "
+                         "every probe placed was removed")
+        self.exit_code = 128 + signum

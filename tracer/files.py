@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tracer.errors import OutputError, UsageError
+from tracer.errors import OutputError, PipeClosed, UsageError
 
 _FD_PATH = re.compile(r"/(?:dev/fd|proc/self/fd|proc/thread-self/fd|proc/(\d+)/fd)/(\d+)")
 _SYMLINK_HOPS = 40  # the kernel's own limit
@@ -134,9 +134,47 @@ def write_private(path: str, data: str | bytes, option: str = "output") -> None:
         else:
             replace_atomically(out.real, lambda fd, _tmp: write_fd(fd, raw))
     except BrokenPipeError:
-        raise
+        if out.kind == "fd" and out.fd == 1:
+            raise  # stdout's reader gone: the CLI ends quietly with 141
+        raise PipeClosed(f"{option} {path}: its reader closed it before everything was "
+                         "written") from None
     except OSError as err:
         raise out.fail(f"cannot write: {err.strerror or err}") from None
+
+
+def open_stream(path: str, option: str) -> int:
+    """A descriptor another process writes as it goes (a launched command's output):
+    a regular file is created (0600) or truncated in place, a device or FIFO opened,
+    /dev/fd/N duplicated. Never replaced, removed or chmod'ed."""
+    out = check_output(path, option)
+    try:
+        if out.kind == "fd":
+            return os.dup(out.fd)
+        flags = os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC
+        return os.open(out.real, flags | (os.O_CREAT | os.O_TRUNC if out.kind == "file"
+                                          else 0), 0o600)
+    except OSError as err:
+        raise out.fail(f"cannot open: {err.strerror}") from None
+
+
+def is_stdout(path: str) -> bool:
+    """Does writing `path` write natrace's own stdout (/dev/stdout, or the very file
+    or pipe stdout is)?"""
+    out = resolve(path, "-o")
+    if out.kind == "fd":
+        return out.fd == 1 or _same_file(os.fstat(out.fd), 1)
+    try:
+        return _same_file(os.stat(out.real), 1)
+    except OSError:
+        return False
+
+
+def _same_file(st: os.stat_result, fd: int) -> bool:
+    try:
+        other = os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino)
 
 
 def replace_atomically(path: str, fill: Callable[[int, str], None]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -11,8 +12,9 @@ import click
 from tracer.commands import outputs
 from tracer.engine.session import Session, SessionOptions
 from tracer.errors import UsageError
-from tracer.files import check_output, write_private, write_stdout
+from tracer.files import check_output, is_stdout, open_stream
 from tracer.model.snapshot import Snapshot
+from tracer.probes import target as targets
 from tracer.probes.alloc import AllocOptions
 from tracer.probes.handles import HandleOptions, parse_pair
 from tracer.probes.privileges import require_tracing_privileges
@@ -119,19 +121,53 @@ class TraceArgs:
     session: SessionOptions
     record: str | None = None
     flamegraph: str | None = None
+    target_output: str | None = None  # run/top --target-output: the command's stdout
 
     @classmethod
     def from_options(cls, opts: dict[str, Any]) -> TraceArgs:
         return cls(top=opts["top"], as_json=opts["as_json"], output=opts["output"],
                    session=session_from_options(opts), record=opts["record"],
-                   flamegraph=opts["flamegraph"])
+                   flamegraph=opts["flamegraph"], target_output=opts.get("target_output"))
 
     def check_outputs(self) -> None:
         """Every output path asked for, before anything is attached or launched: a
         report must never be lost at the end of a trace for a name that could not work."""
         if self.output:
             check_output(self.output, "-o")
+        if self.target_output:
+            check_output(self.target_output, "--target-output")
         outputs.check(self.record, self.flamegraph)
+
+    def launch(self, argv: list[str], full_screen: bool = False) -> Target:
+        """Launch the command with its output where it cannot corrupt natrace's: its
+        stdout is natrace's stdout, except when natrace's report goes there and could be
+        mixed up with it (JSON, or a pipe or file rather than a terminal): then natrace's
+        stderr; under the full-screen `top`, nowhere (both streams). --target-output FILE
+        takes both cases' stdout (and the full-screen case's stderr) instead."""
+        out: int | None = None
+        if self.target_output:
+            out = open_stream(self.target_output, "--target-output")
+        elif full_screen:
+            out = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        report_on_stdout = self.output is None or is_stdout(self.output)
+        try:
+            if out is not None:
+                return targets.launch(argv, stdout=out, stderr=out if full_screen else None)
+            if report_on_stdout and (self.as_json or not os.isatty(1)):
+                return targets.launch(argv, stdout=2)
+            return targets.launch(argv)
+        finally:
+            if out is not None:
+                os.close(out)
+
+
+def target_output_option(f: F) -> F:
+    """--target-output, for the commands that launch CMD with a report on stdout."""
+    return click.option(
+        "--target-output", "target_output", type=click.Path(), default=None,
+        help="Where the launched command's stdout goes (a file, device or FIFO). Default: "
+             "natrace's stdout on a terminal with a text report or with -o FILE, otherwise "
+             "natrace's stderr, so the report on stdout is never mixed with it.")(f)
 
 
 def announce(session: Session, doing: str) -> None:
@@ -163,10 +199,7 @@ def trace(target: Target, args: TraceArgs, duration: float | None) -> None:
 
 def print_report(snap: Snapshot, args: TraceArgs) -> None:
     out = json_report.render(snap) if args.as_json else text_report.render(snap, args.top)
-    if args.output:
-        write_private(args.output, out, "-o")
-    else:
-        write_stdout(out)
+    outputs.deliver(out, args.output)
 
 
 def check_privileges() -> None:

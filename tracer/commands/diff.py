@@ -46,7 +46,4 @@ def command(before: str, after: str, as_json: bool, top: int, output: str | None
     d = diff(load(before), load(after))
     text = (diff_report.render_json(d, before, after) if as_json
             else diff_report.render(d, before, after, top))
-    if output:
-        outputs.write_file(output, text, parse_spec(before)[0], parse_spec(after)[0])
-    else:
-        click.echo(text, nl=False)
+    outputs.deliver(text, output, parse_spec(before)[0], parse_spec(after)[0])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tracer.engine.recordings import build_ids, new_recording
 from tracer.engine.session import SessionOptions
-from tracer.files import check_output, write_private
+from tracer.files import check_output, write_private, write_stdout
 from tracer.model.snapshot import Snapshot
 from tracer.reporters import export
 from tracer.reporters.stacks import METRICS, ExportOptions
@@ -18,6 +18,14 @@ def write_file(path: str, data: str | bytes, *sources: str, option: str = "-o") 
     """Write by tracer/files.py's rules; never over one of `sources`, the files read."""
     check_output(path, option, sources)
     write_private(path, data, option)
+
+
+def deliver(text: str, output: str | None, *sources: str) -> None:
+    """A report to -o FILE, or to stdout (robust to a non-blocking or closed stdout)."""
+    if output:
+        write_file(output, text, *sources)
+    else:
+        write_stdout(text)
 
 
 def write_export(path: str, fmt: str, snap: Snapshot, options: ExportOptions,

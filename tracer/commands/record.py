@@ -62,6 +62,6 @@ def command(ctx: click.Context, pid: int | None, output: str, duration: float | 
         session.close()
         if writer is not None:
             writer.close()
-        target.release()  # a failed attach must not leave a launched child at its gate
+        target.abandon()  # a failed attach: the command must not run untraced
     click.echo(f"natrace: {count} snapshots recorded to {output}", err=True)
     ctx.exit(target.wait() or 0)

@@ -35,10 +35,7 @@ def command(file: str, as_json: bool, top: int, module: str | None, at: float | 
     if module is not None:
         snap = only_module(snap, module)
     text = json_report.render(snap) if as_json else text_report.render(snap, top)
-    if output:
-        outputs.write_file(output, text, file)
-    else:
-        click.echo(text, nl=False)
+    outputs.deliver(text, output, file)
 
 
 def only_module(snap: Snapshot, module: str) -> Snapshot:

@@ -39,6 +39,7 @@ from tracer.units import Duration
 @click.option("--view", type=click.Choice(list(VIEWS)), default="sites", show_default=True,
               help="Table shown first (full-screen) or printed (batch).")
 @common.trace_options
+@common.target_output_option
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def command(pid: int | None, interval: float, iterations: int | None, view: str,
             argv: tuple[str, ...], **opts: Any) -> None:
@@ -57,7 +58,8 @@ def command(pid: int | None, interval: float, iterations: int | None, view: str,
     if sys.stdout.isatty():  # the w and f keys write into the current directory
         check_directory(".", "the w and f keys:", os.getcwd())
     common.check_privileges()
-    target = targets.attach(pid) if pid is not None else targets.launch(list(argv))
+    target = (targets.attach(pid) if pid is not None else
+              args.launch(list(argv), full_screen=sys.stdout.isatty()))
     session = Session(target, args.session)
     try:
         session.start()
@@ -69,7 +71,7 @@ def command(pid: int | None, interval: float, iterations: int | None, view: str,
             run_batch(session, interval, iterations, view, width, args.top)
     finally:
         session.close()
-        target.release()  # a failed attach must not leave a launched child at its gate
+        target.abandon()  # a failed attach: the command must not run untraced
 
 
 def _writer(args: common.TraceArgs) -> Writer:

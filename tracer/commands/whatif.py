@@ -93,7 +93,7 @@ def parse_variant(text: str) -> Variant:
 def run_variant(argv: list[str], variant: Variant, duration: float | None,
                 interval: float) -> Outcome:
     out = Outcome(variant.name, variant.env)
-    target = targets.launch(argv, env={**os.environ, **variant.env}, stdout_to_stderr=True)
+    target = targets.launch(argv, env={**os.environ, **variant.env}, stdout=2)
     session = Session(target, SessionOptions(allocs=False, memory_interval=interval))
     try:
         session.start()

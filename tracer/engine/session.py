@@ -22,6 +22,7 @@ from tracer.engine.aggregator import Aggregator
 from tracer.engine.callsites import CallSites
 from tracer.engine.handles import handle_types
 from tracer.engine.triage import TriageBuilder
+from tracer.errors import AttachInterrupted
 from tracer.memory.memwatch import MemoryWatch
 from tracer.model.growth import GrowthTracker
 from tracer.model.mappings import Owner
@@ -70,21 +71,28 @@ class Session:
         self._next_growth = 0.0
         self.memory = MemoryWatch(target.pid, options.memory_interval)
         self._signals: dict[int, Any] = {}  # handlers to restore at close()
+        self.attaching = False  # start() is placing probes: a stop signal interrupts it
 
     def start(self) -> None:
         """Probes in place, then (for a launched command) let it run. bcc's own
-        complaints are kept off the terminal: each failure becomes one NatraceError."""
-        with bpfprog.captured_stderr():
-            if self.options.allocs:
-                self.probes.attach(self.target)
-            if self.triage is not None:
-                self.triage.attach(self.target, stop_at_exit=not self.options.allocs)
-            self.handles.attach(self.target, stop_at_exit=not self.options.allocs and
-                                self.triage is None)
+        complaints are kept off the terminal: each failure becomes one NatraceError.
+        A stop signal meanwhile (compiles and attaches take seconds) raises
+        AttachInterrupted at once: close() then removes whatever was placed."""
+        self._signals = _catch_stop_signals(self)
+        self.attaching = True
+        try:
+            with bpfprog.captured_stderr():
+                if self.options.allocs:
+                    self.probes.attach(self.target)
+                if self.triage is not None:
+                    self.triage.attach(self.target, stop_at_exit=not self.options.allocs)
+                self.handles.attach(self.target, stop_at_exit=not self.options.allocs and
+                                    self.triage is None)
+        finally:
+            self.attaching = False
         self.started = time.monotonic()
         if not self.target.launched:
             self.maps = MapsHistory(self.target.pid)
-        self._signals = _catch_stop_signals(self)
         self.target.release()
 
     def run(self, duration: float | None, interval: float | None = None,
@@ -279,14 +287,19 @@ class Session:
 
 
 def _catch_stop_signals(session: Session) -> dict[int, Any]:
-    """From the moment the probes are in place until close(), SIGINT/SIGTERM/SIGHUP
-    end the session cleanly (report written, probes detached) instead of killing
-    natrace mid-way. Returns the handlers to restore (none off the main thread)."""
+    """From the first probe placed until close(), SIGINT/SIGTERM/SIGHUP end the session
+    cleanly instead of killing natrace mid-way: while attaching, by raising
+    AttachInterrupted (the compiler runs in a child process, so the wait for it is
+    interrupted at once); once traced, by ending the poll loop (report written, probes
+    detached). Returns the handlers to restore (none off the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         session.stop_requested = signal.Signals(signum).name
+        if session.attaching:
+            session.attaching = False  # once: close() must not be interrupted in turn
+            raise AttachInterrupted(session.stop_requested, signum)
 
     return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM,
                                                    signal.SIGHUP)}

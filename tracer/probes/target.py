@@ -56,6 +56,14 @@ class Target:
             os.close(self._gate)
             self._gate = None
 
+    def abandon(self) -> None:
+        """A launched child whose probes never got in place: close its gate without
+        the word, so it exits (127) instead of running the command untraced; reaped."""
+        if self._gate is not None:
+            os.close(self._gate)
+            self._gate = None
+            self.wait()
+
     def stopped(self) -> bool:
         """A launched child that has stopped (natrace's exit() probe stops it there);
         reaps it, recording its exit code, if it has exited instead."""
@@ -138,10 +146,11 @@ def attach(pid: int) -> Target:
 
 
 def launch(argv: Sequence[str], env: Mapping[str, str] | None = None,
-           stdout_to_stderr: bool = False) -> Target:
+           stdout: int | None = None, stderr: int | None = None) -> Target:
     """Fork the command held at a gate: it execs only after release(), so probes
     attached in between see its first allocation. Never run through a shell. `env`
-    replaces the environment; `stdout_to_stderr` keeps natrace's stdout for its report."""
+    replaces the environment; `stdout`/`stderr`: descriptors the command gets as its
+    own (default: natrace's; 2 as stdout keeps natrace's stdout for its report)."""
     if not argv:
         raise UsageError("no command given: natrace run -- CMD ARGS")
     exe = resolve_command(argv[0])
@@ -158,10 +167,12 @@ def launch(argv: Sequence[str], env: Mapping[str, str] | None = None,
     if pid == 0:  # child: wait at the gate, then become the command
         try:
             os.close(write_end)
-            os.read(read_end, 2)  # "go", or EOF if natrace died: exec either way
+            for fd, std in ((stdout, 1), (stderr, 2)):
+                if fd is not None:
+                    os.dup2(fd, std)
+            if os.read(read_end, 2) != b"go":  # EOF: natrace failed or died before
+                os._exit(127)                  # its probes were in place: never run untraced
             os.close(read_end)
-            if stdout_to_stderr:
-                os.dup2(2, 1)
             os.execve(exe, args, dict(os.environ if env is None else env))
         finally:
             os._exit(127)

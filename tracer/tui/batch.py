@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from typing import TextIO
 
 from tracer.engine.live import LiveSampler, LiveState
 from tracer.engine.session import Session
+from tracer.files import write_stdout
 from tracer.tui.views import VIEWS, Table, header_lines
 
 
@@ -37,7 +36,7 @@ def batch_text(state: LiveState, view: str, width: int, limit: int) -> str:
 
 
 def run_batch(session: Session, interval: float, iterations: int | None, view: str,
-              width: int, limit: int, out: TextIO = sys.stdout) -> None:
+              width: int, limit: int) -> None:
     """Print a frame every interval until `iterations` frames, a signal, or the target's
     exit (whose final figures are printed as one more frame)."""
     sampler = LiveSampler(session)
@@ -45,8 +44,7 @@ def run_batch(session: Session, interval: float, iterations: int | None, view: s
 
     def frame(s: Session) -> None:
         nonlocal printed
-        out.write(batch_text(sampler.sample(), view, width, limit))
-        out.flush()
+        write_stdout(batch_text(sampler.sample(), view, width, limit))
         printed += 1
         if iterations is not None and printed >= iterations:
             s.stop_requested = "iterations"

@@ -1,0 +1,174 @@
+"""natrace's report owns stdout: whatever a launched command prints can't corrupt it
+(`--json` is one document on a pipe, with a 1 MB printer or Node.js), a non-blocking
+stdout doesn't cut it, and a reader that goes away (`| head`) ends natrace quietly
+with 141 (README: where the target's output goes; exit codes)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import stat
+import subprocess
+import termios
+import threading
+from pathlib import Path
+
+import pytest
+from test_recording import MAIN
+from tracing import NATRACE
+
+from tracer.model.frames import Frame
+from tracer.model.sites import Site
+from tracer.model.snapshot import Snapshot
+from tracer.recording import RecordingWriter
+
+SEQ = 160_000  # `seq 160000` prints 1,008,895 bytes
+NODE_SCRIPT = """
+const line = 'n'.repeat(1023) + '\\n';
+process.stdout.write(line.repeat(1024));
+"""
+
+
+def natrace_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("natrace")]
+
+
+@pytest.fixture(scope="module")
+def long_recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A recording whose JSON report is ~2 MB: 3,000 call sites, far past a pipe's 64 KiB."""
+    sites = [Site("malloc", [Frame(0x401000 + 16 * i, "/opt/app/bin/app", 0x1000 + 16 * i,
+                                   f"function_number_{i}", 4, "app.c", i, "app"), MAIN],
+                  1000 + i, 1, 1, 1000 + i) for i in range(3000)]
+    snap = Snapshot(pid=42, command="app", taken_at=1_700_000_000, duration=1.0, sites=sites)
+    path = tmp_path_factory.mktemp("long") / "long.natrace"
+    with RecordingWriter(str(path), {"pid": 42, "command": "app"}) as writer:
+        writer.add(snap)
+    return path
+
+
+@pytest.mark.bpf
+def test_json_on_a_pipe_is_one_document_when_the_target_prints_a_megabyte() -> None:
+    proc = subprocess.run([NATRACE, "run", "--json", "--", "seq", str(SEQ)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)  # the whole stdout is the one document
+    assert report["command"] == f"/usr/bin/seq {SEQ}" and report["target_exited"]
+    printed = [line for line in proc.stderr.splitlines() if not line.startswith("natrace")]
+    assert printed == [str(i) for i in range(1, SEQ + 1)]  # seq's output, on stderr, whole
+    assert len("\n".join(printed)) + 1 == 1_008_895
+
+
+@pytest.mark.bpf
+def test_json_on_a_pipe_is_whole_with_a_nodejs_target(tmp_path: Path) -> None:
+    """node makes the stdout it is given non-blocking; the report cut at 64 KiB with exit 0
+    before. Its output goes to natrace's stderr, the report stays whole."""
+    script = tmp_path / "print.js"
+    script.write_text(NODE_SCRIPT)
+    proc = subprocess.run([NATRACE, "run", "--json", "--top", "1000", "--", "/usr/bin/node",
+                           str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout) > 64 << 10
+    report = json.loads(proc.stdout)
+    assert report["target_exited"] and report["sites"]
+    assert proc.stderr.count("n" * 1023 + "\n") == 1024
+
+
+def test_a_non_blocking_stdout_gets_the_whole_report(long_recording: Path) -> None:
+    """stdout is a pipe set O_NONBLOCK (as node leaves a shared one) and is read only once
+    it is full: natrace's writes meet EAGAIN and wait instead of failing."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETFL, fcntl.fcntl(write_end, fcntl.F_GETFL) | os.O_NONBLOCK)
+    capacity = fcntl.fcntl(read_end, 1032)  # F_GETPIPE_SZ
+    proc = subprocess.Popen([NATRACE, "report", str(long_recording), "--json"],
+                            stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    buf = bytearray(4)
+    while True:  # wait (without a clock) until natrace has filled the pipe
+        select.select([read_end], [], [])
+        fcntl.ioctl(read_end, termios.FIONREAD, buf)
+        if int.from_bytes(buf, "little") >= capacity or proc.poll() is not None:
+            break
+    chunks = []
+    while chunk := os.read(read_end, 1 << 16):
+        chunks.append(chunk)
+    os.close(read_end)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    report = json.loads(b"".join(chunks))
+    assert len(report["sites"]) == 3000
+
+
+def test_head_on_a_long_report_ends_quietly_with_141(long_recording: Path) -> None:
+    for fmt in ([], ["--json"]):
+        proc = subprocess.run(["bash", "-c", f'"$0" report "$1" --top 3000 {" ".join(fmt)} '
+                               '| head -3; exit "${PIPESTATUS[0]}"', NATRACE,
+                               str(long_recording)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 141, proc.stderr
+        assert proc.stderr == ""  # no message, no traceback
+        assert len(proc.stdout.splitlines()) == 3
+
+
+@pytest.mark.bpf
+def test_a_closed_stdout_after_a_run_is_141_and_the_command_still_finishes(
+        tmp_path: Path) -> None:
+    proc = subprocess.Popen([NATRACE, "run", "--record", str(tmp_path / "r.natrace"), "--",
+                             "seq", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the report is written
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141, err
+    assert natrace_lines(err) == [natrace_lines(err)[0]]  # the 'launched' line only
+    assert [line for line in err.splitlines() if not line.startswith("natrace")] == \
+        ["1", "2", "3"]
+    assert (tmp_path / "r.natrace").stat().st_size > 0  # the other outputs were still saved
+
+
+@pytest.mark.bpf
+def test_where_the_command_output_goes(tmp_path: Path) -> None:
+    # -o FILE: stdout is free, the command keeps it
+    proc = subprocess.run([NATRACE, "run", "-o", str(tmp_path / "r.txt"), "--", "seq", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "1\n2\n3\n"
+    assert (tmp_path / "r.txt").read_text().startswith("natrace report: PID")
+    # --target-output FILE takes it, mode 0600 when natrace makes the file
+    out = tmp_path / "cmd.out"
+    proc = subprocess.run([NATRACE, "run", "--json", "--target-output", str(out), "--",
+                           "seq", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["target_exited"]
+    assert out.read_text() == "1\n2\n3\n"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert natrace_lines(proc.stderr) == proc.stderr.splitlines()
+
+
+@pytest.mark.bpf
+def test_on_a_terminal_a_text_report_shares_it_with_the_command() -> None:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([NATRACE, "run", "--", "seq", "3"], stdout=slave,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(slave)
+    got = bytearray()
+    reader = threading.Thread(target=lambda: _drain(master, got), daemon=True)
+    reader.start()
+    _, err = proc.communicate(timeout=300)
+    reader.join(timeout=30)
+    assert proc.returncode == 0, err
+    text = got.decode().replace("\r\n", "\n")
+    assert "natrace report: PID" in text
+    assert [line for line in text.splitlines() if line in ("1", "2", "3")] == ["1", "2", "3"]
+
+
+def _drain(fd: int, into: bytearray) -> None:
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except OSError:  # EIO: every writer closed the terminal
+            return
+        if not chunk:
+            return
+        into += chunk
