@@ -37,7 +37,6 @@ def cli(debug: bool) -> None:
     """Trace native memory allocations of a live Linux process with eBPF."""
 
 
-
 def _fail(message: str, code: int) -> None:
     with contextlib.suppress(OSError):  # stderr made non-blocking by a target, or gone
         write_fd(2, f"natrace: {message}\n".encode(errors="replace"))
@@ -49,7 +48,7 @@ def _help_command(err: click.UsageError, args: list[str]) -> str:
     for errors met while it hands the arguments to a command (`snapshot -p`)."""
     if err.ctx is not None and err.ctx.command is not cli:
         return err.ctx.command_path
-    name = next((a for a in args if a in cli.commands), None)
+    name = next((a for a in args if a in commands.VERBS), None)
     return f"natrace {name}" if name else "natrace"
 
 
