@@ -174,3 +174,19 @@ def test_doctor_unprivileged_fails_with_privilege_fix() -> None:
     assert lines[row].split()[1] == "fail"
     assert lines[row + 1].strip() == f"fix: {doctor.PRIVILEGE_FIX}"
     assert "bcc load" in proc.stdout and "not tried" in proc.stdout
+
+
+def test_headers_of_another_kernel_are_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "generated").mkdir()
+    (tmp_path / "generated" / "utsrelease.h").write_text('#define UTS_RELEASE "6.1.0-57-amd64"\n')
+    assert doctor.headers_release(str(tmp_path)) == "6.1.0-57-amd64"
+    assert doctor.headers_release(str(tmp_path / "none")) is None
+    result = doctor.check_headers()
+    include = f"/lib/modules/{os.uname().release}/build/include"
+    made_for = doctor.headers_release(include)
+    if made_for is None or made_for == os.uname().release:
+        assert result.status in ("ok", "fail")
+    else:  # this project's VMs: Debian's 6.1 headers linked for a newer kernel
+        assert result.status == "warn" and not result.failed
+        assert f"are the headers of kernel {made_for}, not of the running " \
+            f"{os.uname().release}" in result.detail

@@ -59,7 +59,7 @@ def test_guard_trips_writes_the_report_then_signals(tmp_path: Path) -> None:
                             "--report-dir", str(reports), "--interval", "0.25", "--json")
         grow(proc)
         _, err = guard.communicate(timeout=180)
-        assert guard.returncode == 0, err
+        assert guard.returncode == 6, err  # tripped
         assert proc.wait(timeout=30) == 0  # it got SIGUSR1 and wrote the time
     files = list(reports.iterdir())
     assert len(files) == 1, err
@@ -103,7 +103,7 @@ def test_growth_limit_trips_and_kill_ends_the_target(tmp_path: Path) -> None:
                             "--report-dir", str(reports), "--interval", "0.2", "--no-trace")
         grow(proc)
         _, err = guard.communicate(timeout=60)
-        assert guard.returncode == 0, err
+        assert guard.returncode == 6, err  # tripped
         assert proc.wait(timeout=10) == -signal.SIGTERM  # SIGTERM sufficed
     assert "RSS grew" in err and "ended after SIGTERM" in err
     (report,) = reports.iterdir()

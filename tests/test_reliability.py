@@ -225,6 +225,8 @@ def zombie() -> int:
     (["run", "--", "PLAIN"], 3, "not executable"),
     (["run", "--", "NOTELF"], 3, "not an ELF program"),
     (["report", "/nonexistent.natrace"], 2, ""),
+    (["snapshot", "-p"], 2, "requires an argument. (see 'natrace snapshot --help')"),
+    (["guard", "-p", "1", "--rss-limit"], 2, "(see 'natrace guard --help')"),
 ])
 def test_bad_input_is_one_line_with_its_exit_code(args: list[str], code: int, needle: str,
                                                   tmp_path: Path) -> None:
@@ -250,3 +252,53 @@ def test_bad_input_is_one_line_with_its_exit_code(args: list[str], code: int, ne
     assert needle in lines[0]
     assert "Traceback" not in proc.stderr
     assert not out.exists()  # nothing half-written
+
+
+def test_a_thread_id_is_traced_as_its_process() -> None:
+    proc = subprocess.Popen(["python3", "-c", "import threading, time\n"
+                             "t = threading.Thread(target=time.sleep, args=(600,))\n"
+                             "t.start(); print(t.native_id, flush=True); t.join()"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        tid = int(proc.stdout.readline())
+        assert tid != proc.pid
+        out = subprocess.run([NATRACE, "snapshot", "-p", str(tid), "--duration", "1",
+                              "--json"], capture_output=True, text=True, timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    note = (f"{tid} is a thread of process {proc.pid}: natrace traces the whole process "
+            f"{proc.pid} (uprobes see every thread)")
+    assert report["pid"] == proc.pid and note in report["notes"]
+    assert f"natrace: note: {note}" in out.stderr.splitlines()
+
+
+def test_a_stopped_target_is_said_to_be_stopped() -> None:
+    with waiting(str(build().leaky), "--wait") as target:
+        os.kill(target.pid, signal.SIGSTOP)
+        out = subprocess.run([NATRACE, "snapshot", "-p", str(target.pid), "--duration", "1",
+                              "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    note = (f"process {target.pid} is stopped (state T: SIGSTOP, Ctrl-Z or a debugger): it "
+            f"allocates nothing until it continues (kill -CONT {target.pid})")
+    assert note in json.loads(out.stdout)["notes"]
+    assert f"natrace: note: {note}" in out.stderr.splitlines()
+
+
+def test_unreadable_maps_are_not_called_a_kernel_thread() -> None:
+    """PID 1 is such a process on this project's VMs (root lacks ptrace access to it);
+    where PID 1 is readable (a usual systemd host) there is nothing to show."""
+    try:
+        with open("/proc/1/maps") as fh:
+            fh.read(1)
+        pytest.skip("/proc/1/maps is readable here")
+    except PermissionError:
+        pass
+    out = subprocess.run([NATRACE, "snapshot", "-p", "1", "--duration", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3
+    assert out.stderr.startswith("natrace: cannot read /proc/1/maps (Permission denied): ")
+    assert "kernel thread" not in out.stderr and out.stderr.count("\n") == 1

@@ -176,6 +176,9 @@ def announce(session: Session, doing: str) -> None:
     what = "launched" if session.target.launched else "attached to"
     click.echo(f"natrace: {what} PID {session.target.pid} ({session.probe_count} probes), "
                f"{doing}; Ctrl-C stops", err=True)
+    stopped = None if session.target.launched else targets.stopped_note(session.target.pid)
+    for note in [*session.target.notes, *([stopped] if stopped else [])]:
+        click.echo(f"natrace: note: {note}", err=True)
 
 
 def trace(target: Target, args: TraceArgs, duration: float | None) -> None:

@@ -27,6 +27,8 @@ from tracer.reporters import json as json_report
 from tracer.reporters import text as text_report
 from tracer.units import Duration, format_size, parse_size
 
+TRIPPED = 6  # guard's exit code when a limit tripped (0: the target exited or guard stopped)
+
 
 @click.command("guard")
 @click.option("-p", "--pid", type=int, required=True, help="Process to guard.")
@@ -53,7 +55,11 @@ from tracer.units import Duration, format_size, parse_size
 def command(pid: int, rss_limit: str | None, growth: str | None, action_text: str,
             report_dir: str, interval: float, grace: float, no_trace: bool,
             sample: str | None, top: int, as_json: bool) -> None:
-    """Watch PID's memory; past a limit, write a report, then act on the process."""
+    """Watch PID's memory; past a limit, write a report, then act on the process.
+
+    Exits 6 when a limit tripped (report written, action taken), 0 when the process
+    exited or guard was stopped first.
+    """
     limits = parse_limits(rss_limit, growth)
     action = parse_action(action_text)
     try:
@@ -86,6 +92,7 @@ def command(pid: int, rss_limit: str | None, growth: str | None, action_text: st
     path = _write_report(snap, reason, action, report_dir, top, as_json)
     click.echo(f"natrace guard: {reason}; report written to {path}", err=True)
     click.echo(f"natrace guard: {act(target, action, grace)}", err=True)
+    click.get_current_context().exit(TRIPPED)
 
 
 def _watch(session: Session, limits: Limits, interval: float) -> str | None:

@@ -28,6 +28,7 @@ from tracer.model.growth import GrowthTracker
 from tracer.model.mappings import Owner
 from tracer.model.snapshot import Snapshot
 from tracer.probes import bpfprog
+from tracer.probes import target as targets
 from tracer.probes.alloc import AllocOptions, AllocProbes
 from tracer.probes.handles import HandleOptions, HandleProbes
 from tracer.probes.target import Target
@@ -66,7 +67,7 @@ class Session:
         self.stop_requested: str | None = None
         self.exiting = False  # a launched target is held stopped inside exit()
         self.execd = False  # the target exec'd another program: stop reading its maps
-        self.notes: list[str] = []  # what a report must say about the session itself
+        self.notes: list[str] = list(target.notes)  # what a report must say about the session
         self.growth: GrowthTracker[int] = GrowthTracker()  # bytes per stack id over time
         self._next_growth = 0.0
         self.memory = MemoryWatch(target.pid, options.memory_interval)
@@ -186,6 +187,12 @@ class Session:
         return [f"{len(kids)} child process(es) of {self.target.pid} ({shown}) are not "
                 "traced: natrace follows one process"]
 
+    def _stopped_note(self) -> list[str]:
+        """An attached process stopped by someone else (a launched one stops in exit()
+        for natrace's own sake)."""
+        note = None if self.target.launched else targets.stopped_note(self.target.pid)
+        return [note] if note else []
+
     def _target_execd(self) -> bool:
         """The target exec'd another program: what natrace holds is the old one's."""
         expected = 1 if self.target.launched else 0  # a launched target's gate exec
@@ -237,7 +244,7 @@ class Session:
                                       command=shlex.join(self.target.argv)),
             **self._triage_report(call_sites, duration),
             handles=handle_types(self.handles, call_sites),
-            notes=self.notes + self._children_note(),
+            notes=self.notes + self._children_note() + self._stopped_note(),
         )
 
     def _v8_ranges(self, call_sites: CallSites) -> list[tuple[int, int]] | None:

@@ -347,9 +347,28 @@ def check_headers(release: str | None = None) -> CheckResult:
     name = "kernel headers"
     release = platform.release() if release is None else release
     include = f"/lib/modules/{release}/build/include"
-    if os.path.isdir(include):
-        return CheckResult(name, "ok", os.path.realpath(include))
-    return CheckResult(name, "fail", f"{include} not found", HEADERS_FIX)
+    if not os.path.isdir(include):
+        return CheckResult(name, "fail", f"{include} not found", HEADERS_FIX)
+    where = os.path.realpath(include)
+    version = headers_release(include)
+    if version is None or version == release:
+        return CheckResult(name, "ok", where)
+    return CheckResult(
+        name, "warn",
+        f"{where} are the headers of kernel {version}, not of the running {release}: "
+        "natrace's programs (uprobes, tracepoints, maps) work with them; a program that "
+        "read kernel structures could misread them",
+        f"install linux-headers-{release} when your distribution has it")
+
+
+def headers_release(include: str) -> str | None:
+    """The kernel release a headers tree was made for (its generated utsrelease.h)."""
+    try:
+        with open(os.path.join(include, "generated", "utsrelease.h")) as fh:
+            m = re.search(r'UTS_RELEASE\s+"([^"]+)"', fh.read())
+    except OSError:
+        return None
+    return m.group(1) if m else None
 
 
 # --- bcc --------------------------------------------------------------------

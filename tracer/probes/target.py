@@ -23,6 +23,7 @@ class Target:
     launched: bool = False
     _gate: int | None = None
     exit_code: int | None = None
+    notes: list[str] = field(default_factory=list)  # what attach() resolved or noticed
 
     def alive(self) -> bool:
         if self.launched:
@@ -122,9 +123,16 @@ def _stat_state(stat: str) -> str:
 
 
 def attach(pid: int) -> Target:
-    """Validate a PID for attaching: exists, user-space, not a zombie, not natrace itself."""
+    """Validate a PID for attaching: exists, user-space, not a zombie, not natrace itself.
+    A thread id is taken as its process (said in the Target's notes)."""
     if pid <= 0:
         raise UsageError(f"invalid PID {pid}: give the PID of a running process")
+    notes: list[str] = []
+    tgid = _tgid(pid)
+    if tgid is not None and tgid != pid:
+        notes.append(f"{pid} is a thread of process {tgid}: natrace traces the whole "
+                     f"process {tgid} (uprobes see every thread)")
+        pid = tgid
     if pid == os.getpid():
         raise TargetError("natrace cannot trace itself: give another PID")
     try:
@@ -140,9 +148,46 @@ def attach(pid: int) -> Target:
     if state in ("Z", "X"):
         raise TargetError(f"process {pid} is a zombie: it has exited and has no memory to trace")
     flags = int(stat.rsplit(")", 1)[1].split()[6])
-    if flags & 0x00200000 or not mapped_files(pid):  # PF_KTHREAD
+    if flags & 0x00200000:  # PF_KTHREAD
         raise TargetError(f"process {pid} is a kernel thread: give a user-space process")
-    return Target(pid=pid, argv=argv)
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            has_files = any(len(parts) == 6 and parts[5].startswith("/")
+                            for parts in (line.split(maxsplit=5) for line in fh))
+    except OSError as err:
+        raise TargetError(f"cannot read /proc/{pid}/maps ({err.strerror}): the kernel denies "
+                          "natrace access to this process's memory (it needs ptrace access: "
+                          "CAP_SYS_PTRACE over the process's user namespace)") from None
+    if not has_files:
+        raise TargetError(f"process {pid} maps no files: there is no code natrace could "
+                          "probe")
+    return Target(pid=pid, argv=argv, notes=notes)
+
+
+def _tgid(pid: int) -> int | None:
+    """The process a thread id belongs to (/proc/TID exists though ls never shows it)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def stopped_note(pid: int) -> str | None:
+    """What a report must say when the process is stopped (SIGSTOP, Ctrl-Z, a debugger):
+    it allocates nothing meanwhile, so small or empty figures are no all-clear."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = _stat_state(fh.read())
+    except OSError:
+        return None
+    if state not in ("T", "t"):
+        return None
+    return (f"process {pid} is stopped (state {state}: SIGSTOP, Ctrl-Z or a debugger): it "
+            f"allocates nothing until it continues (kill -CONT {pid})")
 
 
 def launch(argv: Sequence[str], env: Mapping[str, str] | None = None,
