@@ -85,14 +85,15 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
                 "--match", re.escape(str(exe)), "--rss-limit", "1M", "--window", "10m",
                 "--listen", f"127.0.0.1:{port}", "--record-dir", str(tmp / "records"),
                 "--json", "--interval", "0.2s", "--push-interval", "1s",
-                "--pyroscope", receiver.url, "--service", "leaky-svc") as agent:
+                "--pyroscope", receiver.url, "--service", "leaky-svc",
+                "--max-overhead", "100%") as agent:  # the budget has a test of its own
             before = agent.fds(PERF)
             with waiting(str(exe), "--wait", "--plugin", str(fx.plugin)) as proc:
                 agent.expect(rf"watching PID {proc.pid} ")
                 agent.expect(rf"PID {proc.pid} .*allocation tracing for")
                 release(proc)  # the leaks happen inside the window
                 os.kill(agent.proc.pid, signal.SIGUSR1)  # end the window now
-                done = agent.expect(rf"PID {proc.pid} .*window over; report (\S+), "
+                done = agent.expect(rf"PID {proc.pid} .*window over.*; report (\S+), "
                                     r"recording (\S+);")
                 report_path = Path(done[1].rstrip(","))
                 report = json.loads(report_path.read_text())
@@ -282,3 +283,60 @@ def test_over_budget_no_window_opens_and_sampling_is_raised(tmp_path: Path) -> N
     assert _counter(text, "natrace_escalation_sample_bytes") >= 4096
     assert _counter(text, "natrace_overhead_budget_ratio") == 1e-6
     assert not any("allocation tracing for" in line for line in agent.lines)
+
+
+@pytest.mark.bpf
+def test_a_process_that_execs_is_watched_again_as_its_new_program(tmp_path: Path) -> None:
+    """`sh -c 'exec PROGRAM'`, as services start: the shell is watched, then dropped
+    when it execs, and the program it became is watched in the same PID."""
+    exe = tmp_path / "leaky-exec"
+    shutil.copy(build().leaky, exe)
+    with running_agent("--match", re.escape(str(exe)), "--record-dir",
+                       str(tmp_path / "records"), "--interval", "0.2s") as agent:
+        proc = subprocess.Popen(["/bin/sh", "-c", 'read x; exec "$0" --wait', str(exe)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            agent.expect(rf"watching PID {proc.pid} \(sh\): triage")
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().startswith("ready")
+            agent.expect(rf"PID {proc.pid} \(sh\) exec'd another program: probes removed")
+            agent.expect(rf"watching PID {proc.pid} \(leaky-exec\): triage")
+        finally:
+            proc.kill()
+            proc.wait()
+        agent.expect(rf"PID {proc.pid} \(leaky-exec\) ended: probes removed")
+        assert agent.stop() == 0
+
+
+@pytest.mark.bpf
+def test_site_growth_names_the_steady_leak_first_and_stays_bounded(tmp_path: Path) -> None:
+    """tests/fixtures/src/grower.c: leak_steadily() leaks 640 KiB/s, churn_buffer() holds
+    4 MiB on and off, hold_cache() 8 MiB flat. With --top 2, at most two site series, the
+    steady leak first."""
+    exe = tmp_path / "grower-watched"
+    subprocess.run(["gcc", "-O1", "-g", "-fno-omit-frame-pointer", "-o", str(exe),
+                    str(Path(__file__).parent / "fixtures" / "src" / "grower.c")], check=True)
+    port = free_port()
+    with running_agent("--match", re.escape(str(exe)), "--rss-limit", "1M", "--top", "2",
+                       "--window", "10m", "--listen", f"127.0.0.1:{port}", "--record-dir",
+                       str(tmp_path / "records"), "--interval", "0.2s",
+                       "--push-interval", "1s", "--max-overhead", "100%") as agent:
+        proc = subprocess.Popen([str(exe)], stdout=subprocess.PIPE, text=True)
+        try:
+            agent.expect(rf"PID {proc.pid} .*allocation tracing for")
+
+            def growing() -> dict[str, float] | None:
+                got = _samples(metrics_text(port), "natrace_site_growth_bytes_per_second",
+                               proc.pid)
+                return got if any(v > 0 for v in got.values()) else None
+
+            rates = wait_for("a growing site in the metrics", growing)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert agent.stop() == 0
+    assert 1 <= len(rates) <= 2, rates
+    fastest = max(rates, key=lambda k: rates[k])
+    assert fastest.startswith("grower-watched,leak_steadily"), rates

@@ -78,7 +78,12 @@ class Agent:
         for pid, sup in list(self.supervisors.items()):
             sup.tick()
             self._push(sup)
-            if sup.ended:
+            if sup.ended and sup.triage.execd:
+                # a new program in the same process (`sh -c 'exec node ...'`): looked
+                # at afresh by the next scan, and watched again if it matches
+                self._drop(pid, "exec'd another program")
+                self.discovery.forget(pid)
+            elif sup.ended:
                 self._drop(pid, "ended")
                 self.ended += 1
         self._keep_budget()

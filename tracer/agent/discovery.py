@@ -186,6 +186,11 @@ class Discovery:
         self.known = seen
         return new, ended
 
+    def forget(self, pid: int) -> None:
+        """Match this process again at the next scan (it exec'd another program)."""
+        self.known.pop(pid, None)
+        self._rejected.pop(pid, None)
+
     def _candidates(self) -> Iterable[int]:
         if not self.selector.patterns and not self.selector.cgroups:
             return self.selector.pids

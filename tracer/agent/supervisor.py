@@ -157,9 +157,9 @@ class Supervisor:
         """End a window before its time (the budget, SIGUSR1); its files still written."""
         if self.window is not None:
             self.window_reason += f"; {why}"
-            self.finish_window()
+            self.finish_window(f" ({why})")
 
-    def finish_window(self) -> None:
+    def finish_window(self, early: str = "") -> None:
         """Snapshot, detach, write the recording and the report, then act."""
         session, self.window = self.window, None
         if session is None:
@@ -185,7 +185,7 @@ class Supervisor:
         self.reports += [stem + ".natrace", report]
         done = "" if self.ended else "; " + act(self.target, self.config.action,
                                                 self.config.grace)
-        self.log(f"PID {snap.pid} ({self.proc.comm}): allocation window over; report "
+        self.log(f"PID {snap.pid} ({self.proc.comm}): allocation window over{early}; report "
                  f"{report}, recording {stem}.natrace{done}")
 
     def _report(self, snap: Snapshot) -> str:
