@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,43 @@ def test_javascript_frames_are_named_from_node_perf_map(e2e: Env, tmp_path: Path
     stash = next(s for s in report["sites"] if s["function"] == "vault_stash_blocks")
     js = [f["symbol"] for f in stash["stack"] if f["module_class"] == "js"]
     assert any(s.startswith("JS:") and "tick" in s and "app.js" in s for s in js), js
+
+
+def test_rss_split_measures_v8s_heap(e2e: Env, tmp_path: Path) -> None:
+    """Launched, then stopped with Ctrl-C while node is alive: RSS split into measured
+    parts, V8's own mappings (node's traced mmap call sites) against V8's own
+    process.memoryUsage() figures, and the verdict for a process that leaks."""
+    out = tmp_path / "report.json"
+    tracer = subprocess.Popen([NATRACE, "run", "--json", "-o", str(out), "--",
+                               *scenario.app_command(e2e.conninfo, SECONDS, wait=True)],
+                              env={**os.environ, "VAULT_ADDON": str(e2e.addon)},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert tracer.stdin is not None and tracer.stdout is not None
+    try:
+        assert tracer.stdout.readline().startswith("ready")
+        tracer.stdin.write("go\n")
+        tracer.stdin.flush()
+        done = tracer.stdout.readline()
+        assert done.startswith("done "), done
+        tracer.send_signal(signal.SIGINT)  # natrace reports while node still runs
+        while not out.exists() and tracer.poll() is None:
+            time.sleep(0.1)  # the report is written (atomically) before natrace waits
+        tracer.stdin.close()  # then node exits, and so does natrace run
+        assert tracer.wait(timeout=120) == 0
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+    truth = json.loads(done.split(" ", 1)[1])
+    mem = json.loads(out.read_text())["memory"]
+    split = mem["split"]
+    parts = {p["key"]: p["bytes"] for p in split["parts"]}
+    assert sum(p["bytes"] for p in split["parts"]) == split["rss"]
+    # every used byte of V8's heap sits in a touched page of V8's own mappings, and V8
+    # committed no more than its heapTotal plus its code and read-only spaces
+    assert truth["heap_used"] <= parts["v8"] <= 2 * truth["heap_total"], (parts, truth)
+    assert parts["live"] > 0 and "free" in parts
+    assert not any("V8's heap not measured" in n for n in split["notes"])
+    assert mem["books"]["complete"]
+    assert mem["verdict"]["kind"] in ("leak", "both"), mem["verdict"]
