@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from allocfixtures import build
 from test_recording import snap, write
-from tracing import NATRACE
+from tracing import NATRACE, waiting
 
 from tracer.recording import Recording
 
@@ -194,3 +194,17 @@ def test_unwritable_outputs_are_refused_before_anything_is_attached(
     assert proc.stderr.startswith(f"natrace: {option} ") and why in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1  # one line: no 'attached', no 'launched'
     assert not marker.exists()  # a launched command never ran
+
+
+@pytest.mark.bpf
+def test_top_saves_its_record_and_flamegraph_files_at_the_end(tmp_path: Path) -> None:
+    """--record/--flamegraph on top were accepted and ignored: the last frame's state
+    is saved now (batch mode here; the full-screen view saves the state on screen)."""
+    record, flame = tmp_path / "top.natrace", tmp_path / "top.folded"
+    with waiting(str(build().leaky), "--wait") as target:
+        proc = natrace("top", "-p", str(target.pid), "-n", "1", "--interval", "0.5",
+                       "--record", str(record), "--flamegraph", str(flame))
+    assert proc.returncode == 0, proc.stderr
+    with Recording(str(record)) as rec:
+        assert rec.snapshot().pid == target.pid
+    assert flame.exists() and stat.S_IMODE(flame.stat().st_mode) == 0o600

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from tracer.commands import common
+from tracer.commands import common, outputs
 from tracer.engine.live import LiveDriver, LiveState
 from tracer.engine.session import Session
 from tracer.errors import NatraceError, UsageError
@@ -64,14 +64,16 @@ def command(pid: int | None, interval: float, iterations: int | None, view: str,
     try:
         session.start()
         if sys.stdout.isatty():
-            run_tui(LiveDriver(session, interval), _writer(args), view)
+            last = run_tui(LiveDriver(session, interval), _writer(args), view)
         else:
             common.announce(session, f"printing a frame every {interval:g} s")
             width = shutil.get_terminal_size((120, 24)).columns
-            run_batch(session, interval, iterations, view, width, args.top)
+            last = run_batch(session, interval, iterations, view, width, args.top)
     finally:
         session.close()
         target.abandon()  # a failed attach: the command must not run untraced
+    if last is not None:  # the last state shown, as --record and --flamegraph files
+        outputs.save(last.snapshot, args.session, args.record, args.flamegraph)
 
 
 def _writer(args: common.TraceArgs) -> Writer:

@@ -270,13 +270,15 @@ class TopApp(App[None]):
         self.exit()
 
 
-def run_tui(driver: LiveDriver, writer: Writer, view: str = "sites") -> None:
-    """Run the app until quit or Ctrl-C; the driver is stopped before returning."""
+def run_tui(driver: LiveDriver, writer: Writer, view: str = "sites") -> LiveState | None:
+    """Run the app until quit or Ctrl-C; the driver is stopped before returning. The
+    state last on screen, for the --record/--flamegraph files saved at the end."""
     app = TopApp(driver, writer, view)
     try:
         app.run()
     finally:
         app.stop_driver()
+    return app.state
 
 
 def report_name(pid: int, suffix: str) -> str:

@@ -36,19 +36,19 @@ def batch_text(state: LiveState, view: str, width: int, limit: int) -> str:
 
 
 def run_batch(session: Session, interval: float, iterations: int | None, view: str,
-              width: int, limit: int) -> None:
+              width: int, limit: int) -> LiveState | None:
     """Print a frame every interval until `iterations` frames, a signal, or the target's
-    exit (whose final figures are printed as one more frame)."""
+    exit (whose final figures are printed as one more frame); the last frame's state."""
     sampler = LiveSampler(session)
-    printed = 0
+    shown: list[LiveState] = []
 
     def frame(s: Session) -> None:
-        nonlocal printed
-        write_stdout(batch_text(sampler.sample(), view, width, limit))
-        printed += 1
-        if iterations is not None and printed >= iterations:
+        shown.append(sampler.sample())
+        write_stdout(batch_text(shown[-1], view, width, limit))
+        if iterations is not None and len(shown) >= iterations:
             s.stop_requested = "iterations"
 
     session.run(None, interval, frame)
     if session.stop_requested is None:  # the target exited
         frame(session)
+    return shown[-1] if shown else None
