@@ -126,6 +126,10 @@ def test_whatif_text_and_bad_variants() -> None:
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "is not NAME=VALUE" in bad.stderr
+    missing = subprocess.run([NATRACE, "whatif", "--", "/nonexistent/cmd"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 3 and missing.stderr.count("\n") == 1
+    assert "command not found" in missing.stderr
     with pytest.raises(UsageError):
         parse_variant("")
     assert parse_variant("A=1 'B=x y'").env == {"A": "1", "B": "x y"}

@@ -21,7 +21,7 @@ import click
 
 from tracer.commands import common
 from tracer.engine.session import Session, SessionOptions
-from tracer.errors import UsageError
+from tracer.errors import TargetError, UsageError
 from tracer.probes import target as targets
 from tracer.units import Duration
 from tracer.units import format_size as size
@@ -192,6 +192,8 @@ def command(variants: tuple[str, ...], duration: float | None, interval: float,
     else:
         chosen, notes = default_variants()
     common.check_privileges()
+    if targets.resolve_command(argv[0]) is None:  # before any run starts: one line
+        raise TargetError(f"command not found: {argv[0]}")
     outcomes = []
     for v in chosen:
         click.echo(f"natrace whatif: running {v.name}", err=True)
