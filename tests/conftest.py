@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,23 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: bpf tests must run, not skip)", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def long_recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A recording whose JSON report is ~2 MB: 3,000 call sites, far past a pipe's 64 KiB."""
+    from test_recording import MAIN
+
+    from tracer.model.frames import Frame
+    from tracer.model.sites import Site
+    from tracer.model.snapshot import Snapshot
+    from tracer.recording import RecordingWriter
+
+    sites = [Site("malloc", [Frame(0x401000 + 16 * i, "/opt/app/bin/app", 0x1000 + 16 * i,
+                                   f"function_number_{i}", 4, "app.c", i, "app"), MAIN],
+                  1000 + i, 1, 1, 1000 + i) for i in range(3000)]
+    snap = Snapshot(pid=42, command="app", taken_at=1_700_000_000, duration=1.0, sites=sites)
+    path = tmp_path_factory.mktemp("long") / "long.natrace"
+    with RecordingWriter(str(path), {"pid": 42, "command": "app"}) as writer:
+        writer.add(snap)
+    return path

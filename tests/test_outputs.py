@@ -208,3 +208,44 @@ def test_top_saves_its_record_and_flamegraph_files_at_the_end(tmp_path: Path) ->
     with Recording(str(record)) as rec:
         assert rec.snapshot().pid == target.pid
     assert flame.exists() and stat.S_IMODE(flame.stat().st_mode) == 0o600
+
+
+@pytest.fixture
+def full_dir(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB file system: a 2 MB report cannot fit."""
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_write_that_fails_is_exit_5_and_leaves_nothing_half_written(
+        long_recording: Path, full_dir: Path) -> None:
+    (full_dir / "r.json").write_text("the previous report\n")
+    proc = natrace("report", str(long_recording), "--json", "-o", str(full_dir / "r.json"))
+    assert proc.returncode == 5
+    assert proc.stderr == (f"natrace: -o {full_dir / 'r.json'}: cannot write: No space left "
+                           "on device\n")
+    assert sorted(p.name for p in full_dir.iterdir()) == ["r.json"]  # no temporary left
+    assert (full_dir / "r.json").read_text() == "the previous report\n"  # not replaced
+
+
+def test_a_fifo_whose_reader_leaves_is_141_with_one_line(long_recording: Path,
+                                                         tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def open_and_leave() -> None:
+        with open(fifo, "rb"):
+            pass  # gone before reading: the 2 MB report can't all fit in the pipe
+
+    thread = threading.Thread(target=open_and_leave, daemon=True)
+    thread.start()
+    proc = natrace("report", str(long_recording), "--json", "-o", str(fifo))
+    thread.join(timeout=60)
+    assert proc.returncode == 141
+    assert proc.stderr == (f"natrace: -o {fifo}: its reader closed it before everything was "
+                           "written\n")

@@ -17,13 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_recording import MAIN
 from tracing import NATRACE
-
-from tracer.model.frames import Frame
-from tracer.model.sites import Site
-from tracer.model.snapshot import Snapshot
-from tracer.recording import RecordingWriter
 
 SEQ = 160_000  # `seq 160000` prints 1,008,895 bytes
 NODE_SCRIPT = """
@@ -34,19 +28,6 @@ process.stdout.write(line.repeat(1024));
 
 def natrace_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("natrace")]
-
-
-@pytest.fixture(scope="module")
-def long_recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A recording whose JSON report is ~2 MB: 3,000 call sites, far past a pipe's 64 KiB."""
-    sites = [Site("malloc", [Frame(0x401000 + 16 * i, "/opt/app/bin/app", 0x1000 + 16 * i,
-                                   f"function_number_{i}", 4, "app.c", i, "app"), MAIN],
-                  1000 + i, 1, 1, 1000 + i) for i in range(3000)]
-    snap = Snapshot(pid=42, command="app", taken_at=1_700_000_000, duration=1.0, sites=sites)
-    path = tmp_path_factory.mktemp("long") / "long.natrace"
-    with RecordingWriter(str(path), {"pid": 42, "command": "app"}) as writer:
-        writer.add(snap)
-    return path
 
 
 @pytest.mark.bpf
