@@ -14,6 +14,7 @@ from memfixtures import build
 
 from tracer.memory import books as booksreader
 from tracer.memory import regions
+from tracer.memory.reconcile import verdict
 from tracer.model.books import AllocatorBooks
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
@@ -173,3 +174,14 @@ def test_jemalloc_preloaded_says_what_cannot_be_read() -> None:
         assert f.mallinfo["arena"] == 0  # glibc's books are empty: jemalloc serves malloc
     assert (books.allocator, books.readable) == ("jemalloc", False)
     assert books.reason is not None and "jemalloc" in books.reason and "\n" not in books.reason
+
+
+def test_more_free_chunks_than_a_walk_follows_is_said_not_retried(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(booksreader, "MAX_CHUNKS", 100)
+    with frag("frag", 2) as f:
+        books = f.books()
+    assert books.readable and not books.complete and not books.torn
+    assert len(books.unwalked) == 2 and [a.main for a in books.arenas] == [True]
+    v = verdict(books, [], 300 * MIB)
+    assert v.kind == "unknown" and "more free chunks than natrace walks" in v.evidence[0]

@@ -43,7 +43,7 @@ ATTEMPTS = 20  # reads of one arena before it is reported torn
 ARENA_BUDGET = 2.0  # seconds of attempts on one arena before it is reported torn
 REGION_ROUNDS = 2  # fresh reads of the regions when arenas stay torn
 BUSY_WAIT = 0.002  # seconds between attempts
-MAX_CHUNKS = 2_000_000  # free chunks walked per arena, all lists together
+MAX_CHUNKS = 500_000  # free chunks walked per arena, all lists together (~5 s)
 MAX_ARENAS = 1024
 
 _LIBC = re.compile(r"(^|/)libc(\.so\.6|-2\.\d+\.so)$")
@@ -62,6 +62,10 @@ _VARIABLES = ("main_arena", "mp_")
 
 class Torn(Exception):
     """The memory changed under the read (or a check failed): read again."""
+
+
+class TooMany(Torn):
+    """More free chunks than a walk may follow: reading again would not help."""
 
 
 @dataclass(frozen=True)
@@ -385,6 +389,9 @@ def _read(mem: Memory, layout: Layout, base: int, regions: Sequence[Region],
             try:
                 books.arenas.append(_read_arena(mem, layout, arena, heaps))
                 break
+            except TooMany:
+                books.unwalked.append(arena.address)
+                break
             except Torn:
                 if time.monotonic() > until:
                     books.torn.append(arena.address)
@@ -477,7 +484,7 @@ class _Walk:
     def _count(self) -> None:
         self.chunks += 1
         if self.chunks > MAX_CHUNKS:
-            raise Torn("too many free chunks")
+            raise TooMany(f"more than {MAX_CHUNKS:,} free chunks")
 
     def fastbin(self, p: int, want: int) -> int:
         total = 0

@@ -61,8 +61,8 @@ def split(rss_by_backing: Mapping[str, int], books: AllocatorBooks | None,
         out.free_by_arena = [(a.address, a.free_resident) for a in books.arenas]
     else:
         why = "no books" if books is None else (books.reason or "torn reads")
-        if books is not None and books.readable and books.torn:
-            why = f"{len(books.torn)} arenas kept changing under every read (torn)"
+        if books is not None and books.readable:
+            why = _incomplete(books)
         parts.append(RssPart("heaps", "malloc heaps (live and free not split)", heaps, "smaps"))
         notes.append(f"live vs free inside the allocator not measured: {why}")
     if node:
@@ -96,15 +96,22 @@ def verdict(books: AllocatorBooks | None, readings: Sequence[BooksReading], rss:
         why = books.reason if books is not None else "the allocator's books were not read"
         return Verdict("unknown", [why or "books unreadable"])
     if not books.complete:
-        return Verdict("unknown", [f"{len(books.torn)} of {len(books.torn) + len(books.arenas)}"
-                                   " arenas kept changing under every read (torn): their "
-                                   "figures are not trusted"])
+        return Verdict("unknown", [_incomplete(books)])
     evidence: list[str] = []
     leak = _leak(readings, evidence)
     frag = _fragmentation(books, rss, evidence)
     kind = ("both" if leak and frag else "leak" if leak else "fragmentation" if frag
             else "neither" if leak is not None else "unknown")
     return Verdict(kind, evidence, _advice(books, frag, command))
+
+
+def _incomplete(books: AllocatorBooks) -> str:
+    total = len(books.arenas) + len(books.torn) + len(books.unwalked)
+    if books.unwalked:
+        return (f"{len(books.unwalked)} of {total} arenas hold more free chunks than natrace "
+                f"walks: their figures are not read")
+    return (f"{len(books.torn)} of {total} arenas kept changing under every read (torn): "
+            f"their figures are not trusted")
 
 
 def _leak(readings: Sequence[BooksReading], evidence: list[str]) -> bool | None:

@@ -47,7 +47,8 @@ class TcacheBooks:
 @dataclass
 class AllocatorBooks:
     """Snapshot.memory.books: `readable` False says in `reason` (one line) what could
-    not be read and why; `torn` lists arenas that kept changing under every read."""
+    not be read and why; `torn` lists arenas that kept changing under every read,
+    `unwalked` those with more free chunks than a walk follows."""
 
     allocator: str  # glibc, jemalloc, tcmalloc, mimalloc
     readable: bool
@@ -55,6 +56,7 @@ class AllocatorBooks:
     at: float = 0.0
     arenas: list[ArenaBooks] = field(default_factory=list)
     torn: list[int] = field(default_factory=list)
+    unwalked: list[int] = field(default_factory=list)  # arenas with too many free chunks
     tcaches: list[TcacheBooks] = field(default_factory=list)
     threads: int | None = None
     mmapped: int = 0  # blocks glibc mapped one by one (mp_.mmapped_mem)
@@ -94,7 +96,7 @@ class AllocatorBooks:
 
     @property
     def complete(self) -> bool:
-        return self.readable and not self.torn
+        return self.readable and not self.torn and not self.unwalked
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,9 @@ def books_lines(books: AllocatorBooks) -> list[str]:
     if books.torn:
         out.append(f"  ! {len(books.torn)} arenas changed under every read (torn): "
                    "left out, their figures not trusted")
+    if books.unwalked:
+        out.append(f"  ! {len(books.unwalked)} arenas hold more free chunks than natrace "
+                   "walks: left out")
     if books.mmapped_blocks:
         out.append(f"  {books.mmapped_blocks:,} blocks mapped one by one: "
                    f"{size(books.mmapped)} ({size(books.mmapped_resident)} in RAM)")
