@@ -74,8 +74,9 @@ static __always_inline int is_armed(void) {
 }
 
 #ifdef WAIT_EXEC
-/* A launched target calling exit() stops itself, so natrace can read its maps
- * and final counters before the address space is gone; natrace then resumes it. */
+/* A launched target calling _Exit (its last call: atexit handlers and destructors have
+ * run) stops itself, so natrace can read its maps and final counters before the address
+ * space is gone; natrace then resumes it. */
 int exit_enter(struct pt_regs *ctx) {
     if (is_armed())
         bpf_send_signal(19 /* SIGSTOP */);

@@ -18,6 +18,7 @@ packages=(bpfcc-tools python3-bpfcc libbpfcc python3-venv python3-dev
           postgresql libpq-dev nodejs npm
           heaptrack valgrind tmux procps util-linux ruby
           libjemalloc2 libtcmalloc-minimal4 libgoogle-perftools4   # other allocators the tests trace
+          musl-tools   # musl-gcc: musl programs, static and dynamic, in the tests
           systemtap-sdt-dev   # sys/sdt.h: the in-process sampler's USDT probes
           prometheus     # natrace agent's tests scrape it (they start their own server)
           chromium)  # headless, for the HTML flamegraph tests

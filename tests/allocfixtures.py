@@ -51,6 +51,31 @@ def build() -> Built:
 
 
 @dataclass(frozen=True)
+class Programs:
+    """The same sources built the ways real programs are: dynamic and static, glibc and
+    musl (ground truth in tests/fixtures/src/exits.cpp and plain.c)."""
+
+    exits: Path  # frees at exit (atexit, static and thread_local destructors), C++
+    exits_static: Path  # the same, g++ -static
+    plain_static: Path  # glibc, gcc -static
+    musl_static: Path  # musl-gcc -static
+    musl: Path  # musl-gcc, dynamic (/lib/ld-musl-x86_64.so.1)
+
+
+@functools.cache
+def build_programs() -> Programs:
+    b = BUILD / "programs"
+    b.mkdir(parents=True, exist_ok=True)
+    _run("g++", *CFLAGS, "-o", b / "exits", SRC / "exits.cpp")
+    _run("g++", *CFLAGS, "-static", "-o", b / "exits_static", SRC / "exits.cpp")
+    _run("gcc", *CFLAGS, "-static", "-o", b / "plain_static", SRC / "plain.c")
+    _run("musl-gcc", *CFLAGS, "-static", "-o", b / "musl_static", SRC / "plain.c")
+    _run("musl-gcc", *CFLAGS, "-o", b / "musl", SRC / "plain.c")
+    return Programs(b / "exits", b / "exits_static", b / "plain_static", b / "musl_static",
+                    b / "musl")
+
+
+@dataclass(frozen=True)
 class NoFp:
     chain: Path     # -O2 -fomit-frame-pointer; ground truth in its source
     libnofp: Path   # -O2 -fomit-frame-pointer library

@@ -7,14 +7,20 @@ or callers it has; the heaviest stack represents the group.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from typing import TypeVar
 
 from tracer.engine.callsites import CallSites
 from tracer.model.mappings import Owner
 from tracer.model.sites import Site
 from tracer.probes.alloc import RawSite, stack_error_name
-from tracer.symbols.attribution import THREAD_STACK_MAKERS, charge_frame, made_by, made_by_allocator
+from tracer.symbols.attribution import (
+    DEFAULT_ALLOCATOR_MODULES,
+    THREAD_STACK_MAKERS,
+    charge_frame,
+    made_by,
+    made_by_allocator,
+)
 
 T = TypeVar("T")
 
@@ -42,9 +48,11 @@ def group_by(items: Iterable[T], key: Callable[[T], Hashable], weight: Callable[
 
 
 class Aggregator:
-    def __init__(self, call_sites: CallSites, charge_to: str = "first") -> None:
+    def __init__(self, call_sites: CallSites, charge_to: str = "first",
+                 allocator_modules: Collection[str] = DEFAULT_ALLOCATOR_MODULES) -> None:
         self.call_sites = call_sites
         self.charge_to = charge_to
+        self.allocator_modules = allocator_modules  # whose malloc-family frames are skipped
 
     def sites(self, raw: Iterable[RawSite], stack_of: Callable[[int], tuple[int, ...]],
               mappings: Iterable[tuple[Owner, int, int]] = ()) -> list[Site]:
@@ -87,7 +95,8 @@ class Aggregator:
     def _site(self, kind: str, stack: tuple[int, ...], size: int, blocks: int,
               internal: bool) -> Site:
         frames, charge = self.call_sites.charged(stack,
-                                                 lambda f: charge_frame(f, self.charge_to))
+                                                 lambda f: charge_frame(f, self.charge_to,
+                                                                        self.allocator_modules))
         if kind == "mmap" and made_by(frames, THREAD_STACK_MAKERS):
             kind, internal = "stack", True  # the thread library's, like arenas are malloc's
         internal = internal or (kind != "malloc" and made_by_allocator(frames))

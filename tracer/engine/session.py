@@ -31,9 +31,9 @@ from tracer.probes import bpfprog
 from tracer.probes import target as targets
 from tracer.probes.alloc import AllocOptions, AllocProbes
 from tracer.probes.handles import HandleOptions, HandleProbes
-from tracer.probes.target import Target
+from tracer.probes.target import Target, is_static_executable
 from tracer.probes.triage import TriageOptions, TriageProbes
-from tracer.symbols.attribution import first_frame_outside
+from tracer.symbols.attribution import DEFAULT_ALLOCATOR_MODULES, first_frame_outside
 from tracer.symbols.procmaps import MapsHistory
 from tracer.symbols.symbolizer import Symbolizer
 
@@ -65,7 +65,7 @@ class Session:
         self.maps: MapsHistory | None = None
         self.started = 0.0
         self.stop_requested: str | None = None
-        self.exiting = False  # a launched target is held stopped inside exit()
+        self.exiting = False  # a launched target is held stopped inside _Exit
         self.execd = False  # the target exec'd another program: stop reading its maps
         self.notes: list[str] = list(target.notes)  # what a report must say about the session
         self.growth: GrowthTracker[int] = GrowthTracker()  # bytes per stack id over time
@@ -73,6 +73,7 @@ class Session:
         self.memory = MemoryWatch(target.pid, options.memory_interval)
         self._signals: dict[int, Any] = {}  # handlers to restore at close()
         self.attaching = False  # start() is placing probes: a stop signal interrupts it
+        self._allocator_modules: frozenset[str] = DEFAULT_ALLOCATOR_MODULES
 
     def start(self) -> None:
         """Probes in place, then (for a launched command) let it run. bcc's own
@@ -91,6 +92,10 @@ class Session:
                                     self.triage is None)
         finally:
             self.attaching = False
+        exe = self.target.executable()
+        if exe is not None and is_static_executable(exe):
+            # its libc and libstdc++ (malloc, strdup, operator new) are inside it
+            self._allocator_modules = DEFAULT_ALLOCATOR_MODULES | {os.path.basename(exe)}
         self.started = time.monotonic()
         if not self.target.launched:
             self.maps = MapsHistory(self.target.pid)
@@ -117,7 +122,7 @@ class Session:
 
     def poll(self) -> bool:
         """One step of `run`'s loop, for callers that keep their own clock (live views):
-        drain the probes; False once the target has exited, stopped in exit() or
+        drain the probes; False once the target has exited, stopped in _Exit or
         exec'd another program."""
         if self._target_execd():
             return False
@@ -133,7 +138,8 @@ class Session:
     def _poll(self) -> None:
         self.probes.poll()
         self._observe_growth()
-        self.memory.tick()
+        if self._past_gate():
+            self.memory.tick()
         self.handles.poll()
         changed = self.probes.modules_changed
         if self.triage is not None:
@@ -156,6 +162,8 @@ class Session:
     def _refresh_maps(self) -> None:
         if self.execd:
             return  # the new program's maps would shadow the old one's addresses
+        if not self._past_gate():
+            return  # natrace's own gate (a python3 at 0x400000) would shadow the command
         if self.maps is None:
             try:
                 self.maps = MapsHistory(self.target.pid)
@@ -166,7 +174,7 @@ class Session:
         self.probes.update_unwind(self.maps)
 
     def _target_stopped_at_exit(self) -> bool:
-        """A launched target stops itself in exit(): read its maps while they exist.
+        """A launched target stops itself in _Exit: read its maps while they exist.
         It also stops when it maps code, for its unwind rows: load them and resume it."""
         if not self.target.stopped():
             return False
@@ -193,11 +201,20 @@ class Session:
         note = None if self.target.launched else targets.stopped_note(self.target.pid)
         return [note] if note else []
 
+    def _execs(self) -> int:
+        """exec()s of the target since the probes were attached (any probe set)."""
+        return max(self.probes.execs(), self.triage.execs() if self.triage else 0,
+                   self.handles.execs())
+
+    def _past_gate(self) -> bool:
+        """Is the process the command now? Until a launched target has exec'd, its
+        memory and maps are those of natrace's own pre-exec gate."""
+        return not self.target.launched or self._execs() >= 1
+
     def _target_execd(self) -> bool:
         """The target exec'd another program: what natrace holds is the old one's."""
         expected = 1 if self.target.launched else 0  # a launched target's gate exec
-        execs = max(self.probes.execs(), self.triage.execs() if self.triage else 0)
-        if execs > expected and not self.execd:
+        if self._execs() > expected and not self.execd:
             self.execd = True
             self.notes.append(f"process {self.target.pid} exec'd another program: this "
                               "report covers the program it ran before; run natrace again "
@@ -208,7 +225,7 @@ class Session:
         self._refresh_maps()
         maps = self.maps or MapsHistory.from_lines([], pid=self.target.pid)
         call_sites = CallSites(Symbolizer(maps, self.target.pid))
-        aggregator = Aggregator(call_sites, self.options.charge_to)
+        aggregator = Aggregator(call_sites, self.options.charge_to, self._allocator_modules)
         mappings: list[tuple[Owner, int, int]] = []
         if not self.options.allocs:
             raw = []
@@ -280,7 +297,7 @@ class Session:
         }
 
     def close(self) -> None:
-        """Detach every probe; let a launched target that stopped in exit() finish."""
+        """Detach every probe; let a launched target that stopped in _Exit finish."""
         for signum, handler in self._signals.items():
             signal.signal(signum, handler)
         self._signals = {}

@@ -97,11 +97,7 @@ class AllocProbes(ProbeSet):
         try:
             for ep in entry_points:
                 self._attach_entry_point(ep, target.pid)
-            if target.launched:
-                libc = next((ep.path for ep in entry_points if "libc" in ep.path), None)
-                if libc:
-                    self._bpf.attach_uprobe(name=libc, sym="exit", fn_name="exit_enter",
-                                            pid=target.pid)
+            self._stop_at_exit(target)
         except Exception as err:
             self.detach()
             if not target.alive():

@@ -52,13 +52,14 @@ _LIBSTDCXX = re.compile(r"(^|/)libstdc\+\+\.so")
 _MALLOC_LIBRARY = re.compile(r"(^|/)lib(jemalloc|tcmalloc|mimalloc)[^/]*\.so")
 
 
-def programs_for(path: str) -> dict[str, str]:
+def programs_for(path: str, static: bool = False) -> dict[str, str]:
     """Symbol -> BPF entry program for one file. libstdc++'s operator new calls malloc:
-    a wrapper (its caller becomes frame 0). jemalloc's, tcmalloc's and mimalloc's own
-    new and delete bypass their malloc and free: probed as malloc and free themselves
-    (peers miss tcmalloc's new entirely)."""
+    a wrapper (its caller becomes frame 0), in libstdc++ or linked into a static
+    executable. jemalloc's, tcmalloc's and mimalloc's own new and delete bypass their
+    malloc and free: probed as malloc and free themselves (peers miss tcmalloc's new
+    entirely)."""
     programs = dict(FAMILY)
-    if _LIBSTDCXX.search(path):
+    if static or _LIBSTDCXX.search(path):
         programs.update({name: "wrapper_enter" for name in CXX_NEW})
     elif _MALLOC_LIBRARY.search(path):
         programs.update({name: "malloc_enter" for name in CXX_NEW})
@@ -103,13 +104,15 @@ def candidate_files(paths: Iterable[str], executable: str | None) -> list[str]:
     return list(seen)
 
 
-def entry_points(path: str) -> list[EntryPoint]:
-    """The malloc family defined in one ELF file, one entry per address (aliases merged)."""
+def entry_points(path: str, executable: bool = False) -> list[EntryPoint]:
+    """The malloc family defined in one ELF file, one entry per address (aliases merged).
+    `executable`: the file is the target's program (static when it has no loader)."""
     try:
         with open(path, "rb") as fh:
             elf = ELFFile(fh)
-            programs = programs_for(path)
-            symbols = _defined_functions(elf, fh, programs)
+            static = not any(seg["p_type"] == "PT_INTERP" for seg in elf.iter_segments())
+            programs = programs_for(path, static and executable)
+            symbols = _defined_functions(elf, fh, programs, static)
             loads = [
                 (seg["p_vaddr"], seg["p_offset"], seg["p_filesz"])
                 for seg in elf.iter_segments()
@@ -138,15 +141,14 @@ _SYM = struct.Struct("<IBBHQQ")  # Elf64_Sym: name, info, other, shndx, value, s
 _FUNC_TYPES = (2, 10)  # STT_FUNC, STT_GNU_IFUNC
 
 
-def _defined_functions(elf: ELFFile, fh: BinaryIO,
-                       programs: dict[str, str]) -> dict[str, tuple[int, int]]:
+def _defined_functions(elf: ELFFile, fh: BinaryIO, programs: dict[str, str],
+                       static: bool) -> dict[str, tuple[int, int]]:
     """The malloc family's defined functions: (vaddr, size) by name.
 
     A dynamically linked file interposes malloc only through .dynsym, so only a
     static executable's .symtab is read. The table is scanned raw: node's 75,000
     dynamic symbols took pyelftools 3.7 s, and attaching must take well under 2 s.
     """
-    static = not any(seg["p_type"] == "PT_INTERP" for seg in elf.iter_segments())
     names = [".dynsym", ".symtab"] if static else [".dynsym"]
     wanted = frozenset((p + f).encode() for p in _PREFIXES for f in programs)
     found: dict[str, tuple[int, int]] = {}
@@ -188,5 +190,5 @@ def find_entry_points(paths: Iterable[str], executable: str | None) -> list[Entr
         if (st.st_dev, st.st_ino) in inodes:
             continue
         inodes.add((st.st_dev, st.st_ino))
-        points.extend(entry_points(path))
+        points.extend(entry_points(path, path == executable))
     return points

@@ -60,6 +60,17 @@ class ProbeSet:
         table[ctypes.c_int(0)] = ctypes.c_uint32(0)
         return True
 
+    def _stop_at_exit(self, target: Target) -> None:
+        """A launched target stops itself when it calls _Exit (bpf/target.bpf.h), so its
+        maps and final counters can be read: the last moment its address space exists
+        for certain, after atexit handlers and static and thread_local destructors ran
+        (glibc's exit() ends in _exit, an alias of _Exit; musl's in _Exit). Found in
+        libc, or in a static executable itself."""
+        path = target.exit_library() if target.launched else None
+        if path is not None:
+            self._bpf.attach_uprobe(name=path, sym="_Exit", fn_name="exit_enter",
+                                    pid=target.pid)
+
     def _arm(self, target: Target) -> None:
         """Call once every probe is attached. A running target records from then on (a
         thread inside malloc meanwhile entered unseen, so its return is ignored, instead

@@ -50,6 +50,14 @@ class Target:
         except OSError:
             return None
 
+    def exit_library(self) -> str | None:
+        """The file holding the _Exit the process ends in: its libc (glibc or musl), or
+        the executable itself when it is static."""
+        exe = self.executable()
+        if exe is not None and is_static_executable(exe):
+            return exe
+        return next((p for p in self.mapped_files() if _LIBC_FILE.search(p)), None)
+
     def release(self) -> None:
         """Let a launched child exec its command (probes are in place by now)."""
         if self._gate is not None:
@@ -246,6 +254,7 @@ def mapped_files(pid: int) -> list[str]:
     return list(paths)
 
 
+_LIBC_FILE = re.compile(r"(^|/)(libc\.so[.\d]*|libc-[\d.]+\.so|ld-musl-[^/]*\.so[.\d]*)$")
 _LDD_LINE = re.compile(r"=>\s+(/\S+)|^\s*(/\S+)\s+\(")
 
 
@@ -283,6 +292,19 @@ def _interpreter_of_script(path: str) -> str | None:
     if interp.endswith("/env") and len(words) > 1:
         return shutil.which(words[1].decode(errors="replace"))
     return interp
+
+
+def is_static_executable(path: str) -> bool:
+    """An ELF program with no dynamic loader: its libc and allocator are inside it."""
+    return _elf_interpreter(path) is None and _is_elf(path)
+
+
+def _is_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"\x7fELF"
+    except OSError:
+        return False
 
 
 def _elf_interpreter(path: str) -> str | None:

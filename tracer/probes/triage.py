@@ -74,7 +74,7 @@ class TriageProbes(ProbeSet):
         self._c = bpfprog.constants()
 
     def attach(self, target: Target, stop_at_exit: bool = False) -> None:
-        """Compile and attach; `stop_at_exit` makes a launched target stop in exit()
+        """Compile and attach; `stop_at_exit` makes a launched target stop in _Exit
         (what the allocation probes otherwise do) so its maps outlive its last call."""
         tracefs, _ = doctor.find_tracefs()
         events = os.path.join(tracefs or "/sys/kernel/tracing", "events")
@@ -93,20 +93,16 @@ class TriageProbes(ProbeSet):
         names += [ev.replace("enter", d) for ev in present if ev.startswith("syscalls/")
                   for d in ("enter", "exit")]
         self.points = sorted(n.replace("/", ":") for n in names)
-        if stop_at_exit and target.launched:
-            libc = next((p for p in target.mapped_files()
-                         if os.path.basename(p).startswith("libc.so")), None)
-            if libc:
-                try:
-                    self._bpf.attach_uprobe(name=libc, sym="exit", fn_name="exit_enter",
-                                            pid=target.pid)
-                except Exception as err:
-                    self.detach()
-                    if not target.alive():
-                        raise TargetError(f"process {target.pid} exited while natrace "
-                                          "attached") from None
-                    raise KernelFeatureError(f"could not attach a uprobe on exit: {err}") \
-                        from None
+        if stop_at_exit:
+            try:
+                self._stop_at_exit(target)
+            except Exception as err:
+                self.detach()
+                if not target.alive():
+                    raise TargetError(f"process {target.pid} exited while natrace "
+                                      "attached") from None
+                raise KernelFeatureError(f"could not attach a uprobe on _Exit: {err}") \
+                    from None
         self._arm(target)
 
     def poll(self) -> None:
