@@ -18,6 +18,7 @@ CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer"]
 @dataclass(frozen=True)
 class Built:
     pgresults: Path  # linked with -lpq
+    pglate: Path  # dlopen()s libpq after the start
     widgets: Path  # linked with libwidget.so
     libwidget: Path
     refs_node: Path  # Node-API addon
@@ -43,10 +44,11 @@ def build() -> Built:
     b = BUILD
     _run("gcc", *CFLAGS, *_pkg_config("--cflags"), "-o", b / "pgresults", SRC / "pgresults.c",
          *_pkg_config("--libs"))
+    _run("gcc", *CFLAGS, "-o", b / "pglate", SRC / "pglate.c", "-ldl")
     _run("gcc", *CFLAGS, "-shared", "-fPIC", "-o", b / "libwidget.so", SRC / "libwidget.c")
     _run("gcc", *CFLAGS, "-o", b / "widgets", SRC / "widgets.c", f"-L{b}", "-lwidget",
          f"-Wl,-rpath,{b}")
     _run("gcc", *CFLAGS, "-shared", "-fPIC", "-I/usr/include/node", "-o", b / "refs.node",
          SRC / "refs.c")
-    return Built(b / "pgresults", b / "widgets", b / "libwidget.so", b / "refs.node",
+    return Built(b / "pgresults", b / "pglate", b / "widgets", b / "libwidget.so", b / "refs.node",
                  SRC / "refs.js")

@@ -111,6 +111,22 @@ def test_libpq_results_and_connections(tmp_path: Path, pg: PgServer) -> None:
 
 
 @pytest.mark.bpf
+def test_libpq_loaded_later_is_traced(tmp_path: Path, pg: PgServer) -> None:
+    """pg-native's case: libpq dlopen()ed after the start gets the presets anyway (the
+    loader's copy is probed by path from the start), launched and attached."""
+    report = run_json(tmp_path, "--", str(build().pglate), pg.conninfo)
+    results = pair(report, "libpq PGresult")
+    assert results["live"] == 25
+    assert live_by_function(results) == {"keep_late": 25}
+    assert pair(report, "libpq PGconn")["live"] == 1
+    with waiting(str(build().pglate), pg.conninfo, "--wait") as target:
+        report = snapshot_json(target)
+    results = pair(report, "libpq PGresult")
+    assert (results["live"], live_by_function(results)) == (25, {"keep_late": 25})
+    assert live_by_function(pair(report, "libpq PGconn")) == {"open_late": 1}
+
+
+@pytest.mark.bpf
 def test_libpq_snapshot_of_a_running_process(pg: PgServer) -> None:
     with waiting(str(build().pgresults), pg.conninfo, "--wait") as target:
         report = snapshot_json(target)

@@ -35,6 +35,8 @@ def handle_types(probes: HandleProbes, call_sites: CallSites) -> list[HandleType
     out = []
     for tp in probes.pairs:
         s = stats[tp.index]
+        if tp.ahead and not (s.created or s.destroyed or s.unknown):
+            continue  # a library probed in case the target loads it: it never did
         series = probes.series[tp.index]
         series.add(now_ns / 1e9, s.live)
         growth = series.fit()

@@ -149,6 +149,8 @@ class Session:
         if changed or self.maps is None:
             self.probes.modules_changed = False
             self._refresh_maps()
+            if changed and self._past_gate():
+                self.handles.refresh(self.target)
 
     def _observe_growth(self) -> None:
         """Each call site's bytes once a second (raw, per stack id: no symbolizing

@@ -11,8 +11,10 @@ per-stack counters, live handles' ages and stacks to tracer/engine/handles.py.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -81,6 +83,33 @@ def parse_pair(spec: str) -> HandlePair:
     return HandlePair(f"{stem} {create[0]}", library, create, destroy, destroy_arg=arg)
 
 
+def system_libraries() -> list[str]:
+    """Every library the dynamic loader's cache knows (`ldconfig -p`): where a library
+    a process has not loaded yet would come from if it dlopen()s it by name."""
+    return list(_system_libraries())
+
+
+@functools.cache
+def _system_libraries() -> tuple[str, ...]:
+    for ldconfig in ("/sbin/ldconfig", "/usr/sbin/ldconfig", "ldconfig"):
+        try:
+            out = subprocess.run([ldconfig, "-p"], capture_output=True, text=True,
+                                 timeout=10, check=False).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        return tuple(line.rsplit("=> ", 1)[1].strip() for line in out.splitlines()
+                     if "=> /" in line)
+    return ()
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Uprobes live on inodes: /lib/x and /usr/lib/x are one file, probed once."""
+    try:
+        return a == b or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def find_library(library: str, files: Sequence[str]) -> str | None:
     """The file of `files` a pair's library names: same basename, or basename starting
     with LIB. or libLIB. (libpq -> libpq.so.5, node -> /usr/bin/node or libnode.so.115).
@@ -109,6 +138,7 @@ class TracedPair:
     index: int
     pair: HandlePair
     path: str
+    ahead: bool = False  # probed from the loader's cache before the target mapped it
 
 
 @dataclass(frozen=True)
@@ -141,42 +171,63 @@ class HandleProbes(ProbeSet):
         self._c = bpfprog.constants()
         self._last_sample = 0.0
 
-    def resolve(self, target: Target) -> list[TracedPair]:
-        """The pairs to trace in `target`: presets whose library it maps (and that define
-        the functions), then every user pair (an error when its library or a function
-        cannot be found)."""
+    def resolve(self, target: Target, chosen: Sequence[TracedPair] = ()) -> list[TracedPair]:
+        """The pairs to trace in `target`, after those already `chosen`: presets whose
+        library it maps or could load by name later (the loader's cache: uprobes are per
+        file, so a library dlopen()ed later is probed from its first call), and that
+        define the functions; then every user pair (an error when its library or a
+        function cannot be found)."""
         files = target.mapped_files()
         exe = target.executable()
         if exe:
             files = [exe, *files]
-        chosen: list[TracedPair] = []
+        late = bool(chosen)  # mapped mid-session: skip what does not fit, never fail
+        chosen = list(chosen)
         wanted = [p for p in PRESETS if self.options.presets] + list(self.options.pairs)
         for pair in wanted:
             path = find_library(pair.library, files)
+            ahead = path is None and pair.library != "node"  # node's N-API: its executable
+            if ahead:
+                path = find_library(pair.library, system_libraries())
             if path is None:
-                if pair.preset:
+                if pair.preset or late:
                     continue
                 raise UsageError(f"--handle {pair.library}:{pair.create[0]}: PID {target.pid} "
-                                 f"maps no {pair.library} (give the library's path to probe "
-                                 "it before it is loaded)")
+                                 f"maps no {pair.library} and the loader knows none (give the "
+                                 "library's path to probe it before it is loaded)")
+            if any(c.pair.create == pair.create and c.pair.destroy == pair.destroy and
+                   _same_file(c.path, path) for c in chosen):
+                continue  # traced already (a user pair that repeats a preset, a refresh)
             missing = [fn for fn in (*pair.create, pair.destroy)
                        if not bpfprog.defines_symbol(path, fn)]
             if missing:
-                if pair.preset:
+                if pair.preset or late:
                     continue
                 raise UsageError(f"--handle {pair.library}:{pair.create[0]}: {path} defines "
                                  f"no function {missing[0]}")
-            if any(c.path == path and c.pair.create == pair.create and
-                   c.pair.destroy == pair.destroy for c in chosen):
-                continue  # a user pair that repeats a preset
             if len(chosen) == self._c["NATRACE_MAX_PAIRS"]:
+                if late:
+                    break
                 raise UsageError(f"at most {len(chosen)} handle pairs can be traced at once")
-            chosen.append(TracedPair(len(chosen), pair, path))
+            chosen.append(TracedPair(len(chosen), pair, path, ahead))
         return chosen
+
+    def refresh(self, target: Target) -> None:
+        """The target mapped new code: trace the pairs of libraries it brought (a copy
+        of libpq outside the loader's cache, a user pair's library by name). From the
+        moment natrace sees the mapping: handles made before that are not counted."""
+        if self._bpf is None:
+            return
+        try:
+            for tp in self.resolve(target, self.pairs)[len(self.pairs):]:
+                self._trace(tp, target.pid)
+                self.pairs.append(tp)
+        except Exception:  # the target went away, or a file could not be probed
+            return
 
     def attach(self, target: Target, stop_at_exit: bool = False) -> None:
         """Compile and attach when there is any pair to trace; `stop_at_exit` makes a
-        launched target stop in exit() (when no other probe set does)."""
+        launched target stop in _Exit (when no other probe set does)."""
         pairs = self.resolve(target)
         if not pairs:
             return
@@ -185,19 +236,11 @@ class HandleProbes(ProbeSet):
             "MAX_STACKS": self.options.stack_map_size,
         }
         self._load("handles.bpf.c", target, defines)
-        conf = self._bpf["conf"]
         try:
             for tp in pairs:
-                conf[ctypes.c_int(tp.index)] = conf.Leaf(tp.pair.destroy_arg, tp.pair.out_arg)
-                self._attach_pair(tp, target.pid)
-                self.series[tp.index] = Series(GROWTH_WINDOW)
-                self.series[tp.index].add(time.monotonic(), 0)
-            if stop_at_exit and target.launched:
-                libc = next((p for p in target.mapped_files()
-                             if os.path.basename(p).startswith("libc.so")), None)
-                if libc:
-                    self._bpf.attach_uprobe(name=libc, sym="exit", fn_name="exit_enter",
-                                            pid=target.pid)
+                self._trace(tp, target.pid)
+            if stop_at_exit:
+                self._stop_at_exit(target)
         except Exception as err:
             self.detach()
             if not target.alive():
@@ -206,6 +249,14 @@ class HandleProbes(ProbeSet):
             raise KernelFeatureError(f"could not attach handle uprobes: {err}") from None
         self._arm(target)
         self.pairs = pairs
+
+    def _trace(self, tp: TracedPair, pid: int) -> None:
+        """Configure the pair's slot, attach its probes, start its live-count series."""
+        conf = self._bpf["conf"]
+        conf[ctypes.c_int(tp.index)] = conf.Leaf(tp.pair.destroy_arg, tp.pair.out_arg)
+        self._attach_pair(tp, pid)
+        self.series[tp.index] = Series(GROWTH_WINDOW)
+        self.series[tp.index].add(time.monotonic(), 0)
 
     def _attach_pair(self, tp: TracedPair, pid: int) -> None:
         n = tp.index
