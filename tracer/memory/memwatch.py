@@ -26,7 +26,7 @@ from tracer.model.sites import Site
 # Reading smaps walks every page table: with tens of thousands of regions it takes
 # ~0.5 s, so regions are re-read at most once per this many times their last cost.
 REGIONS_COST_FACTOR = 20
-BOOKS_COST_FACTOR = 3  # the books are read at most once per this many times their cost
+BOOKS_COST_FACTOR = 4  # the books are read at most once per this many times their cost
 MAX_READINGS = 512  # books readings kept for the leak verdict (then every other one)
 
 
