@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from tracer.errors import UsageError
 
-RECHECK_SECONDS = 1.0
+RECHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True)

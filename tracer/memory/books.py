@@ -95,9 +95,34 @@ class NoLayout(Exception):
 # -- layout from DWARF ------------------------------------------------------------------
 
 
+# (device, inode, mtime, debug dirs, cache dir) -> the layout, or why there is none: an
+# ELF symbol index of libc costs ~0.4 s, and a memory watch asks again every refresh
+# (natrace agent: for every process it watches)
+_LAYOUTS: dict[tuple[Any, ...], Layout | NoLayout] = {}
+
+
 def layout_for(libc: str, debug_dirs: Sequence[str] | None = None,
                cache_dir: str | None = None) -> Layout:
     """The layout of the libc at `libc` (a path we can open); raises NoLayout."""
+    try:
+        st = os.stat(libc)
+    except OSError:
+        return _layout_for(libc, debug_dirs, cache_dir)  # as it always did, uncached
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns,
+           None if debug_dirs is None else tuple(debug_dirs), cache_dir)
+    if key not in _LAYOUTS:
+        try:
+            _LAYOUTS[key] = _layout_for(libc, debug_dirs, cache_dir)
+        except NoLayout as err:
+            _LAYOUTS[key] = err
+    found = _LAYOUTS[key]
+    if isinstance(found, NoLayout):
+        raise NoLayout(str(found))
+    return found
+
+
+def _layout_for(libc: str, debug_dirs: Sequence[str] | None,
+                cache_dir: str | None) -> Layout:
     syms = ElfSymbols(libc, debug_dirs=debug_dirs, cache_dir="")
     build_id = syms.build_id
     if build_id is None:
