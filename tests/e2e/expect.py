@@ -26,6 +26,11 @@ def check(report: dict[str, Any], truth: scenario.Truth) -> None:
     paths = [" ".join(f["label"] for f in s["stack"]) for s in libpq_sites]
     assert any(("PQgetResult" in p or "PQexec" in p) and "vault_keep_results" in p
                for p in paths), paths
+    # the same PGresults as live handles by creating site, though libpq was loaded (with
+    # vault.node, by dlopen) after node started
+    results = next(h for h in report["handles"] if h["name"] == "libpq PGresult")
+    kept = {s["function"]: s["live"] for s in results["sites"]}
+    assert kept.get("vault_keep_results") == truth.kept_results, kept
     # the addon's mutex is flagged, its locking function named
     contended = [lk for lk in report["locks"]["locks"] if lk["contended"]]
     waiters = {w["function"] for lk in contended for w in lk["waiters"]}
