@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: small workloads, 1 round, short throughput ladder")
     parser.add_argument("--workloads", default=None,
-                        help="comma-separated subset of: malloc, malloc-2t, futex, mmap, node")
+                        help="comma-separated subset of: malloc, malloc-2t, futex, mmap, node, "
+                             "sqlite")
     parser.add_argument("--tools", default=None,
                         help="comma-separated subset of the tools, by the names the tables "
                              "show (e.g. 'natrace full,empty-probe floor')")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:
         out += report.workload_table(spec, [runner.Bare(), *tools], results)
         out.append("")
-    out += ["### Targets (issue 5)", ""] + report.targets(results, specs) + [""]
+    out += ["### Targets (issues 5 and 20)", ""] + report.targets(results, specs) + [""]
     if steps:
         out += ["### Event-pipeline throughput (natrace full, mmap/munmap streamed)", ""]
         out += report.throughput_table(steps) + [""]

@@ -123,6 +123,7 @@ class Workload(Proc):
 
     def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
         super().__init__(argv, env, stdin=True)
+        self.hot_fields: dict[str, str] = {}  # every key=value of the hot_ns= line
 
     def ready(self, timeout: float) -> tuple[float, int]:
         """Wait for the 'ready pid=N' line: (when, N)."""
@@ -137,7 +138,7 @@ class Workload(Proc):
     def hot(self, timeout: float) -> tuple[int, int]:
         """(hot-phase ns, calls), then wait until it has tidied up and is idle."""
         _, line = self.out.wait_for("hot_ns=", timeout)
-        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        fields = self.hot_fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
         self.out.wait_for("idle", 60)
         return int(fields["hot_ns"]), int(fields["calls"])
 

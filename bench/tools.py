@@ -39,11 +39,17 @@ class Run:
     leak: leaks.Figure | None = None
     events_lost: int | None = None
     loss: dict[str, int] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)  # the workload's own figures
 
 
 class Tool:
     name = ""
     reports_leaks = False
+    preload_sampler = False  # the workload starts with the in-process sampler preloaded
+
+    def workload_env(self) -> dict[str, str] | None:
+        """The workload's environment additions: the sampler preloaded, or nothing."""
+        return {"LD_PRELOAD": str(sampler_path())} if self.preload_sampler else None
 
     def applies(self, spec: Spec) -> bool:
         return True
@@ -66,7 +72,7 @@ class Bare(Tool):
             wp.go()
             hot_ns, calls = wp.hot(HOT_TIMEOUT)
             _check_exit(wp.finish(), wp)
-            return Run(hot_ns, calls)
+            return Run(hot_ns, calls, fields=wp.hot_fields)
         finally:
             wp.kill()
 
@@ -89,7 +95,7 @@ class Attaching(Tool):
         run.usage = _check_exit(tracer.reap(120), tracer)
 
     def run(self, spec: Spec, scratch: Path) -> Run:
-        wp = Workload(spec.argv)
+        wp = Workload(spec.argv, self.workload_env())
         tracer: Proc | None = None
         try:
             _, pid = wp.ready(60)
@@ -98,7 +104,7 @@ class Attaching(Tool):
             attach_s = self.attached(tracer) - t0
             wp.go()
             hot_ns, calls = wp.hot(HOT_TIMEOUT)
-            run = Run(hot_ns, calls, attach_s=attach_s)
+            run = Run(hot_ns, calls, attach_s=attach_s, fields=wp.hot_fields)
             self.collect(tracer, spec, scratch, time.monotonic(), run)
             _check_exit(wp.finish(), wp)
             return run
@@ -112,11 +118,12 @@ class Natrace(Attaching):
     """`natrace snapshot -p PID`, stopped by SIGINT once the hot phase is over."""
 
     def __init__(self, name: str, args: list[str], reports_leaks: bool = True,
-                 needs_option: str | None = None) -> None:
+                 needs_option: str | None = None, preload_sampler: bool = False) -> None:
         self.name = name
         self.args = args
         self.reports_leaks = reports_leaks
         self.needs_option = needs_option
+        self.preload_sampler = preload_sampler  # natrace then attaches to its probes
 
     def unavailable(self) -> str | None:
         if self.needs_option and self.needs_option not in _snapshot_help():
@@ -202,18 +209,33 @@ class Launching(Tool):
 
     def run(self, spec: Spec, scratch: Path) -> Run:
         t0 = time.monotonic()
-        wp = Workload([*self.prefix(scratch), *spec.argv])
+        wp = Workload([*self.prefix(scratch), *spec.argv], self.workload_env())
         try:
             ready_at, _ = wp.ready(300)
             wp.go()
             hot_ns, calls = wp.hot(HOT_TIMEOUT)
             usage = _check_exit(wp.finish(600), wp)
-            run = Run(hot_ns, calls, attach_s=ready_at - t0, usage=usage, usage_is_tree=True)
+            run = Run(hot_ns, calls, attach_s=ready_at - t0, usage=usage, usage_is_tree=True,
+                      fields=wp.hot_fields)
             if spec.leak:
                 run.leak = self.leak(spec, scratch)
             return run
         finally:
             wp.kill()
+
+
+class SamplerDormant(Launching):
+    """The in-process sampler preloaded, no tracer attached: what a service pays for
+    keeping it loaded."""
+
+    name = "sampler dormant"
+    preload_sampler = True
+
+    def prefix(self, scratch: Path) -> list[str]:
+        return []
+
+    def unavailable(self) -> str | None:
+        return None if _sampler_built() else "the sampler is not built (scripts/provision.sh)"
 
 
 class Heaptrack(Launching):
@@ -255,11 +277,21 @@ def _check_exit(usage: Usage, proc: Proc) -> Usage:
     return usage
 
 
+def sampler_path() -> Path:
+    return REPO / "sampler" / "build" / "libnatrace_sampler.so"
+
+
+def _sampler_built() -> bool:
+    return sampler_path().is_file()
+
+
 def all_tools() -> list[Tool]:
     """Every tool in the order each round runs them (each right after its own bare run)."""
     return [
         Natrace("natrace full", []),
         Natrace("natrace sampled 512K", ["--sample", "512K"]),
+        Natrace("natrace in-process 512K", [], preload_sampler=True),
+        SamplerDormant(),
         Natrace("natrace triage", ["--no-allocs"], reports_leaks=False,
                 needs_option="--no-allocs"),
         Floor(free_at_zero=False),

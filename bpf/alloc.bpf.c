@@ -11,6 +11,9 @@
  *   WAIT_EXEC        defined when natrace launched the target: record nothing
  *                    until the child has exec'd the command
  *   SAMPLE_BYTES     0 for exact tracing, else the byte-weighted sampling period
+ *   USDT_SAMPLED     defined when the process samples itself (sampler/): only the
+ *                    otel_memory:alloc/free USDT probes are attached, each sampled
+ *                    block recorded with the weight the process gave it
  *   TARGET_PAGE_SIZE what pvalloc rounds sizes up to
  *   MAX_ALLOCS, MAX_STACKS, STACK_DEPTH, RINGBUF_PAGES
  */
@@ -57,19 +60,25 @@ static __always_inline s32 capture_stack(void *ctx, u64 caller) {
 
 /* Weights of one recorded block: exact in unsampled mode; in sampled mode a
  * block of `size` was kept with probability size/SAMPLE_BYTES (1 when larger),
- * so it stands for max(size, SAMPLE_BYTES) bytes and 1/p blocks. */
-static __always_inline u64 weight_bytes(u64 size) {
-#if SAMPLE_BYTES > 0
-    return size >= SAMPLE_BYTES ? size : SAMPLE_BYTES;
+ * so it stands for max(size, SAMPLE_BYTES) bytes and 1/p blocks. Sampled in the
+ * process, it stands for the probe's weight in bytes and weight/size blocks. */
+static __always_inline u64 weight_bytes(const struct alloc_info *info) {
+#if defined(USDT_SAMPLED)
+    return info->weight;
+#elif SAMPLE_BYTES > 0
+    return info->size >= SAMPLE_BYTES ? info->size : SAMPLE_BYTES;
 #else
-    return size;
+    return info->size;
 #endif
 }
 
-static __always_inline u64 weight_blocks_fp(u64 size) {
-#if SAMPLE_BYTES > 0
+static __always_inline u64 weight_blocks_fp(const struct alloc_info *info) {
+    u64 size = info->size ? info->size : 1;
+#if defined(USDT_SAMPLED)
+    return (info->weight << NATRACE_BLOCK_SHIFT) / size;
+#elif SAMPLE_BYTES > 0
     if (size < SAMPLE_BYTES)
-        return ((u64)SAMPLE_BYTES << NATRACE_BLOCK_SHIFT) / (size ? size : 1);
+        return ((u64)SAMPLE_BYTES << NATRACE_BLOCK_SHIFT) / size;
 #endif
     return 1ULL << NATRACE_BLOCK_SHIFT;
 }
@@ -83,13 +92,17 @@ static __always_inline void release(u64 addr) {
         return;   /* another path released it first */
     struct site_stats *s = sites.lookup(&info.stack_id);
     if (s) {
-        s->bytes -= (s64)weight_bytes(info.size);   /* this CPU's copy: no atomic */
-        s->blocks_fp -= (s64)weight_blocks_fp(info.size);
+        s->bytes -= (s64)weight_bytes(&info);   /* this CPU's copy: no atomic */
+        s->blocks_fp -= (s64)weight_blocks_fp(&info);
+#ifdef USDT_SAMPLED
+        s->samples -= 1;
+#endif
     }
     count(NATRACE_CNT_FREE_CALLS, 1);
 }
 
-static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller) {
+/* `weight`: the process's own estimate (USDT_SAMPLED), else unused. */
+static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u64 weight) {
     count(NATRACE_CNT_ALLOC_CALLS, 1);
 #if SAMPLE_BYTES > 0
     if (size < SAMPLE_BYTES && (bpf_get_prandom_u32() % SAMPLE_BYTES) >= size) {
@@ -101,6 +114,9 @@ static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller) {
     info.size = size;
     info.ts_ns = bpf_ktime_get_ns();
     info.stack_id = capture_stack(ctx, caller);
+#ifdef USDT_SAMPLED
+    info.weight = weight;
+#endif
 
     struct site_stats *s = sites.lookup(&info.stack_id);
     if (!s) {
@@ -126,12 +142,31 @@ static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller) {
         count(NATRACE_CNT_UNTRACKED_BYTES, size);
         return;
     }
-    u64 wb = weight_bytes(size), wn = weight_blocks_fp(size);
+    u64 wb = weight_bytes(&info), wn = weight_blocks_fp(&info);
     s->bytes += (s64)wb;   /* this CPU's copy: no atomic */
     s->blocks_fp += (s64)wn;
     s->allocs_fp += wn;
     s->alloc_bytes += wb;
+#ifdef USDT_SAMPLED
+    s->samples += 1;
+    s->alloc_samples += 1;
+#endif
 }
+
+#ifdef USDT_SAMPLED
+/* otel_memory:alloc(ptr, size, weight) and otel_memory:free(ptr), fired by the process
+ * for the allocations it sampled; arguments in the SysV argument registers (checked
+ * against the probe notes by tracer/probes/usdt.py). The stack is taken here, so its
+ * innermost frames are the sampler's own frame-pointer frames (charged past, like
+ * malloc's). The free probe gets free_enter: its pointer is the first argument too.
+ * (A program of its own: verified apart from alloc_return's record().) */
+int otel_alloc(struct pt_regs *ctx) {
+    u64 ptr = PT_REGS_PARM1(ctx), size = PT_REGS_PARM2(ctx), weight = PT_REGS_PARM3(ctx);
+    if (is_armed() && ptr && weight)
+        record(ctx, ptr, size, 0, weight);
+    return 0;
+}
+#endif
 
 /* Is `slot` (an outer call's return-address slot) the uretprobe trampoline? There is
  * one per process, at the start of its [uprobes] page; its code starts with `push %rax;
@@ -308,7 +343,7 @@ int alloc_return(struct pt_regs *ctx) {
     }
     /* one call site of record(): the stack walk it inlines is verified once */
     if (block)
-        record(ctx, block, size, caller);
+        record(ctx, block, size, caller, 0);
     return 0;
 }
 

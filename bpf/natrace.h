@@ -111,6 +111,9 @@ struct alloc_info {
     u64 ts_ns;
     s32 stack_id;   /* negative: -errno of the failed stack capture */
     u32 pad;
+#ifdef USDT_SAMPLED
+    u64 weight;     /* sampled in the process: the probe's unbiased bytes estimate */
+#endif
 };
 
 /* Per call site (stack id), one copy per CPU (alloc.bpf.c's percpu_hash): a CPU
@@ -123,6 +126,10 @@ struct site_stats {
     s64 blocks_fp;      /* blocks << NATRACE_BLOCK_SHIFT */
     u64 allocs_fp;      /* allocations << NATRACE_BLOCK_SHIFT */
     u64 alloc_bytes;
+#ifdef USDT_SAMPLED
+    s64 samples;        /* sampled blocks outstanding (the estimates' sample size) */
+    u64 alloc_samples;  /* sampled allocations since attach */
+#endif
 };
 
 /* A thread inside an allocator call; depth survives nested calls (reallocarray ->

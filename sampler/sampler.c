@@ -20,6 +20,7 @@
  * natrace sets the period at attach by writing `natrace_sampler.period` through
  * /proc/PID/mem (the symbol is in .dynsym); NATRACE_SAMPLER_PERIOD sets the default for
  * other consumers; NATRACE_SAMPLER_SEED makes the sequence of sample points reproducible.
+ * A period of 1 fires every allocation with its own size as weight (exact figures).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -72,7 +73,6 @@ static void *boot_malloc(size_t);
 static void boot_free(void *);
 static void *boot_calloc(size_t, size_t);
 static void *boot_realloc(void *, size_t);
-static void *boot_reallocarray(void *, size_t, size_t);
 static int boot_posix_memalign(void **, size_t, size_t);
 static void *boot_aligned_alloc(size_t, size_t);
 static void *boot_memalign(size_t, size_t);
@@ -84,14 +84,13 @@ static struct {
     void (*free)(void *);
     void *(*calloc)(size_t, size_t);
     void *(*realloc)(void *, size_t);
-    void *(*reallocarray)(void *, size_t, size_t);
     int (*posix_memalign)(void **, size_t, size_t);
     void *(*aligned_alloc)(size_t, size_t);
     void *(*memalign)(size_t, size_t);
     void *(*valloc)(size_t);
     void *(*pvalloc)(size_t);
 } next = {
-    boot_malloc, boot_free, boot_calloc, boot_realloc, boot_reallocarray,
+    boot_malloc, boot_free, boot_calloc, boot_realloc,
     boot_posix_memalign, boot_aligned_alloc, boot_memalign, boot_valloc, boot_pvalloc,
 };
 
@@ -133,7 +132,6 @@ static void resolve(void) {
     next.free = f;
     next.calloc = c;
     next.realloc = r;
-    next.reallocarray = find("reallocarray", NULL);
     next.posix_memalign = find("posix_memalign", NULL);
     next.aligned_alloc = find("aligned_alloc", NULL);
     next.memalign = find("memalign", NULL);
@@ -179,17 +177,6 @@ static void *emul_aligned(size_t align, size_t n) {
         return NULL;
     }
     return p;
-}
-static void *boot_reallocarray(void *p, size_t n, size_t m) {
-    resolve();
-    if (next.reallocarray != NULL && next.reallocarray != boot_reallocarray)
-        return next.reallocarray(p, n, m);
-    size_t t;
-    if (__builtin_mul_overflow(n, m, &t)) {
-        errno = ENOMEM;
-        return NULL;
-    }
-    return next.realloc(p, t);
 }
 static int boot_posix_memalign(void **out, size_t align, size_t n) {
     resolve();
@@ -368,6 +355,14 @@ static __attribute__((noinline, cold)) void sample(void *p, size_t n) {
     uint64_t period = LOAD(natrace_sampler.period);
     if (period == 0)
         period = DEFAULT_PERIOD;
+    uint64_t weight = 0;
+    if (period == 1) {
+        /* every byte: each allocation fires with its own size (exact, for tests) */
+        t->countdown = 0;
+        t->drawn = 1;
+        weight = n;
+        goto fire;
+    }
     if (t->drawn == 0) {
         /* the thread's first traced allocation starts its process: no point at 0 */
         if (t->rng == 0)
@@ -375,7 +370,6 @@ static __attribute__((noinline, cold)) void sample(void *p, size_t n) {
         t->drawn = period;
         t->countdown += draw(t, period);
     }
-    uint64_t weight = 0;
     int64_t c = t->countdown;
     while (c < 0) {
         weight += t->drawn;  /* the point that ended the current interval */
@@ -391,6 +385,7 @@ static __attribute__((noinline, cold)) void sample(void *p, size_t n) {
         c += draw(t, period);
     }
     t->countdown = c;
+fire:
     if (weight != 0) {
         if (FREE_ON() && !set_insert(p))
             __atomic_fetch_add(&natrace_sampler.dropped, 1, __ATOMIC_RELAXED);
@@ -466,16 +461,15 @@ EXPORT void *realloc(void *p, size_t n) {
     return ALLOC_ON() && n != 0 ? account(q, n) : q;
 }
 
+/* glibc's reallocarray calls realloc through the PLT, that is ours: built on our realloc
+ * instead, every allocator's block is counted exactly once. */
 EXPORT void *reallocarray(void *p, size_t n, size_t m) {
     size_t t;
-    if (unlikely(in_arena(p)))
-        return __builtin_mul_overflow(n, m, &t) ? NULL : arena_realloc(p, t);
-    if (likely(!(LOAD(otel_memory_alloc_semaphore) | LOAD(otel_memory_free_semaphore))))
-        return next.reallocarray(p, n, m);
-    if (FREE_ON())
-        forget(p);
-    void *q = next.reallocarray(p, n, m);
-    return ALLOC_ON() && n != 0 && m != 0 ? account(q, n * m) : q;
+    if (__builtin_mul_overflow(n, m, &t)) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return realloc(p, t);
 }
 
 EXPORT int posix_memalign(void **out, size_t align, size_t n) {
@@ -497,10 +491,12 @@ ALIGNED(valloc, (size_t n), (n), n)
 ALIGNED(pvalloc, (size_t n), (n), n)
 
 /* ---- operator new and delete ------------------------------------------------------------
- * Forwarded to the next definition (libstdc++'s, or an allocator's own). libstdc++'s call
- * malloc and free, which are ours and sample already, so then new/delete only forward;
- * an allocator's own (jemalloc, tcmalloc) bypass malloc, so then they sample too. When no
- * next definition exists (libstdc++ loaded RTLD_LOCAL), they are built on malloc/free. */
+ * Forwarded to the next definition (libstdc++'s, or an allocator's own) while dormant.
+ * Traced, an allocator's own new (jemalloc, tcmalloc), which bypasses malloc, is called and
+ * its block sampled; libstdc++'s, which calls malloc, is done here on the real allocator.
+ * libstdc++'s delete calls free, which is ours; an allocator's own delete gets the free
+ * probe here. With no next definition (libstdc++ loaded RTLD_LOCAL) they are built on
+ * malloc/free. */
 typedef struct { size_t v; } align_t;  /* std::align_val_t, passed like a size_t */
 static int cxx_own;  /* the next operator new does not go through malloc */
 
@@ -512,6 +508,13 @@ static void *cxx_fail(int nothrow) {
         thrower();
     abort();
 }
+static void *cxx_alloc(size_t n, size_t align) {
+    if (align <= 16)
+        return next.malloc(n ? n : 1);
+    void *p = NULL;
+    return next.posix_memalign(&p, align, n ? n : 1) == 0 ? p : NULL;
+}
+
 static void *fb_new(size_t n, int nothrow) {
     void *p = malloc(n ? n : 1);
     return p ? p : cxx_fail(nothrow);
@@ -523,41 +526,45 @@ static void *fb_new_aligned(size_t n, size_t align, int nothrow) {
     return p;
 }
 
-/* Each operator: kind, symbol, parameters, arguments, size, fallback body. */
+/* Each operator: kind, symbol, parameters, arguments, size, alignment, fallback body. */
 #define CXX_OPERATORS(X)                                                                      \
-    X(new, _Znwm, (size_t n), (n), n, return fb_new(n, 0);)                                   \
-    X(new, _Znam, (size_t n), (n), n, return fb_new(n, 0);)                                   \
-    X(new, _ZnwmRKSt9nothrow_t, (size_t n, const void *nt), (n, nt), n, return fb_new(n, 1);) \
-    X(new, _ZnamRKSt9nothrow_t, (size_t n, const void *nt), (n, nt), n, return fb_new(n, 1);) \
-    X(new, _ZnwmSt11align_val_t, (size_t n, align_t a), (n, a), n,                            \
+    X(new, _Znwm, (size_t n), (n), n, 0, return fb_new(n, 0);)                                \
+    X(new, _Znam, (size_t n), (n), n, 0, return fb_new(n, 0);)                                \
+    X(new, _ZnwmRKSt9nothrow_t, (size_t n, const void *nt), (n, nt), n, 0,                    \
+      return fb_new(n, 1);)                                                                   \
+    X(new, _ZnamRKSt9nothrow_t, (size_t n, const void *nt), (n, nt), n, 0,                    \
+      return fb_new(n, 1);)                                                                   \
+    X(new, _ZnwmSt11align_val_t, (size_t n, align_t a), (n, a), n, a.v,                       \
       return fb_new_aligned(n, a.v, 0);)                                                      \
-    X(new, _ZnamSt11align_val_t, (size_t n, align_t a), (n, a), n,                            \
+    X(new, _ZnamSt11align_val_t, (size_t n, align_t a), (n, a), n, a.v,                       \
       return fb_new_aligned(n, a.v, 0);)                                                      \
     X(new, _ZnwmSt11align_val_tRKSt9nothrow_t, (size_t n, align_t a, const void *nt),         \
-      (n, a, nt), n, return fb_new_aligned(n, a.v, 1);)                                       \
+      (n, a, nt), n, a.v, return fb_new_aligned(n, a.v, 1);)                                  \
     X(new, _ZnamSt11align_val_tRKSt9nothrow_t, (size_t n, align_t a, const void *nt),         \
-      (n, a, nt), n, return fb_new_aligned(n, a.v, 1);)                                       \
-    X(delete, _ZdlPv, (void *p), (p), 0, free(p);)                                            \
-    X(delete, _ZdaPv, (void *p), (p), 0, free(p);)                                            \
-    X(delete, _ZdlPvRKSt9nothrow_t, (void *p, const void *nt), (p, nt), 0, free(p);)          \
-    X(delete, _ZdaPvRKSt9nothrow_t, (void *p, const void *nt), (p, nt), 0, free(p);)          \
-    X(delete, _ZdlPvm, (void *p, size_t n), (p, n), 0, free(p);)                              \
-    X(delete, _ZdaPvm, (void *p, size_t n), (p, n), 0, free(p);)                              \
-    X(delete, _ZdlPvSt11align_val_t, (void *p, align_t a), (p, a), 0, free(p);)               \
-    X(delete, _ZdaPvSt11align_val_t, (void *p, align_t a), (p, a), 0, free(p);)               \
-    X(delete, _ZdlPvmSt11align_val_t, (void *p, size_t n, align_t a), (p, n, a), 0, free(p);) \
-    X(delete, _ZdaPvmSt11align_val_t, (void *p, size_t n, align_t a), (p, n, a), 0, free(p);) \
+      (n, a, nt), n, a.v, return fb_new_aligned(n, a.v, 1);)                                  \
+    X(delete, _ZdlPv, (void *p), (p), 0, 0, free(p);)                                         \
+    X(delete, _ZdaPv, (void *p), (p), 0, 0, free(p);)                                         \
+    X(delete, _ZdlPvRKSt9nothrow_t, (void *p, const void *nt), (p, nt), 0, 0, free(p);)       \
+    X(delete, _ZdaPvRKSt9nothrow_t, (void *p, const void *nt), (p, nt), 0, 0, free(p);)       \
+    X(delete, _ZdlPvm, (void *p, size_t n), (p, n), 0, 0, free(p);)                           \
+    X(delete, _ZdaPvm, (void *p, size_t n), (p, n), 0, 0, free(p);)                           \
+    X(delete, _ZdlPvSt11align_val_t, (void *p, align_t a), (p, a), 0, 0, free(p);)            \
+    X(delete, _ZdaPvSt11align_val_t, (void *p, align_t a), (p, a), 0, 0, free(p);)            \
+    X(delete, _ZdlPvmSt11align_val_t, (void *p, size_t n, align_t a), (p, n, a), 0, 0,        \
+      free(p);)                                                                               \
+    X(delete, _ZdaPvmSt11align_val_t, (void *p, size_t n, align_t a), (p, n, a), 0, 0,        \
+      free(p);)                                                                               \
     X(delete, _ZdlPvSt11align_val_tRKSt9nothrow_t, (void *p, align_t a, const void *nt),      \
-      (p, a, nt), 0, free(p);)                                                                \
+      (p, a, nt), 0, 0, free(p);)                                                             \
     X(delete, _ZdaPvSt11align_val_tRKSt9nothrow_t, (void *p, align_t a, const void *nt),      \
-      (p, a, nt), 0, free(p);)
+      (p, a, nt), 0, 0, free(p);)
 
 #define RET_new void *
 #define RET_delete void
 
 /* next_SYM starts at boot_SYM, which resolves every operator on first use; an operator
  * with no next definition gets fb_SYM, built on malloc/free. */
-#define DECLARE(kind, sym, params, args, size, fallback)                                    \
+#define DECLARE(kind, sym, params, args, size, align, fallback)                                    \
     static RET_##kind fb_##sym params { fallback }                                          \
     static RET_##kind boot_##sym params;                                                    \
     static RET_##kind(*next_##sym) params = boot_##sym;
@@ -572,7 +579,7 @@ static void resolve_cxx(void) {
     Dl_info info;
     cxx_own = nw != NULL && dladdr(nw, &info) && info.dli_fname &&
               strstr(info.dli_fname, "libstdc++") == NULL;
-#define RESOLVE(kind, sym, params, args, size, fallback)                                    \
+#define RESOLVE(kind, sym, params, args, size, align, fallback)                                    \
     {                                                                                       \
         void *f = dlsym(RTLD_NEXT, #sym);                                                   \
         __atomic_store_n((void **)&next_##sym, f ? f : (void *)fb_##sym, __ATOMIC_RELEASE); \
@@ -581,23 +588,32 @@ static void resolve_cxx(void) {
     __atomic_store_n(&done, 1, __ATOMIC_RELEASE);
 }
 
-#define BODY_new(sym, args, size)                                                           \
-    if (likely(!ALLOC_ON()) || !cxx_own)                                                    \
+/* Traced, over libstdc++: the block comes from the real allocator here, so the stack the
+ * probe fires from runs through this frame (libstdc++'s new has no frame pointer, and a
+ * walk through it would skip its caller); only a failure goes to libstdc++'s new, for
+ * its new_handler loop and bad_alloc. */
+#define BODY_new(sym, args, size, align)                                                    \
+    if (likely(!ALLOC_ON()))                                                                \
         return next_##sym args;                                                             \
-    return account(next_##sym args, size);
-#define BODY_delete(sym, args, size)                                                        \
+    if (cxx_own)                                                                            \
+        return account(next_##sym args, size);                                              \
+    void *p = cxx_alloc(size, align);                                                       \
+    if (unlikely(p == NULL))                                                                \
+        return next_##sym args;                                                             \
+    return account(p, size);
+#define BODY_delete(sym, args, size, align)                                                 \
     if (FREE_ON() && cxx_own)                                                               \
         forget(p);                                                                          \
     next_##sym args;
 #define BOOT_new(sym, args) return next_##sym args;
 #define BOOT_delete(sym, args) next_##sym args;
 
-#define DEFINE(kind, sym, params, args, size, fallback)                                     \
+#define DEFINE(kind, sym, params, args, size, align, fallback)                                     \
     static RET_##kind boot_##sym params {                                                   \
         resolve_cxx();                                                                      \
         BOOT_##kind(sym, args)                                                              \
     }                                                                                       \
-    EXPORT RET_##kind sym params { BODY_##kind(sym, args, size) }
+    EXPORT RET_##kind sym params { BODY_##kind(sym, args, size, align) }
 CXX_OPERATORS(DEFINE)
 
 /* ---- process life ------------------------------------------------------------------------ */

@@ -20,6 +20,7 @@ packages=(bpfcc-tools python3-bpfcc libbpfcc python3-venv python3-dev
           libjemalloc2 libtcmalloc-minimal4 libgoogle-perftools4   # other allocators the tests trace
           musl-tools   # musl-gcc: musl programs, static and dynamic, in the tests
           systemtap-sdt-dev   # sys/sdt.h: the in-process sampler's USDT probes
+          libsqlite3-dev   # the benchmark's realistic workload (bench/workloads/sqlite_mix.c)
           prometheus     # natrace agent's tests scrape it (they start their own server)
           chromium)  # headless, for the HTML flamegraph tests
 # N-API headers (/usr/include/node) are in libnode-dev on Debian 12 and Ubuntu 22.04; a

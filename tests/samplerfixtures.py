@@ -20,6 +20,7 @@ class Built:
     library: Path  # libnatrace_sampler.so
     family: Path  # every C entry point; prints its live/freed blocks
     family_cpp: Path  # every operator new/delete variant
+    leaker: Path  # leaker.node: leak(n, size) keeps n blocks from leak_blocks()
 
 
 def _run(*cmd: str | Path) -> None:
@@ -32,12 +33,27 @@ def build() -> Built:
     BUILD.mkdir(parents=True, exist_ok=True)
     _run("gcc", *CFLAGS, "-pthread", "-o", BUILD / "family", SRC / "family.c")
     _run("g++", *CFLAGS, "-std=c++17", "-o", BUILD / "family_cpp", SRC / "family.cpp")
+    _run("gcc", *CFLAGS, "-shared", "-fPIC", "-I/usr/include/node", "-o",
+         BUILD / "leaker.node", SRC / "leaker.c")
     return Built(ROOT / "sampler" / "build" / "libnatrace_sampler.so", BUILD / "family",
-                 BUILD / "family_cpp")
+                 BUILD / "family_cpp", BUILD / "leaker.node")
 
 
-def truth(output: str) -> tuple[list[int], list[int]]:
-    """A fixture's printed ground truth: sizes of the blocks it keeps and frees."""
-    live = [int(line.split()[1]) for line in output.splitlines() if line.startswith("live ")]
-    freed = [int(line.split()[1]) for line in output.splitlines() if line.startswith("freed ")]
-    return live, freed
+def semaphores(pid: int, library: Path) -> tuple[int, int]:
+    """(alloc, free) semaphore counts of the otel_memory probes in `pid`'s copy of
+    `library`, read from its memory at the notes' file offsets."""
+    from tracer.probes.usdt import otel_probes
+
+    offsets = {p.name: p.semaphore_offset for p in otel_probes([str(library)])}
+    ino = library.stat().st_ino
+    counts = {}
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb") as mem:
+        regions = [line.split() for line in maps]
+        for name, off in offsets.items():
+            for r in regions:
+                start, end = (int(x, 16) for x in r[0].split("-"))
+                base = int(r[2], 16)
+                if len(r) >= 6 and int(r[4]) == ino and base <= off < base + end - start:
+                    mem.seek(start + off - base)
+                    counts[name] = int.from_bytes(mem.read(2), "little")
+    return counts["alloc"], counts["free"]

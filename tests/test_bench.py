@@ -40,7 +40,8 @@ def test_quick_run_prints_every_column_for_every_tool() -> None:
     tools = {r[0]: r for r in rows}
     assert set(tools) >= {"bare", "natrace full", "natrace sampled 512K", "natrace triage",
                           "empty-probe floor", "floor, free at +0", "memleak-bpfcc",
-                          "heaptrack", "valgrind memcheck"}
+                          "heaptrack", "valgrind memcheck", "natrace in-process 512K",
+                          "sampler dormant"}
     for row in rows:
         assert len(row) == 10 and all(row), row
         assert not any(c.startswith("failed") for c in row), row

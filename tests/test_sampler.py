@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from tests import tracing
 from tests.samplerfixtures import JEMALLOC, Built, build
+from tracer.model.frames import Frame
+from tracer.model.sites import Site
+from tracer.model.snapshot import Snapshot
+from tracer.reporters import json as json_report
+from tracer.reporters import text as text_report
 
 INTERPOSED = [
     "malloc", "free", "calloc", "realloc", "reallocarray", "posix_memalign",
@@ -59,11 +65,11 @@ def _run(argv: list[str | Path], preload: list[Path]) -> str:
     env.pop("LD_PRELOAD", None)
     if preload:
         env["LD_PRELOAD"] = " ".join(map(str, preload))
-    proc = subprocess.run([str(a) for a in argv], input="\n\n", capture_output=True,
+    proc = subprocess.run([str(a) for a in argv], input="xx", capture_output=True,
                           text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return "".join(line for line in proc.stdout.splitlines(keepends=True)
-                   if not line.startswith("ready pid="))
+    return proc.stderr + "".join(line for line in proc.stdout.splitlines(keepends=True)
+                                 if not line.startswith("ready pid="))
 
 
 @pytest.mark.parametrize("under", ["glibc", "jemalloc"])
@@ -74,7 +80,8 @@ def test_dormant_c_program_is_unchanged(built: Built, under: str) -> None:
     bare = _run(argv, allocator)
     sampled = _run(argv, [built.library, *allocator])
     assert sampled == bare
-    assert "FAILED" not in sampled and sampled.count("done") == 2
+    assert "FAILED" not in sampled and sampled.count("done") == 1
+    assert sampled.count("live ") == 9 + 3 + 9  # the parent's, its threads', the child's
 
 
 @pytest.mark.parametrize("under", ["glibc", "jemalloc"])
@@ -97,3 +104,33 @@ def test_dormant_node_with_an_addon(built: Built, tmp_path: Path) -> None:
                          env={**os.environ, "LD_PRELOAD": str(built.library)}, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "object 2199000"
+
+
+def test_sampler_path_is_the_built_library(built: Built) -> None:
+    out = subprocess.run([tracing.NATRACE, "sampler-path"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == str(built.library)
+
+
+def test_sampled_and_exact_exclude_each_other() -> None:
+    out = subprocess.run([tracing.NATRACE, "run", "--sampled", "--exact", "--", "true"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "natrace: --sampled and --exact exclude each other: pick one"]
+
+
+def test_an_in_process_report_shows_estimates_with_their_error() -> None:
+    site = Site("malloc", [Frame(0x1234, "/app", 0x1234, "leak_here", 0, None, None, "app")],
+                bytes=10_000_000, blocks=10_000, samples=2_500)
+    snap = Snapshot(pid=1, command="app", taken_at=0.0, duration=1.0, sample_bytes=4096,
+                    in_process=True, sites=[site])
+    assert snap.mode == "sampled (in-process, mean 4,096 B)"
+    # 1.96 / sqrt(2500) = 3.92%
+    assert site.interval(site.bytes, site.samples, 4096) == (9_608_000, 10_392_000)
+    assert site.interval(site.bytes, site.samples, 1) == (10_000_000, 10_000_000)
+    assert site.interval(site.bytes, 0, 4096) is None  # a recording: counts not kept
+    text = text_report.render(snap)
+    assert "Unfreed: ~10,000,000 bytes in ~10,000 blocks" in text
+    assert "~ 2,500 samples, 95% interval 9,608,000-10,392,000 bytes" in text
+    row = json_report.to_dict(snap)["sites"][0]
+    assert row["samples"] == 2_500 and row["bytes_interval"] == [9_608_000, 10_392_000]

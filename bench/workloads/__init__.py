@@ -50,6 +50,7 @@ def build() -> Path:
         _run("gcc", *CFLAGS, "-pthread", "-o", BUILD / name, SRC / f"{name}.c")
     _run("gcc", *CFLAGS, "-shared", "-fPIC", "-I/usr/include/node", "-o",
          BUILD / "addon.node", SRC / "addon.c")
+    _run("gcc", *CFLAGS, "-o", BUILD / "sqlite_mix", SRC / "sqlite_mix.c", "-lsqlite3")
     return BUILD
 
 
@@ -60,6 +61,7 @@ def workloads(quick: bool) -> dict[str, Workload]:
     futex_iters = 50_000 if quick else 1_000_000
     mmap_iters = 5_000 if quick else 50_000
     node_iters = 10_000 if quick else 200_000
+    sqlite_iters = 300 if quick else 3_000
 
     def malloc(threads: int) -> Workload:
         suffix = "" if threads == 1 else f"-{threads}t"
@@ -75,6 +77,7 @@ def workloads(quick: bool) -> dict[str, Workload]:
         Workload("mmap", (f"{b}/mmap_heavy", str(mmap_iters)), "mmap/mprotect/munmap"),
         Workload("node", ("/usr/bin/node", str(SRC / "node_buffers.js"), f"{b}/addon.node",
                           str(node_iters)), "Buffer or addon call"),
+        Workload("sqlite", (f"{b}/sqlite_mix", str(sqlite_iters)), "SQL statement"),
     ]
     return {w.name: w for w in found}
 

@@ -14,7 +14,7 @@ import click
 VERBS: dict[str, str] = {
     "doctor": "doctor", "run": "run", "snapshot": "snapshot", "top": "top",
     "record": "record", "report": "report", "diff": "diff", "flamegraph": "flamegraph",
-    "guard": "guard", "agent": "agent", "whatif": "whatif",
+    "guard": "guard", "agent": "agent", "whatif": "whatif", "sampler-path": "sampler_path",
 }
 
 

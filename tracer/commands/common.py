@@ -44,7 +44,11 @@ _REPORT_OPTIONS = [
 _SESSION_OPTIONS = [
     click.option("--sample", "sample", type=Size(), default=None,
                  help="Byte-weighted sampling: each byte recorded with probability 1/SIZE "
-                      "(e.g. 512K). Default: exact."),
+                      "(e.g. 512K). Default: exact; for a process with the in-process "
+                      "sampler loaded, the mean bytes between its samples (default 512K)."),
+    click.option("--exact", "exact", is_flag=True,
+                 help="Uprobes on every allocator call even when the process has the "
+                      "in-process sampler (otel_memory probes) loaded."),
     click.option("--min-age", "min_age", type=Duration(), default=None,
                  help="Leave out allocations younger than this."),
     click.option("--charge-to", "charge_to", default="first", show_default=True,
@@ -100,7 +104,8 @@ def session_from_options(opts: dict[str, Any]) -> SessionOptions:
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--charge-to") from None
     alloc = AllocOptions(sample_bytes=opts["sample"] or 0, max_allocs=opts["max_allocs"],
-                         stack_map_size=opts["stack_map_size"], unwind=opts["unwind"])
+                         stack_map_size=opts["stack_map_size"], unwind=opts["unwind"],
+                         probes="exact" if opts["exact"] else "auto")
     try:
         pairs = tuple(parse_pair(spec) for spec in opts["handle_specs"])
     except ValueError as err:
@@ -138,12 +143,14 @@ class TraceArgs:
             check_output(self.target_output, "--target-output")
         outputs.check(self.record, self.flamegraph)
 
-    def launch(self, argv: list[str], full_screen: bool = False) -> Target:
+    def launch(self, argv: list[str], full_screen: bool = False,
+               env: dict[str, str] | None = None) -> Target:
         """Launch the command with its output where it cannot corrupt natrace's: its
         stdout is natrace's stdout, except when natrace's report goes there and could be
         mixed up with it (JSON, or a pipe or file rather than a terminal): then natrace's
         stderr; under the full-screen `top`, nowhere (both streams). --target-output FILE
-        takes both cases' stdout (and the full-screen case's stderr) instead."""
+        takes both cases' stdout (and the full-screen case's stderr) instead. `env`
+        replaces natrace's environment for the command."""
         out: int | None = None
         if self.target_output:
             out = open_stream(self.target_output, "--target-output")
@@ -152,10 +159,11 @@ class TraceArgs:
         report_on_stdout = self.output is None or is_stdout(self.output)
         try:
             if out is not None:
-                return targets.launch(argv, stdout=out, stderr=out if full_screen else None)
+                return targets.launch(argv, env, stdout=out,
+                                      stderr=out if full_screen else None)
             if report_on_stdout and (self.as_json or not os.isatty(1)):
-                return targets.launch(argv, stdout=2)
-            return targets.launch(argv)
+                return targets.launch(argv, env, stdout=2)
+            return targets.launch(argv, env)
         finally:
             if out is not None:
                 os.close(out)

@@ -62,10 +62,12 @@ class Aggregator:
                 continue
             if r.stack_id < 0:
                 sites.append(Site("malloc", [], r.bytes, r.blocks, r.allocs, r.alloc_bytes,
-                                  lost_stack=stack_error_name(r.stack_id)))
+                                  lost_stack=stack_error_name(r.stack_id), samples=r.samples,
+                                  alloc_samples=r.alloc_samples))
                 continue
             site = self._site("malloc", stack_of(r.stack_id), r.bytes, r.blocks, False)
             site.allocs, site.alloc_bytes, site.stack_ids = r.allocs, r.alloc_bytes, [r.stack_id]
+            site.samples, site.alloc_samples = r.samples, r.alloc_samples
             sites.append(site)
         for owner, size, ranges in mappings:
             sites.append(self._site(owner.kind, owner.stack, size, ranges,
@@ -111,4 +113,6 @@ def _merge_site(have: Site, site: Site, heavier: bool) -> None:
     have.blocks += site.blocks
     have.allocs += site.allocs
     have.alloc_bytes += site.alloc_bytes
+    have.samples += site.samples
+    have.alloc_samples += site.alloc_samples
     have.stack_ids += site.stack_ids

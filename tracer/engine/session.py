@@ -250,7 +250,9 @@ class Session:
             taken_at=time.time(),
             duration=duration,
             allocs=self.options.allocs,
-            sample_bytes=self.options.alloc.sample_bytes,
+            sample_bytes=(self.probes.period if self.probes.in_process
+                          else self.options.alloc.sample_bytes),
+            in_process=self.probes.in_process,
             min_age=self.options.min_age,
             sites=sites,
             loss=loss,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from tracer.model.frames import Frame, charged, function_key
@@ -35,6 +36,22 @@ class Site:
     via: str | None = None  # the charged module's API its caller called (PQexec)
     per_minute: float | None = None  # growth of `bytes` over the last minute traced
     suspect: bool = False  # growing steadily: a leak suspect (tracer/model/growth.py)
+    samples: int = 0  # sampled in the process: the sampled blocks behind bytes/blocks
+    alloc_samples: int = 0  # ... and behind allocs/alloc_bytes
+
+    @staticmethod
+    def interval(estimate: int, samples: int, period: int) -> tuple[int, int] | None:
+        """95% interval of an estimate made from `samples` Poisson samples (in-process
+        sampling: a count of sample points is Poisson, relative error 1/sqrt(n); blocks
+        spanning several periods are measured more precisely, so this is conservative).
+        A period of 1 samples every allocation: the figure is exact. None when the
+        sample count is not known (a recording keeps the estimates, not the counts)."""
+        if period == 1:
+            return estimate, estimate
+        if samples <= 0:
+            return None if estimate else (0, 0)
+        half = 1.96 * estimate / math.sqrt(samples)
+        return max(0, round(estimate - half)), round(estimate + half)
 
     @property
     def frame(self) -> Frame | None:

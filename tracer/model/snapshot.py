@@ -10,6 +10,7 @@ from tracer.model.locks import LockReport
 from tracer.model.memory import MemoryReport
 from tracer.model.sites import Site
 from tracer.model.syscalls import SyscallSummary
+from tracer.units import format_size
 
 # What the pipeline could not record, by name, with the sentence a report prints.
 LOSS_DESCRIPTIONS = {
@@ -26,6 +27,7 @@ LOSS_DESCRIPTIONS = {
                   "not recorded",
     "stack_lost": "triage events whose stack could not be captured",
     "keys_full": "triage events not counted: aggregation map full",
+    "sampler_dropped": "sample points the process dropped: its sampled-address set was full",
 }
 
 
@@ -50,12 +52,21 @@ class Snapshot:
     triage_loss: dict[str, int] = field(default_factory=dict)  # what the triage probes lost
     handles: list[HandleType] = field(default_factory=list)  # create/destroy pairs traced
     notes: list[str] = field(default_factory=list)  # about the session: exec, children
+    in_process: bool = False  # the process sampled itself (otel_memory USDT probes)
 
     @property
     def mode(self) -> str:
         if not self.allocs:
             return "triage"
+        if self.in_process:
+            mean = format_size(self.sample_bytes) if self.sample_bytes else "its own"
+            return f"sampled (in-process, mean {mean})"
         return "sampled" if self.sample_bytes else "full"
+
+    @property
+    def estimated(self) -> bool:
+        """Are the byte and block figures estimates (sampled) rather than counts?"""
+        return bool(self.sample_bytes) or self.in_process
 
     def user_sites(self) -> list[Site]:
         """Sites whose bytes belong to the program (not the allocator's own mappings)."""

@@ -20,7 +20,9 @@ from tracer.probes import bpfprog
 from tracer.probes.allocators import EntryPoint, find_entry_points
 from tracer.probes.base import ProbeSet, map_items
 from tracer.probes.placement import entry_offset
+from tracer.probes.sampler import DEFAULT_PERIOD, Counters, SamplerConfig
 from tracer.probes.target import Target
+from tracer.probes.usdt import UsdtProbe, otel_probes
 from tracer.symbols.unwind import splice_caller
 
 _COUNTERS = {
@@ -44,11 +46,14 @@ _CALL_COUNTERS = {
 
 @dataclass(frozen=True)
 class AllocOptions:
-    sample_bytes: int = 0
+    sample_bytes: int = 0  # uprobes: in-kernel sampling period; in-process: the mean asked
     max_allocs: int = 1 << 19
     stack_map_size: int = 1 << 16
     ringbuf_pages: int = 256
     unwind: str = "auto"  # tracer/probes/unwinding.py's UNWIND_MODES
+    # "auto": the process's own sampler when it has otel_memory probes, else uprobes on
+    # the allocator; "exact": uprobes always; "in-process": the sampler or an error
+    probes: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class RawSite:
     blocks: int
     allocs: int
     alloc_bytes: int
+    samples: int = 0  # sampled in the process: sampled blocks outstanding
+    alloc_samples: int = 0  # ... and sampled allocations since attach
 
 
 @dataclass(frozen=True)
@@ -81,20 +88,35 @@ class AllocProbes(ProbeSet):
         self.modules_changed = False  # set when the target maps executable code
         self._c = bpfprog.constants()
         self._shift = self._c["NATRACE_BLOCK_SHIFT"]
+        self.in_process = False  # the process samples itself (otel_memory probes)
+        self.period = 0  # in-process: mean bytes between samples (0: the process's own)
+        self._samplers: list[SamplerConfig] = []
+        self._sampler_libs: list[str] = []
+        self._target_pid = 0
 
     def attach(self, target: Target) -> None:
-        entry_points = find_entry_points(target.mapped_files(), target.executable())
-        if not any(ep.family_name == "malloc" for ep in entry_points):
+        files = target.mapped_files()
+        usdt = [] if self.options.probes == "exact" else otel_probes(files)
+        if self.options.probes == "in-process" and not usdt:
+            raise TargetError(f"process {target.pid} has no otel_memory probes: start it with "
+                              "LD_PRELOAD=$(natrace sampler-path), or use natrace run --sampled")
+        entry_points = [] if usdt else find_entry_points(files, target.executable())
+        if not usdt and not any(ep.family_name == "malloc" for ep in entry_points):
             raise TargetError(f"process {target.pid} maps no known allocator (no malloc found)")
+        self.in_process = bool(usdt)
         defines: dict[str, int | str] = {
-            "SAMPLE_BYTES": self.options.sample_bytes,
+            "SAMPLE_BYTES": 0 if usdt else self.options.sample_bytes,
             "MAX_ALLOCS": self.options.max_allocs,
             "MAX_STACKS": self.options.stack_map_size,
             "RINGBUF_PAGES": self.options.ringbuf_pages,
             "TARGET_PAGE_SIZE": os.sysconf("SC_PAGE_SIZE"),
         }
+        if usdt:
+            defines["USDT_SAMPLED"] = 1
         self._load("alloc.bpf.c", target, defines, self.options.unwind)
         try:
+            if usdt:
+                self._attach_in_process(target, usdt)
             for ep in entry_points:
                 self._attach_entry_point(ep, target.pid)
             self._stop_at_exit(target)
@@ -105,6 +127,39 @@ class AllocProbes(ProbeSet):
             raise KernelFeatureError(f"could not attach uprobes: {err}") from None
         self._bpf["mem_events"].open_ring_buffer(self._on_mem_event)
         self._arm(target)
+
+    def _attach_in_process(self, target: Target, usdt: list[UsdtProbe]) -> None:
+        """The process's otel_memory probes, with the kernel counting their semaphores
+        in (so the process leaves its dormant path) and out at detach. natrace's own
+        sampler gets its period first; a launched one reads it from its environment."""
+        self.period = self.options.sample_bytes or DEFAULT_PERIOD
+        self._target_pid = target.pid
+        self._sampler_libs = sorted({p.path for p in usdt})
+        if not target.launched:
+            self._samplers = [c for c in (SamplerConfig.find(target.pid, lib)
+                                          for lib in self._sampler_libs) if c]
+            for config in self._samplers:
+                config.set_period(self.period)
+            if not self._samplers:
+                self.period = 0  # another otel_memory provider: its period is its own
+        # frees first: the process keeps a sampled address for its free only while the
+        # free probe is on
+        for p in sorted(usdt, key=lambda p: p.name != "free"):
+            program = "otel_alloc" if p.name == "alloc" else "free_enter"
+            bpfprog.attach_counted_uprobe(self._bpf, program, p.path, p.offset, target.pid,
+                                          p.semaphore_offset)
+            self.points.append(ProbePoint(p.path, f"otel_memory:{p.name}", p.offset, False))
+
+    def sampler_counters(self) -> Counters | None:
+        """What the process's sampler says it fired and dropped (summed over copies)."""
+        if self.in_process and not self._samplers and self._target_pid:
+            self._samplers = [c for c in (SamplerConfig.find(self._target_pid, lib)
+                                          for lib in self._sampler_libs) if c]
+        read = [c for c in (s.read() for s in self._samplers) if c]
+        if not read:
+            return None
+        return Counters(read[0].period, sum(c.sampled for c in read),
+                        sum(c.dropped for c in read))
 
     def _attach_entry_point(self, ep: EntryPoint, pid: int) -> None:
         offset = entry_probe_offset(ep)
@@ -155,7 +210,9 @@ class AllocProbes(ProbeSet):
             if allocs_fp == 0 and blocks_fp == 0:
                 continue
             out.append(RawSite(key, sum(c.bytes for c in copies), blocks_fp >> shift,
-                               allocs_fp >> shift, sum(c.alloc_bytes for c in copies)))
+                               allocs_fp >> shift, sum(c.alloc_bytes for c in copies),
+                               sum(getattr(c, "samples", 0) for c in copies),
+                               sum(getattr(c, "alloc_samples", 0) for c in copies)))
         return out
 
     def sites_older_than(self, min_age: float) -> list[RawSite]:
@@ -165,22 +222,30 @@ class AllocProbes(ProbeSet):
         for _addr, info in self._iter_allocs():
             if info.ts_ns > cutoff:
                 continue
-            slot = acc.setdefault(info.stack_id, [0, 0])
-            slot[0] += self._weight_bytes(info.size)
-            slot[1] += self._weight_blocks_fp(info.size)
-        return [RawSite(sid, b, n >> self._shift, 0, 0) for sid, (b, n) in acc.items()]
+            slot = acc.setdefault(info.stack_id, [0, 0, 0])
+            slot[0] += self._weight_bytes(info)
+            slot[1] += self._weight_blocks_fp(info)
+            slot[2] += 1
+        return [RawSite(sid, b, n >> self._shift, 0, 0, samples=k if self.in_process else 0)
+                for sid, (b, n, k) in acc.items()]
 
     def _iter_allocs(self) -> Iterator[tuple[Any, Any]]:
         return map_items(self._bpf["allocs"])
 
-    def _weight_bytes(self, size: int) -> int:
+    def _weight_bytes(self, info: Any) -> int:
+        """The same weights as bpf/alloc.bpf.c's weight_bytes and weight_blocks_fp."""
+        if self.in_process:
+            return int(info.weight)
         rate = self.options.sample_bytes
-        return max(size, rate) if rate else size
+        return max(info.size, rate) if rate else int(info.size)
 
-    def _weight_blocks_fp(self, size: int) -> int:
+    def _weight_blocks_fp(self, info: Any) -> int:
+        size = max(int(info.size), 1)
+        if self.in_process:
+            return (int(info.weight) << self._shift) // size
         rate = self.options.sample_bytes
         if rate and size < rate:
-            return (rate << self._shift) // max(size, 1)
+            return (rate << self._shift) // size
         return 1 << self._shift
 
     def counters(self) -> tuple[dict[str, int], dict[str, int]]:
@@ -190,8 +255,15 @@ class AllocProbes(ProbeSet):
         def total(macro: str) -> int:
             return int(sum(table[ctypes.c_int(self._c[macro])]))
 
-        return ({name: total(m) for name, m in _COUNTERS.items()},
-                {name: total(m) for name, m in _CALL_COUNTERS.items()})
+        loss = {name: total(m) for name, m in _COUNTERS.items()}
+        calls = {name: total(m) for name, m in _CALL_COUNTERS.items()}
+        if self.in_process:
+            del calls["sampled_out"]
+            sampler = self.sampler_counters()
+            if sampler is not None:
+                loss["sampler_dropped"] = sampler.dropped
+                calls["sampler_fired"] = sampler.sampled
+        return loss, calls
 
 
 

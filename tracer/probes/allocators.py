@@ -129,7 +129,7 @@ def entry_points(path: str, executable: bool = False) -> list[EntryPoint]:
             vaddr, size = sym
             if vaddr in by_addr:
                 break
-            offset = _vaddr_to_offset(loads, vaddr)
+            offset = vaddr_to_offset(loads, vaddr)
             if offset is not None:
                 by_addr[vaddr] = EntryPoint(path, prefix + family_name, family_name, vaddr,
                                             size, offset, programs[family_name])
@@ -170,7 +170,9 @@ def _defined_functions(elf: ELFFile, fh: BinaryIO, programs: dict[str, str],
     return found
 
 
-def _vaddr_to_offset(loads: list[tuple[int, int, int]], vaddr: int) -> int | None:
+def vaddr_to_offset(loads: list[tuple[int, int, int]], vaddr: int) -> int | None:
+    """A virtual address as a file offset, given the (p_vaddr, p_offset, p_filesz) of the
+    file's PT_LOAD segments; None outside them."""
     for seg_vaddr, seg_offset, filesz in loads:
         if seg_vaddr <= vaddr < seg_vaddr + filesz:
             return vaddr - seg_vaddr + seg_offset

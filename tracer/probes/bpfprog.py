@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import functools
 import hashlib
 import io
@@ -79,6 +80,24 @@ def defines_symbol(path: str, name: str) -> bool:
     except Exception:  # bcc raises bare Exception for an unknown symbol
         return False
     return True
+
+
+def attach_counted_uprobe(bpf: Any, fn_name: str, path: str, offset: int, pid: int,
+                          ref_ctr_offset: int) -> None:
+    """A uprobe at a file offset whose semaphore (USDT) the kernel counts in while the
+    probe is attached and out when it is closed, even if natrace dies; bcc's
+    attach_uprobe cannot pass ref_ctr_offset, so libbcc is called directly."""
+    bcc = import_bcc()
+    fn = bpf.load_func(fn_name.encode(), bcc.BPF.KPROBE)
+    attach = ctypes.CDLL(bcc.libbcc.lib._name)["bpf_attach_uprobe"]  # a prototype of our own
+    attach.restype = ctypes.c_int
+    attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                       ctypes.c_ulonglong, ctypes.c_int, ctypes.c_uint32]
+    ev_name = f"natrace_{os.getpid()}_{pid}_{abs(hash(path)):x}_{offset:x}".encode()
+    fd = attach(fn.fd, 0, ev_name, path.encode(), offset, pid, ref_ctr_offset)
+    if fd < 0:
+        raise KernelFeatureError(f"could not attach a uprobe at {path}+{offset:#x}")
+    bpf._add_uprobe_fd(ev_name, fd)
 
 
 def compile_program(name: str, defines: dict[str, int | str]) -> Any:

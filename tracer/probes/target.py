@@ -24,6 +24,7 @@ class Target:
     _gate: int | None = None
     exit_code: int | None = None
     notes: list[str] = field(default_factory=list)  # what attach() resolved or noticed
+    env: dict[str, str] | None = None  # a launched command's environment (None: natrace's)
 
     def alive(self) -> bool:
         if self.launched:
@@ -39,7 +40,7 @@ class Target:
     def mapped_files(self) -> list[str]:
         """Files the target maps now (or, before exec, the files it will load)."""
         if self._gate is not None:
-            return planned_libraries(self.argv)
+            return planned_libraries(self.argv, self.env)
         return mapped_files(self.pid)
 
     def executable(self) -> str | None:
@@ -230,7 +231,8 @@ def launch(argv: Sequence[str], env: Mapping[str, str] | None = None,
         finally:
             os._exit(127)
     os.close(read_end)
-    return Target(pid=pid, argv=args, launched=True, _gate=write_end)
+    return Target(pid=pid, argv=args, launched=True, _gate=write_end,
+                  env=None if env is None else dict(env))
 
 
 def resolve_command(name: str) -> str | None:
@@ -258,9 +260,10 @@ _LIBC_FILE = re.compile(r"(^|/)(libc\.so[.\d]*|libc-[\d.]+\.so|ld-musl-[^/]*\.so
 _LDD_LINE = re.compile(r"=>\s+(/\S+)|^\s*(/\S+)\s+\(")
 
 
-def planned_libraries(argv: Sequence[str]) -> list[str]:
+def planned_libraries(argv: Sequence[str], env: dict[str, str] | None = None) -> list[str]:
     """Shared libraries a command will load, from its dynamic loader's --list mode
-    (honours LD_PRELOAD and LD_LIBRARY_PATH). Scripts are followed to their interpreter."""
+    (honours LD_PRELOAD and LD_LIBRARY_PATH of `env`, else natrace's). Scripts are
+    followed to their interpreter."""
     exe = resolve_command(argv[0])
     if exe is None:
         return []
@@ -270,7 +273,7 @@ def planned_libraries(argv: Sequence[str]) -> list[str]:
         return [exe]  # static: the allocator lives in the executable
     try:
         out = subprocess.run([interp, "--list", exe], capture_output=True, text=True,
-                             timeout=10, check=False).stdout
+                             timeout=10, check=False, env=env).stdout
     except (OSError, subprocess.TimeoutExpired):
         return [exe]
     libs = [m.group(1) or m.group(2) for m in map(_LDD_LINE.search, out.splitlines()) if m]

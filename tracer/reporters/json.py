@@ -27,6 +27,7 @@ def to_dict(snap: Snapshot) -> dict[str, Any]:
         "duration": round(snap.duration, 3),
         "mode": snap.mode,
         "sample_bytes": snap.sample_bytes,
+        "in_process": snap.in_process,
         "min_age": snap.min_age,
         "target_exited": snap.target_exited,
         "exit_code": snap.exit_code,
@@ -35,7 +36,7 @@ def to_dict(snap: Snapshot) -> dict[str, Any]:
                    "sites": len(snap.user_sites())},
         "modules": [{"module": name, "bytes": b, "blocks": n, "sites": len(sites)}
                     for name, b, n, sites in snap.by_module()],
-        "sites": [_site(s) for s in snap.sites],
+        "sites": [_site(s, snap.sample_bytes if snap.in_process else None) for s in snap.sites],
         "loss": snap.loss,
         "calls": snap.calls,
         "memory": _memory(snap.memory) if snap.memory is not None else None,
@@ -44,9 +45,11 @@ def to_dict(snap: Snapshot) -> dict[str, Any]:
     }
 
 
-def _site(site: Site) -> dict[str, Any]:
+def _site(site: Site, period: int | None) -> dict[str, Any]:
+    """`period`: sampled in the process with this mean (0: the process's own), else None."""
     frame = site.frame
     return {
+        **(_sampling(site, period) if period is not None else {}),
         "kind": site.kind,
         "bytes": site.bytes,
         "blocks": site.blocks,
@@ -64,6 +67,22 @@ def _site(site: Site) -> dict[str, Any]:
         "suspect": site.suspect,
         "stack": [_frame(f) for f in site.frames],
     }
+
+
+def _sampling(site: Site, period: int) -> dict[str, Any]:
+    """How many samples each estimate stands on, and its 95% interval."""
+    return {
+        "samples": site.samples,
+        "alloc_samples": site.alloc_samples,
+        "bytes_interval": _list(site.interval(site.bytes, site.samples, period)),
+        "blocks_interval": _list(site.interval(site.blocks, site.samples, period)),
+        "alloc_bytes_interval": _list(site.interval(site.alloc_bytes, site.alloc_samples,
+                                                    period)),
+    }
+
+
+def _list(pair: tuple[int, int] | None) -> list[int] | None:
+    return list(pair) if pair is not None else None
 
 
 def _memory(mem: MemoryReport) -> dict[str, Any]:

@@ -30,11 +30,16 @@ def render(snap: Snapshot, top: int = 10) -> str:
         return "\n".join(lines) + "\n"
     user = snap.user_sites()
     total = snap.total_bytes()
-    est = "~" if snap.sample_bytes else ""
+    est = "~" if snap.estimated else ""
     lines.append(f"Unfreed: {est}{total:,} bytes in {est}{snap.total_blocks():,} blocks at "
                  f"{len(user)} call sites" + (f" (allocations older than {snap.min_age:g} s)"
                                               if snap.min_age else ""))
-    if snap.sample_bytes:
+    if snap.in_process:
+        mean = f"every {snap.sample_bytes:,} bytes on average" if snap.sample_bytes else \
+            "at the period the process chose"
+        lines.append(f"Sampled in the process (otel_memory probes), {mean}: figures (~) are "
+                     "unbiased estimates; each site shows its samples and 95% interval")
+    elif snap.sample_bytes:
         lines.append(f"Sampled: one byte in {snap.sample_bytes:,}; figures are unbiased "
                      "estimates")
     lines.append("")
@@ -45,6 +50,11 @@ def render(snap: Snapshot, top: int = 10) -> str:
                  f"{'MODULE':16} CALL SITE")
     for site in user[:top]:
         lines += _site(site, total)
+        interval = site.interval(site.bytes, site.samples, snap.sample_bytes)
+        if snap.in_process and site.kind == "malloc" and interval is not None:
+            lo, hi = interval
+            lines.append(f"  {'':>14} {'':>9} {'':>6} {'':>11}  {'':6} {'':16}   ~ "
+                         f"{site.samples:,} samples, 95% interval {lo:,}-{hi:,} bytes")
     internal = [s for s in snap.sites if s.allocator_internal]
     if internal:
         lines.append("")

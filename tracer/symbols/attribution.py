@@ -42,7 +42,11 @@ _CLASS_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^(libc|libm|libdl|librt|libpthread)(\.so.*|-[\d.]+\.so)$"
                 r"|^ld-linux.*$|^ld-[\d.]+\.so$"), "libc"),
     (re.compile(r"^libstdc\+\+\.so.*$"), "libstdc++"),
+    (re.compile(r"^libnatrace_sampler\.so$"), "natrace-sampler"),
 ]
+#: natrace's in-process sampler (sampler/): every frame of it is the allocator's front,
+#: so the stack its probes fire from is charged past it, like malloc's own frames.
+SAMPLER_CLASS = "natrace-sampler"
 _SO_VERSION = re.compile(r"\.so(\.[^/]*)?$")
 _CLONE_SUFFIX = re.compile(r"\.(cold|part|isra|constprop|lto_priv|localalias)(\.\d+)*.*$")
 
@@ -126,6 +130,8 @@ def normalize_symbol(name: str) -> str:
 def is_allocator_frame(frame: Frame, allocator_modules: Collection[str] = DEFAULT_ALLOCATOR_MODULES,
                        wrapper_symbols: Collection[str] = DEFAULT_WRAPPER_SYMBOLS) -> bool:
     """Is this frame the allocator itself or a libc/libstdc++ wrapper around it?"""
+    if frame.module_class == SAMPLER_CLASS:
+        return True
     if not frame.symbol:
         return False
     if frame.module_class not in allocator_modules and basename(frame.module) not in \
@@ -173,8 +179,10 @@ def made_by(frames: Sequence[Frame], functions: Collection[str]) -> bool:
 def made_by_allocator(frames: Sequence[Frame]) -> bool:
     """Is this mapping the allocator's own (an arena heap, heap growth)? The BPF side
     tags mappings made inside a traced malloc-family call; this also catches those
-    made inside free(), whose first call on a thread sets up the thread's arena."""
-    return made_by(frames, ALLOCATOR_INTERNALS)
+    made inside free(), whose first call on a thread sets up the thread's arena, and
+    the in-process sampler's own table of sampled addresses."""
+    return made_by(frames, ALLOCATOR_INTERNALS) or any(
+        f.module_class == SAMPLER_CLASS for f in frames)
 
 
 def parse_charge_to(spec: str) -> str | None:
