@@ -479,6 +479,11 @@ EXPORT int posix_memalign(void **out, size_t align, size_t n) {
     return err;
 }
 
+static size_t page_round(size_t n) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    return n ? (n + page - 1) & ~(page - 1) : page;
+}
+
 #define ALIGNED(name, params, args, size)                  \
     EXPORT void *name params {                             \
         if (likely(!ALLOC_ON()))                           \
@@ -488,7 +493,8 @@ EXPORT int posix_memalign(void **out, size_t align, size_t n) {
 ALIGNED(aligned_alloc, (size_t align, size_t n), (align, n), n)
 ALIGNED(memalign, (size_t align, size_t n), (align, n), n)
 ALIGNED(valloc, (size_t n), (n), n)
-ALIGNED(pvalloc, (size_t n), (n), n)
+/* pvalloc hands out whole pages: counted as such, as natrace's uprobes count it */
+ALIGNED(pvalloc, (size_t n), (n), page_round(n))
 
 /* ---- operator new and delete ------------------------------------------------------------
  * Forwarded to the next definition (libstdc++'s, or an allocator's own) while dormant.
