@@ -127,9 +127,11 @@ def test_doctor_passes_here() -> None:
     proc = natrace("doctor")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr == ""
-    for name in REQUIRED:
+    for name in REQUIRED:  # headers of another kernel version are a warning, not a failure
         assert any(
-            line.split("  ")[0] == name and " ok " in line for line in proc.stdout.splitlines()
+            line.split("  ")[0] == name and (" ok " in line or
+                                             name == "kernel headers" and " warn " in line)
+            for line in proc.stdout.splitlines()
         ), name
     assert "natrace can trace on this machine." in proc.stdout
 
@@ -144,7 +146,8 @@ def test_doctor_json_parses() -> None:
         assert set(r) == {"name", "status", "detail", "fix"}
         assert r["status"] in ("ok", "warn", "info")
     by_name = {r["name"]: r["status"] for r in results}
-    assert all(by_name[name] == "ok" for name in REQUIRED), by_name
+    assert all(by_name[name] == "ok" or name == "kernel headers" and by_name[name] == "warn"
+               for name in REQUIRED), by_name
 
 
 def _unprivileged_prefix() -> tuple[str, ...]:

@@ -5,6 +5,7 @@ with 141 (README: where the target's output goes; exit codes)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -14,6 +15,7 @@ import stat
 import subprocess
 import termios
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,33 @@ def _drain(fd: int, into: bytearray) -> None:
         if not chunk:
             return
         into += chunk
+
+
+def test_natrace_waits_out_a_full_non_blocking_stderr(tmp_path: Path) -> None:
+    """stderr is a pipe set O_NONBLOCK and already full: natrace's one-line error waits
+    in poll() (seen in /proc/PID/syscall, no clock) instead of failing, and arrives whole
+    once the pipe is read."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETFL, fcntl.fcntl(write_end, fcntl.F_GETFL) | os.O_NONBLOCK)
+    filler = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filler += os.write(write_end, b"f" * 4096)
+    proc = subprocess.Popen([NATRACE, "report", str(tmp_path / "missing.natrace")],
+                            stdout=subprocess.DEVNULL, stderr=write_end)
+    os.close(write_end)
+    while not _waiting_in_poll(proc.pid):
+        assert proc.poll() is None
+        time.sleep(0.01)
+    got = bytearray()
+    _drain(read_end, got)
+    assert proc.wait(timeout=60) == 2
+    assert got[filler:].decode() == f"natrace: {tmp_path / 'missing.natrace'}: no such file\n"
+
+
+def _waiting_in_poll(pid: int) -> bool:
+    """The process sits in poll(2) on one descriptor with no timeout (x86-64: syscall 7)."""
+    with open(f"/proc/{pid}/syscall") as fh:
+        fields = fh.read().split()
+    return len(fields) > 3 and fields[0] == "7" and int(fields[2], 16) == 1 \
+        and int(fields[3], 16) in (0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)

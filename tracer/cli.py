@@ -8,6 +8,7 @@ with --debug, which shows the traceback.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import sys
@@ -74,7 +75,31 @@ def _invoke(args: list[str]) -> Any:
         raise click.Abort() from err
 
 
+class _PatientFd(io.RawIOBase):
+    """A descriptor written through write_fd: a stderr that a target made non-blocking
+    (node does so to the pipes it is given, natrace's stderr among them) must not turn
+    natrace's own messages into BlockingIOError."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data: Any) -> int:
+        write_fd(self._fd, bytes(data))
+        return len(data)
+
+
 def main() -> None:
+    if sys.stderr is not None and sys.stderr.fileno() == 2:
+        sys.stderr = io.TextIOWrapper(_PatientFd(2), encoding=sys.stderr.encoding,
+                                      errors="backslashreplace", line_buffering=True,
+                                      write_through=True)
     args = sys.argv[1:]
     debug = "--debug" in args[: next((i for i, a in enumerate(args)
                                       if not a.startswith("-")), len(args))]
