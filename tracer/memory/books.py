@@ -365,7 +365,22 @@ def read_books(pid: int, regions: Sequence[Region], heaps: Sequence[ArenaHeap],
         mem.close()
 
 
+_REASONS: dict[tuple[Any, ...], str] = {}  # (allocator, device, inode, mtime) -> reason
+
+
 def _unreadable(allocator: str, path: str) -> str:
+    """Why another allocator's books are not read; remembered per file, like layouts."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _unreadable_now(allocator, path)
+    key = (allocator, st.st_dev, st.st_ino, st.st_mtime_ns)
+    if key not in _REASONS:
+        _REASONS[key] = _unreadable_now(allocator, path)
+    return _REASONS[key]
+
+
+def _unreadable_now(allocator: str, path: str) -> str:
     syms = ElfSymbols(path, cache_dir="")
     debug = ("its debug info is here but natrace reads only glibc's layout"
              if syms.debug_file or syms.source == "symtab" else
