@@ -340,3 +340,35 @@ def test_site_growth_names_the_steady_leak_first_and_stays_bounded(tmp_path: Pat
     assert 1 <= len(rates) <= 2, rates
     fastest = max(rates, key=lambda k: rates[k])
     assert fastest.startswith("grower-watched,leak_steadily"), rates
+
+
+@pytest.mark.bpf
+def test_growth_limit_opens_a_window_that_names_the_grower(tmp_path: Path) -> None:
+    """tests/fixtures/src/memory/grower.c grows 1 MiB every 50 ms from grow_heap() once
+    released: --growth 8M/2s trips, and the window's report leads with grow_heap."""
+    from memfixtures import build as build_memory
+
+    exe = tmp_path / "grower-growth"
+    shutil.copy(build_memory().grower, exe)
+    with running_agent("--match", re.escape(str(exe)), "--growth", "8M/2s",
+                       "--window", "10m", "--record-dir", str(tmp_path / "records"),
+                       "--json", "--interval", "0.2s", "--max-overhead", "100%") as agent:
+        proc = subprocess.Popen([str(exe), "400", "50", str(tmp_path / "signalled")],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            assert proc.stdout.readline().startswith("ready")
+            agent.expect(rf"watching PID {proc.pid} ")
+            proc.stdin.write("x")
+            proc.stdin.flush()
+            agent.expect(rf"PID {proc.pid} .*: RSS grew .* in 2 s, over the limit "
+                         r"8\.0 MiB/2 s: allocation tracing for")
+            os.kill(agent.proc.pid, signal.SIGUSR1)
+            report = agent.expect(rf"PID {proc.pid} .*window over.*; report (\S+),")[1]
+        finally:
+            proc.kill()
+            proc.wait()
+        assert agent.stop() == 0
+    doc = json.loads(Path(report.rstrip(",")).read_text())
+    user = [s for s in doc["sites"] if not s["allocator_internal"]]
+    assert user and user[0]["function"] == "grow_heap", [s["label"] for s in user[:3]]
