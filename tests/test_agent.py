@@ -372,3 +372,53 @@ def test_growth_limit_opens_a_window_that_names_the_grower(tmp_path: Path) -> No
     doc = json.loads(Path(report.rstrip(",")).read_text())
     user = [s for s in doc["sites"] if not s["allocator_internal"]]
     assert user and user[0]["function"] == "grow_heap", [s["label"] for s in user[:3]]
+
+
+@pytest.mark.bpf
+def test_a_process_with_the_in_process_sampler_is_traced_all_the_time(tmp_path: Path) -> None:
+    """leaky.c with natrace's sampler preloaded: no window, sampled allocation tracing
+    from the moment it is watched (--sample 1: every allocation, so exact figures);
+    SIGUSR1 writes its figures without removing the probes."""
+    from samplerfixtures import build as build_sampler
+
+    fx = build()
+    exe = tmp_path / "leaky-sampled"
+    shutil.copy(fx.leaky, exe)
+    port = free_port()
+    env = {**os.environ, "LD_PRELOAD": str(build_sampler().library)}
+    with running_agent("--match", re.escape(str(exe)), "--sample", "1", "--listen",
+                       f"127.0.0.1:{port}", "--record-dir", str(tmp_path / "records"),
+                       "--json", "--interval", "0.2s", "--push-interval", "0.5s",
+                       "--max-overhead", "100%") as agent:
+        proc = subprocess.Popen([str(exe), "--wait", "--plugin", str(fx.plugin)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env=env)
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().startswith("ready")
+            agent.expect(rf"PID {proc.pid} .*: the in-process sampler is loaded: sampled "
+                         r"allocation tracing while it runs \(.*, mean 1 B\)")
+            release(proc)
+            unfreed = wait_for("the plugin's and libleak's bytes in the metrics", lambda: (
+                got if {k: got.get(k) for k in ("addon:plugin", "libleak.so")} == {
+                    "addon:plugin": 2_220, "libleak.so": 999} else None)
+                if (got := _samples(metrics_text(port), "natrace_unfreed_bytes", proc.pid))
+                else None)
+            text = metrics_text(port)
+            os.kill(agent.proc.pid, signal.SIGUSR1)
+            report_path = agent.expect(rf"PID {proc.pid} .*sampled figures written; "
+                                       r"report (\S+),")[1]
+            still = agent.fds(PERF)
+        finally:
+            proc.kill()
+            proc.wait()
+        agent.expect(rf"PID {proc.pid} \(.*\) ended: probes removed")
+        assert agent.stop() == 0
+    report = json.loads(Path(report_path.rstrip(",")).read_text())
+    assert report["mode"] == "sampled (in-process, mean 1 B)"
+    modules = {m["module"]: m["bytes"] for m in report["modules"]}
+    assert modules["addon:plugin"] == unfreed["addon:plugin"] == 2_220
+    assert modules["libleak.so"] == 999
+    assert _samples(text, "natrace_process_in_process_sampler", proc.pid) == {"": 1}
+    assert still > 0  # the probes stayed after the report
+    assert not any("allocation tracing for" in line for line in agent.lines)

@@ -118,7 +118,7 @@ class Agent:
             self.budget.charge(*sup.hits())
         if self.budget.due() and self.budget.settle():
             for sup in self.supervisors.values():
-                if sup.window is not None:
+                if sup.window is not None and not sup.sampler:
                     self.budget.fallbacks += 1
                     sup.end_window("ended early to stay within --max-overhead")
 

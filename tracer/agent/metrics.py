@@ -53,8 +53,11 @@ class AgentCollector(Collector):
 
         rss = per_process("natrace_process_rss_bytes", "Resident set size of a watched process.")
         mode = per_process("natrace_process_allocation_tracing",
-                           "1 while allocation probes are attached (an escalation window), "
-                           "0 in triage mode.")
+                           "1 while allocation probes are attached (an escalation window or "
+                           "the in-process sampler), 0 in triage mode.")
+        sampler = per_process("natrace_process_in_process_sampler",
+                              "1 when allocations come from the process's own sampler "
+                              "(otel_memory probes, traced all the time), else 0.")
         probes = per_process("natrace_process_probes", "Probes attached to a watched process.")
         unfreed = per_process("natrace_unfreed_bytes", "Bytes allocated and not freed, by "
                               "module class, in the last allocation window.", ["module"])
@@ -74,7 +77,8 @@ class AgentCollector(Collector):
             ids = [str(p.pid), p.comm]
             if p.rss is not None:
                 rss.add_metric(ids, p.rss)
-            mode.add_metric(ids, 1 if p.mode == "allocations" else 0)
+            mode.add_metric(ids, 0 if p.mode == "triage" else 1)
+            sampler.add_metric(ids, 1 if p.mode == "sampled" else 0)
             probes.add_metric(ids, p.probes)
             windows.add_metric(ids, p.escalations)
             locks.add_metric(ids, p.contended_locks)
@@ -87,7 +91,8 @@ class AgentCollector(Collector):
                 handles.add_metric(ids + [name], live)
             for kind, n in p.lost:
                 lost.add_metric(ids + [kind], n)
-        yield from (rss, mode, probes, unfreed, blocks, growth, handles, locks, lost, windows)
+        yield from (rss, mode, sampler, probes, unfreed, blocks, growth, handles, locks, lost,
+                    windows)
 
         yield _gauge("natrace_watched_processes", "Processes watched now.", len(v.processes))
         yield _counter("natrace_escalations", "Allocation windows opened.", v.escalations)

@@ -25,6 +25,7 @@ from tracer.files import write_private
 from tracer.model.snapshot import Snapshot
 from tracer.probes import target as targets
 from tracer.probes.handles import HandleOptions
+from tracer.probes.usdt import otel_probes
 from tracer.reporters import json as json_report
 from tracer.reporters import text as text_report
 from tracer.units import format_size
@@ -60,7 +61,7 @@ class ProcessFigures:
 
     pid: int
     comm: str
-    mode: str  # "triage" or "allocations"
+    mode: str  # "triage", "allocations" (a window) or "sampled" (in-process sampler)
     probes: int
     rss: int | None
     escalations: int
@@ -96,10 +97,15 @@ class Supervisor:
         self.unpushed: Snapshot | None = None  # allocation figures not yet sent to Pyroscope
         self.reports: list[str] = []  # files written, newest last
         self._seen = (0, 0)  # probe hits counted so far: allocator calls, syscalls
+        # the process samples itself (otel_memory probes): allocation tracing all the
+        # time at the sampler's cost; a tripped limit writes a report from it, no window
+        self.sampler = bool(otel_probes(self.target.mapped_files()))
 
     def start(self) -> None:
         with self.budget.setup():
             self.triage.start()
+        if self.sampler:
+            self.open_allocations("the in-process sampler is loaded", None)
 
     @property
     def probe_count(self) -> int:
@@ -114,24 +120,30 @@ class Supervisor:
                 self.ended = True
             if self.ended or time.monotonic() >= self.window_ends:
                 self.finish_window()
-        elif not self.ended and self.config.limits is not None:
+        if not self.ended and self.config.limits is not None and (
+                self.window is None or self.sampler):
             why = self.config.limits.tripped(self.triage)
             if why is not None and time.monotonic() >= self.next_escalation:
-                if self.budget.over:
+                if self.sampler:
+                    self.next_escalation = time.monotonic() + self.config.cooldown
+                    self.escalations += 1
+                    self.report_now(why)
+                elif self.budget.over:
                     self.next_escalation = time.monotonic() + self.config.interval
                     if not self.held_back:
                         self.log(f"PID {self.proc.pid} ({self.proc.comm}): {why}, but natrace "
                                  "is over --max-overhead: triage only until it is not")
                     self.held_back = True
                 else:
-                    self.escalate(why)
+                    self.next_escalation = time.monotonic() + self.config.cooldown
+                    self.open_allocations(why, self.config.window * self.budget.window_share)
 
-    def escalate(self, reason: str) -> None:
-        """Allocation probes for a window as long as the budget allows, sampled as it says."""
-        self.next_escalation = time.monotonic() + self.config.cooldown
+    def open_allocations(self, reason: str, seconds: float | None) -> None:
+        """Allocation probes for a window of `seconds` (None: for as long as the process
+        is watched), sampled as --sample and the budget say."""
+        period = max(self.config.session.alloc.sample_bytes, self.budget.sample_bytes)
         options = replace(self.config.session, allocs=True, triage=False,
-                          alloc=replace(self.config.session.alloc,
-                                        sample_bytes=self.budget.sample_bytes),
+                          alloc=replace(self.config.session.alloc, sample_bytes=period),
                           handles=HandleOptions(presets=False),
                           memory_interval=self.config.interval)
         session = Session(self.target, options)
@@ -143,24 +155,44 @@ class Supervisor:
             self.log(f"PID {self.proc.pid} ({self.proc.comm}): {reason}; allocation tracing "
                      f"failed: {err}")
             return
-        seconds = self.config.window * self.budget.window_share
         self.window, self.window_reason = session, reason
         self._seen = (0, self._seen[1])
+        probes = f"{session.probe_count} probes"
+        if seconds is None:
+            self.window_ends = float("inf")
+            period = session.probes.period
+            mean = f", mean {format_size(period)}" if period else ""
+            self.log(f"PID {self.proc.pid} ({self.proc.comm}): {reason}: sampled allocation "
+                     f"tracing while it runs ({probes}{mean})")
+            return
         self.window_ends = time.monotonic() + seconds
         self.escalations += 1
-        sampled = (f", sampled every {format_size(self.budget.sample_bytes)}"
-                   if self.budget.sample_bytes else "")
+        sampled = f", sampled every {format_size(period)}" if period else ""
         self.log(f"PID {self.proc.pid} ({self.proc.comm}): {reason}: allocation tracing for "
-                 f"{seconds:g} s ({session.probe_count} probes{sampled})")
+                 f"{seconds:g} s ({probes}{sampled})")
 
     def end_window(self, why: str) -> None:
-        """End a window before its time (the budget, SIGUSR1); its files still written."""
-        if self.window is not None:
+        """End a window before its time (the budget, SIGUSR1); its files still written.
+        A sampled process keeps its probes (they are the cheap path): a report now."""
+        if self.window is not None and self.sampler:
+            self.report_now(why)
+        elif self.window is not None:
             self.window_reason += f"; {why}"
             self.finish_window(f" ({why})")
 
+    def report_now(self, reason: str) -> None:
+        """The sampled session's figures now, written and acted on; the probes stay."""
+        if self.window is None:
+            return
+        self.window.poll()
+        snap = self.window.snapshot()
+        self.allocations = self.unpushed = snap
+        self.window_reason = reason
+        self._write(snap, self.window.options, "")
+
     def finish_window(self, early: str = "") -> None:
-        """Snapshot, detach, write the recording and the report, then act."""
+        """Snapshot, detach, write the recording and the report, then act (a sampled
+        process: only detach, its figures kept for the metrics and the last push)."""
         session, self.window = self.window, None
         if session is None:
             return
@@ -171,11 +203,17 @@ class Supervisor:
             with self.budget.setup():
                 session.close()
         self.allocations = self.unpushed = snap
+        if not self.sampler:  # a sampled process writes files only when a limit trips
+            self._write(snap, session.options, early)
+
+    def _write(self, snap: Snapshot, options: SessionOptions, early: str) -> None:
+        """The recording and the report of an allocation window (or a sampled process's
+        figures), then the action."""
         stem = os.path.join(self.config.record_dir, "natrace-agent-{}-{}".format(
             snap.pid, time.strftime("%Y%m%d-%H%M%S", time.localtime(snap.taken_at))))
         try:
-            with new_recording(stem + ".natrace", snap.pid, snap.command,
-                                       session.options, None) as rec:
+            with new_recording(stem + ".natrace", snap.pid, snap.command, options,
+                               None) as rec:
                 rec.add(snap)
             report = stem + (".json" if self.config.as_json else ".txt")
             write_private(report, self._report(snap))
@@ -185,8 +223,9 @@ class Supervisor:
         self.reports += [stem + ".natrace", report]
         done = "" if self.ended else "; " + act(self.target, self.config.action,
                                                 self.config.grace)
-        self.log(f"PID {snap.pid} ({self.proc.comm}): allocation window over{early}; report "
-                 f"{report}, recording {stem}.natrace{done}")
+        what = "sampled figures written" if self.sampler else f"allocation window over{early}"
+        self.log(f"PID {snap.pid} ({self.proc.comm}): {what}; report {report}, recording "
+                 f"{stem}.natrace{done}")
 
     def _report(self, snap: Snapshot) -> str:
         head = {"reason": self.window_reason, "action": self.config.action.describe()}
@@ -217,8 +256,8 @@ class Supervisor:
 
     def figures(self) -> ProcessFigures:
         last = self.triage.memory.timeline.last
-        fig = ProcessFigures(self.proc.pid, self.proc.comm,
-                             "allocations" if self.window is not None else "triage",
+        mode = "triage" if self.window is None else "sampled" if self.sampler else "allocations"
+        fig = ProcessFigures(self.proc.pid, self.proc.comm, mode,
                              self.probe_count, last.rss if last else None, self.escalations)
         alloc, tri = self.allocations, self.triaged
         lost: dict[str, int] = {}

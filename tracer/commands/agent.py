@@ -27,7 +27,7 @@ from tracer.files import prepare_dir
 from tracer.probes import target as targets
 from tracer.probes.alloc import AllocOptions
 from tracer.symbols.attribution import parse_charge_to
-from tracer.units import Duration
+from tracer.units import Duration, Size
 
 
 def parse_share(text: str) -> float:
@@ -87,11 +87,16 @@ def parse_share(text: str) -> float:
               help="Pyroscope service_name (default: each process's command name).")
 @click.option("--charge-to", "charge_to", default="first", show_default=True,
               help="Frame that holds the bytes (as natrace run).")
+@click.option("--sample", "sample", type=Size(), default=None,
+              help="Sampling period of allocation tracing: the in-process sampler's mean "
+                   "(default 512K) in processes that load it, byte-weighted sampling of the "
+                   "uprobes in windows (default exact). The budget may raise it.")
 def command(pids: tuple[int, ...], patterns: tuple[str, ...], cgroups: tuple[str, ...],
             rss_limit: str | None, growth: str | None, window: float, cooldown: float,
             action_text: str, grace: float, record_dir: str, as_json: bool, top: int,
             interval: float, push_interval: float, max_overhead: str, listen: str | None,
-            pyroscope_url: str | None, service: str | None, charge_to: str) -> None:
+            pyroscope_url: str | None, service: str | None, charge_to: str,
+            sample: int | None) -> None:
     """Watch a host's processes: triage probes always, allocation tracing in windows
     when memory trips a limit; metrics for Prometheus, profiles for Pyroscope."""
     selector = parse_selector(pids, patterns, cgroups)
@@ -113,7 +118,8 @@ def command(pids: tuple[int, ...], patterns: tuple[str, ...], cgroups: tuple[str
     common.check_privileges()
     prepare_dir(record_dir, "--record-dir")
     watch = WatchConfig(limits, action, window, cooldown, record_dir, interval, top, as_json,
-                        grace, SessionOptions(alloc=AllocOptions(), charge_to=charge_to))
+                        grace, SessionOptions(alloc=AllocOptions(sample_bytes=sample or 0),
+                                       charge_to=charge_to))
     options = AgentOptions(selector, watch, push_interval, budget, service)
 
     collector = metrics.AgentCollector()
