@@ -64,6 +64,11 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     armed.update(&zero, &on);
     if (on)
         stop_for_unwind_rows();
+#ifdef WAIT_EXEC
+    else if (seen > EXPECTED_EXECS)
+        bpf_send_signal(19 /* SIGSTOP */);   /* natrace follows the launched command
+                                                through this exec, then re-arms */
+#endif
     return 0;
 }
 

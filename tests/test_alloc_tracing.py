@@ -107,6 +107,25 @@ def test_cxx_new_is_charged_to_its_caller(preload: str, tmp_path: Path) -> None:
     assert "temporary_strings()" not in sites
 
 
+@pytest.mark.parametrize("wrapper", [["env", "FOO=1"], ["nice", "-n", "1"],
+                                     ["sh", "-c", 'exec "$0" "$@"'],
+                                     ["env", f"LD_PRELOAD={JEMALLOC}"]])
+def test_run_follows_the_command_through_exec_wrappers(wrapper: list[str],
+                                                       tmp_path: Path) -> None:
+    """env, nice, a shell's exec: the program traced is the one the wrapper execs, from
+    its first allocation, with the allocator its own environment preloads."""
+    report, code = run_json(tmp_path, "--", *wrapper, str(build().leaky), "--exit", "3")
+    assert code == 3
+    assert report["command"].startswith(str(build().leaky))
+    assert any("followed process" in n for n in report["notes"]), report["notes"]
+    sites = malloc_sites(report)
+    for function, expected in LEAKY_TRUTH.items():
+        assert sites.get(function) == expected, (function, sites)
+    mmap = site(report, "leak_mmap", "mmap")
+    assert (mmap["bytes"], mmap["blocks"]) == (12 * 4096, 2)
+    assert not any(report["loss"].values()), report["loss"]
+
+
 def test_snapshot_attaches_to_a_running_process() -> None:
     fx = build()
     with waiting(str(fx.leaky), "--wait", "--churn", "200000", "--plugin",

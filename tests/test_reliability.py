@@ -154,13 +154,16 @@ def test_a_thousand_threads(tmp_path: Path) -> None:
     assert not any(report["loss"].values())
 
 
-def test_exec_ends_the_report_with_a_note(tmp_path: Path) -> None:
+def test_run_follows_an_exec_to_the_last_program(tmp_path: Path) -> None:
+    """What the first program allocated went with its address space at exec: the
+    report is of the program it exec'd, and says so."""
     out = tmp_path / "r.json"
     subprocess.run([NATRACE, "run", "--json", "-o", str(out), "--", str(build().execer),
                     "/bin/sleep", "0.5"], check=True, capture_output=True, timeout=120)
     report = json.loads(out.read_text())
-    assert any("exec'd another program" in n for n in report["notes"])
-    assert sites_by_function(report)["before_exec"] == (3_500, 5)
+    assert report["command"] == "/bin/sleep 0.5"
+    assert any("followed process" in n for n in report["notes"]), report["notes"]
+    assert "before_exec" not in sites_by_function(report)
 
 
 def test_forked_children_are_said_to_be_untraced(tmp_path: Path) -> None:

@@ -68,12 +68,14 @@ class Session:
         self.exiting = False  # a launched target is held stopped inside _Exit
         self.execd = False  # the target exec'd another program: stop reading its maps
         self.notes: list[str] = list(target.notes)  # what a report must say about the session
+        self.followed: list[str] = []  # commands the target exec'd on from (wrappers)
         self.growth: GrowthTracker[int] = GrowthTracker()  # bytes per stack id over time
         self._next_growth = 0.0
         self.memory = MemoryWatch(target.pid, options.memory_interval)
         self._signals: dict[int, Any] = {}  # handlers to restore at close()
         self.attaching = False  # start() is placing probes: a stop signal interrupts it
         self._allocator_modules: frozenset[str] = DEFAULT_ALLOCATOR_MODULES
+        self._expected_execs = 1 if target.launched else 0  # a launched target's gate exec
 
     def start(self) -> None:
         """Probes in place, then (for a launched command) let it run. bcc's own
@@ -180,6 +182,9 @@ class Session:
         It also stops when it maps code, for its unwind rows: load them and resume it."""
         if not self.target.stopped():
             return False
+        if self._execs() > self._expected_execs:
+            self._follow_exec()
+            return False
         if self.probes.take_code_stop():
             self._refresh_maps()
             os.kill(self.target.pid, signal.SIGCONT)
@@ -215,13 +220,39 @@ class Session:
 
     def _target_execd(self) -> bool:
         """The target exec'd another program: what natrace holds is the old one's."""
-        expected = 1 if self.target.launched else 0  # a launched target's gate exec
-        if self._execs() > expected and not self.execd:
+        if self._execs() > self._expected_execs and not self.execd:
+            if self.target.launched and self.target.wait_stopped():
+                self._follow_exec()
+                return False
             self.execd = True
             self.notes.append(f"process {self.target.pid} exec'd another program: this "
                               "report covers the program it ran before; run natrace again "
                               "to trace the new one")
         return self.execd
+
+    def _followed_note(self) -> list[str]:
+        if not self.followed:
+            return []
+        chain = " -> ".join(f"'{c}'" for c in [*self.followed, " ".join(self.target.argv)])
+        return [f"followed process {self.target.pid} through exec: {chain}; this report "
+                "is of the last program"]
+
+    def _follow_exec(self) -> None:
+        """A launched command exec'd the program it wraps (env, nice, timeout's exec, a
+        script's exec): it stopped itself at the exec (bpf/target.bpf.h). The report is
+        of the program the command ends up running: start afresh on it, then resume."""
+        old = " ".join(self.target.argv)
+        self.target.follow_exec()
+        self._expected_execs = self._execs()
+        self.maps = None
+        self._refresh_maps()
+        self.growth = GrowthTracker()
+        with bpfprog.captured_stderr():
+            for probes in (self.probes, self.triage, self.handles):
+                if probes is not None:
+                    probes.follow_exec(self.target)
+        self.followed.append(old)
+        os.kill(self.target.pid, signal.SIGCONT)
 
     def snapshot(self) -> Snapshot:
         self._refresh_maps()
@@ -265,7 +296,8 @@ class Session:
                                       command=shlex.join(self.target.argv)),
             **self._triage_report(call_sites, duration),
             handles=handle_types(self.handles, call_sites),
-            notes=self.notes + self._children_note() + self._stopped_note(),
+            notes=self.notes + self._followed_note() + self._children_note()
+            + self._stopped_note(),
         )
 
     def _v8_ranges(self, call_sites: CallSites) -> list[tuple[int, int]] | None:

@@ -161,6 +161,22 @@ class AllocProbes(ProbeSet):
         return Counters(read[0].period, sum(c.sampled for c in read),
                         sum(c.dropped for c in read))
 
+    def follow_exec(self, target: Target) -> None:
+        """The launched command exec'd the program it wraps: the old address space and
+        everything recorded in it are gone. Probe the new program's allocator files not
+        probed yet, then record from its first instruction."""
+        if self._bpf is None:
+            return
+        for table in ("allocs", "sites", "entries", "pending", "counters", "trampoline"):
+            self._bpf[table].clear()
+        self.mappings = MappingTracker()
+        probed = {_inode(p.path) for p in self.points}
+        for ep in find_entry_points(target.mapped_files(), target.executable()):
+            if _inode(ep.path) not in probed:
+                self._attach_entry_point(ep, target.pid)
+        self._stop_at_exit(target)
+        super().follow_exec(target)
+
     def _attach_entry_point(self, ep: EntryPoint, pid: int) -> None:
         offset = entry_probe_offset(ep)
         self._bpf.attach_uprobe(name=ep.path, addr=ep.vaddr + offset, fn_name=ep.program, pid=pid)
@@ -277,6 +293,14 @@ def entry_probe_offset(ep: EntryPoint) -> int:
     with open(ep.path, "rb") as fh:
         fh.seek(ep.file_offset)
         return entry_offset(fh.read(ep.size), ignores_null_first_arg=True)
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def stack_error_name(stack_id: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ class ProbeSet:
         self._stacks: StackReader | None = None
         self.unwind: UnwindTables | None = None  # None: frame pointers (bpf_get_stack)
         self._code_stops = False  # the program stops a launched target at new code
+        self._exit_files: set[tuple[int, int]] = set()  # (dev, inode) with the _Exit stop
 
     def _load(self, source: str, target: Target, defines: dict[str, int | str],
               unwind: str = "fp") -> None:
@@ -67,9 +69,21 @@ class ProbeSet:
         (glibc's exit() ends in _exit, an alias of _Exit; musl's in _Exit). Found in
         libc, or in a static executable itself."""
         path = target.exit_library() if target.launched else None
-        if path is not None:
-            self._bpf.attach_uprobe(name=path, sym="_Exit", fn_name="exit_enter",
-                                    pid=target.pid)
+        if path is None:
+            return
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in self._exit_files:
+                return  # probed already (a followed exec into the same libc)
+            self._exit_files.add((st.st_dev, st.st_ino))
+        self._bpf.attach_uprobe(name=path, sym="_Exit", fn_name="exit_enter", pid=target.pid)
+
+    def follow_exec(self, target: Target) -> None:
+        """The launched target exec'd the program it wraps and waits stopped: record
+        that one from its first instruction (probes persist across exec: same process,
+        and uprobes live on files)."""
+        if self._bpf is not None:
+            self._bpf["armed"][ctypes.c_int(0)] = ctypes.c_uint32(1)
 
     def _arm(self, target: Target) -> None:
         """Call once every probe is attached. A running target records from then on (a

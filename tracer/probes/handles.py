@@ -250,6 +250,11 @@ class HandleProbes(ProbeSet):
         self._arm(target)
         self.pairs = pairs
 
+    def follow_exec(self, target: Target) -> None:
+        """The launched command exec'd the program it wraps: its libraries' pairs too."""
+        self.refresh(target)
+        super().follow_exec(target)
+
     def _trace(self, tp: TracedPair, pid: int) -> None:
         """Configure the pair's slot, attach its probes, start its live-count series."""
         conf = self._bpf["conf"]

@@ -25,6 +25,7 @@ class Target:
     exit_code: int | None = None
     notes: list[str] = field(default_factory=list)  # what attach() resolved or noticed
     env: dict[str, str] | None = None  # a launched command's environment (None: natrace's)
+    _planned: list[str] = field(default_factory=list)  # what a followed exec will load
 
     def alive(self) -> bool:
         if self.launched:
@@ -41,7 +42,24 @@ class Target:
         """Files the target maps now (or, before exec, the files it will load)."""
         if self._gate is not None:
             return planned_libraries(self.argv, self.env)
-        return mapped_files(self.pid)
+        return list(dict.fromkeys([*self._planned, *mapped_files(self.pid)]))
+
+    def follow_exec(self) -> None:
+        """The launched command exec'd another program (env, nice, a script's exec) and
+        is stopped before its first instruction: it is that program from now on. Its
+        libraries are not mapped yet: they are planned with its own environment
+        (LD_PRELOAD, LD_LIBRARY_PATH)."""
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as fh:
+                argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+            with open(f"/proc/{self.pid}/environ", "rb") as fh:
+                env = dict(kv.decode(errors="replace").split("=", 1)
+                           for kv in fh.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            return
+        exe = self.executable()
+        self.argv = argv or self.argv
+        self._planned = planned_libraries([exe], env) if exe else []
 
     def executable(self) -> str | None:
         if self._gate is not None:
@@ -73,6 +91,10 @@ class Target:
             os.close(self._gate)
             self._gate = None
             self.wait()
+
+    def wait_stopped(self) -> bool:
+        """Wait for a launched child's imminent stop; False if it exited instead."""
+        return self.launched and self.exit_code is None and self._reap(os.WUNTRACED)
 
     def stopped(self) -> bool:
         """A launched child that has stopped (natrace's exit() probe stops it there);
