@@ -23,7 +23,7 @@
 #include "stacks.bpf.h"
 
 BPF_HASH(allocs, u64, struct alloc_info, MAX_ALLOCS);
-/* Allocated on insert: per-CPU values cost (CPUs x 32 B) per site, only for sites seen. */
+/* Allocated on insert: per-CPU values cost (CPUs x 64 B) per site, only for sites seen. */
 BPF_F_TABLE("percpu_hash", s32, struct site_stats, sites, MAX_STACKS + 16, BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", u32, struct entry_state, entries, 65536);
 BPF_PERCPU_ARRAY(counters, u64, NATRACE_NCOUNTERS);
@@ -83,26 +83,38 @@ static __always_inline u64 weight_blocks_fp(const struct alloc_info *info) {
     return 1ULL << NATRACE_BLOCK_SHIFT;
 }
 
-static __always_inline void release(u64 addr) {
+/* `st`: the releasing thread's entry state (NULL if it has none): freeing the block
+ * it recorded last makes that block a temporary allocation. */
+static __always_inline void release(u64 addr, struct entry_state *st) {
     struct alloc_info *found = allocs.lookup(&addr);
     if (!found)
         return;
     struct alloc_info info = *found;
     if (allocs.delete(&addr) != 0)
         return;   /* another path released it first */
+    int temporary = st && st->last == addr;
     struct site_stats *s = sites.lookup(&info.stack_id);
     if (s) {
-        s->bytes -= (s64)weight_bytes(&info);   /* this CPU's copy: no atomic */
-        s->blocks_fp -= (s64)weight_blocks_fp(&info);
+        u64 wb = weight_bytes(&info), wn = weight_blocks_fp(&info);
+        s->bytes -= (s64)wb;   /* this CPU's copy: no atomic */
+        s->blocks_fp -= (s64)wn;
+        if (temporary) {
+            s->temp_fp += wn;
+            s->temp_bytes += wb;
+        }
 #ifdef USDT_SAMPLED
         s->samples -= 1;
 #endif
     }
+    if (temporary)
+        st->last = 0;
     count(NATRACE_CNT_FREE_CALLS, 1);
 }
 
-/* `weight`: the process's own estimate (USDT_SAMPLED), else unused. */
-static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u64 weight) {
+/* `weight`: the process's own estimate (USDT_SAMPLED), else unused. `st`: the
+ * thread's entry state (NULL: none), which remembers this block as its latest. */
+static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u64 weight,
+                                   struct entry_state *st) {
     count(NATRACE_CNT_ALLOC_CALLS, 1);
 #if SAMPLE_BYTES > 0
     if (size < SAMPLE_BYTES && (bpf_get_prandom_u32() % SAMPLE_BYTES) >= size) {
@@ -120,7 +132,7 @@ static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u6
 
     struct site_stats *s = sites.lookup(&info.stack_id);
     if (!s) {
-        struct site_stats zero = {};
+        struct site_stats zero = {.first_ns = info.ts_ns};
         sites.insert(&info.stack_id, &zero);
         s = sites.lookup(&info.stack_id);
         if (!s) {
@@ -133,7 +145,7 @@ static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u6
      * there was released by a path we don't see: drop the old record first. */
     int err = allocs.insert(&addr, &info);
     if (err == -EEXIST) {
-        release(addr);
+        release(addr, NULL);
         count(NATRACE_CNT_STALE, 1);
         err = allocs.insert(&addr, &info);
     }
@@ -147,10 +159,13 @@ static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u6
     s->blocks_fp += (s64)wn;
     s->allocs_fp += wn;
     s->alloc_bytes += wb;
+    s->last_ns = info.ts_ns;
 #ifdef USDT_SAMPLED
     s->samples += 1;
     s->alloc_samples += 1;
 #endif
+    if (st)
+        st->last = addr;
 }
 
 #ifdef USDT_SAMPLED
@@ -163,7 +178,7 @@ static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u6
 int otel_alloc(struct pt_regs *ctx) {
     u64 ptr = PT_REGS_PARM1(ctx), size = PT_REGS_PARM2(ctx), weight = PT_REGS_PARM3(ctx);
     if (is_armed() && ptr && weight)
-        record(ctx, ptr, size, 0, weight);
+        record(ctx, ptr, size, 0, weight, NULL);
     return 0;
 }
 #endif
@@ -332,10 +347,10 @@ int alloc_return(struct pt_regs *ctx) {
     case NATRACE_FN_REALLOC:
         if (ret) {
             if (ptr)
-                release(ptr);
+                release(ptr, st);
             block = ret;
         } else if (size == 0 && ptr) {
-            release(ptr);   /* realloc(p, 0) freed p */
+            release(ptr, st);   /* realloc(p, 0) freed p */
         }
         break;
     default:
@@ -343,7 +358,7 @@ int alloc_return(struct pt_regs *ctx) {
     }
     /* one call site of record(): the stack walk it inlines is verified once */
     if (block)
-        record(ctx, block, size, caller, 0);
+        record(ctx, block, size, caller, 0, st);
     return 0;
 }
 
@@ -365,8 +380,10 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
 
 int free_enter(struct pt_regs *ctx) {
     u64 ptr = PT_REGS_PARM1(ctx);
-    if (ptr)
-        release(ptr);
+    if (!ptr)
+        return 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    release(ptr, entries.lookup(&tid));
     return 0;
 }
 

@@ -120,12 +120,19 @@ struct alloc_info {
  * only adds to its own, so no atomics and no cache line shared between threads; a
  * block freed on another CPU than it was allocated on leaves one copy negative and
  * the sum, which Python takes, exact. bytes/blocks are outstanding; allocs/alloc_bytes
- * are totals since attach. In sampled mode all four are unbiased estimates. */
+ * are totals since attach; temp_* count the temporary allocations among them (freed
+ * by the allocating thread before that thread allocated again: heaptrack's sense).
+ * In sampled mode all are unbiased estimates. first_ns/last_ns: the site's first and
+ * latest allocation (Python takes the earliest nonzero copy and the latest). */
 struct site_stats {
     s64 bytes;
     s64 blocks_fp;      /* blocks << NATRACE_BLOCK_SHIFT */
     u64 allocs_fp;      /* allocations << NATRACE_BLOCK_SHIFT */
     u64 alloc_bytes;
+    u64 temp_fp;        /* temporary allocations << NATRACE_BLOCK_SHIFT */
+    u64 temp_bytes;
+    u64 first_ns;       /* bpf_ktime_get_ns(); set in the inserting CPU's copy */
+    u64 last_ns;
 #ifdef USDT_SAMPLED
     s64 samples;        /* sampled blocks outstanding (the estimates' sample size) */
     u64 alloc_samples;  /* sampled allocations since attach */
@@ -147,6 +154,8 @@ struct entry_state {
     u64 caller;       /* a live wrapper's return address when the outermost call began */
     u64 wrap_sp;      /* user sp at the outermost live wrapper's entry (0: none) */
     u64 wrap_caller;  /* ... and the return address found there */
+    u64 last;         /* the thread's latest recorded block: freed before the next one is
+                         recorded, it was a temporary allocation */
     u32 depth;
     u32 kind;
 };

@@ -26,6 +26,8 @@ packages=(bpfcc-tools python3-bpfcc libbpfcc python3-venv python3-dev
 # N-API headers (/usr/include/node) are in libnode-dev on Debian 12 and Ubuntu 22.04; a
 # nodejs from nodesource ships them itself and conflicts with libnode-dev.
 [ -e /usr/include/node/node_api.h ] || packages+=(libnode-dev)
+# Rust fixtures (tests/test_names.py): rustup's toolchain when there is one, else Debian's.
+command -v rustc >/dev/null || [ -x "$HOME/.cargo/bin/rustc" ] || packages+=(rustc)
 
 apt_updated=
 apt_update() { [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }; }

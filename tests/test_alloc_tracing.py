@@ -37,8 +37,9 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 
 def malloc_sites(report: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Malloc sites that still hold memory: function -> (bytes, blocks)."""
     return {s["function"]: (s["bytes"], s["blocks"]) for s in report["sites"]
-            if s["kind"] == "malloc" and not s["allocator_internal"] and s["function"]}
+            if s["kind"] == "malloc" and s["function"] and (s["bytes"] or s["blocks"])}
 
 
 def site(report: dict[str, Any], function: str, kind: str = "malloc") -> dict[str, Any]:

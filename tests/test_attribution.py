@@ -27,7 +27,7 @@ from tracer.symbols.attribution import (
     ("[jit]", "js"),
     ("/usr/lib/x86_64-linux-gnu/libc.so.6", "libc"),
     ("/lib/x86_64-linux-gnu/libc-2.31.so", "libc"),
-    ("/lib64/ld-linux-x86-64.so.2", "libc"),
+    ("/lib64/ld-linux-x86-64.so.2", "ld.so"),
     ("/usr/lib/x86_64-linux-gnu/libpthread.so.0", "libc"),
     ("/usr/lib/x86_64-linux-gnu/libm.so.6", "libc"),
     ("/usr/lib/x86_64-linux-gnu/libmagic.so.1", "libmagic.so"),

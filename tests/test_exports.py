@@ -26,13 +26,18 @@ pytestmark = pytest.mark.bpf
 NATRACE = str(Path(sys.executable).with_name("natrace"))
 SCHEMAS = Path(__file__).parent / "schemas"
 MANY = 40_000  # leak_many: 40,000 blocks of 1000 B, the top site by far
+CHURN = 20_000  # churn(): 20,000 malloc/free pairs, then 33 blocks of 64 B kept
+# no_leak(): 100 x (malloc(100+i), realloc(300), free) + realloc(NULL, 50) freed by
+# realloc(q, 0): 201 allocations of 45,000 B, all freed before the thread's next
+# allocation (temporary)
+NO_LEAK = (201, 45_000, 201)
 
 
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rec = tmp_path_factory.mktemp("rec") / "leaky.natrace"
     proc = subprocess.run([NATRACE, "record", "--interval", "0.5", "-o", str(rec), "--",
-                           str(build().leaky), "--many", str(MANY)],
+                           str(build().leaky), "--many", str(MANY), "--churn", str(CHURN)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return rec
@@ -55,7 +60,7 @@ def export(recording: Path, out: Path, *args: str) -> Path:
 
 
 def user_sites(report: dict[str, Any]) -> list[dict[str, Any]]:
-    return [s for s in report["sites"] if not s["allocator_internal"]]
+    return report["sites"]
 
 
 def test_report_from_recording_has_the_ground_truth(report: dict[str, Any]) -> None:
@@ -88,6 +93,66 @@ def test_allocated_and_allocations_metrics(recording: Path, tmp_path: Path) -> N
     assert counts["leak_many [leaky]"] == MANY
 
 
+def test_json_lists_add_up_to_their_totals(report: dict[str, Any]) -> None:
+    totals, sites = report["totals"], report["sites"]
+    for key in ("bytes", "blocks", "allocs", "alloc_bytes", "temp_allocs", "temp_bytes"):
+        assert sum(s[key] for s in sites) == totals[key], key
+        assert sum(m[key] for m in report["modules"]) == totals[key], key
+    assert len(sites) == totals["sites"] == sum(m["sites"] for m in report["modules"])
+    assert sum(1 for s in sites if s["bytes"] or s["blocks"]) == totals["holding_sites"]
+    assert not any(s["allocator_internal"] for s in sites)
+    runtime = report["runtime"]
+    assert runtime["sites"] and all(s["allocator_internal"] for s in runtime["sites"])
+    assert sum(s["bytes"] for s in runtime["sites"]) == runtime["totals"]["bytes"]
+    assert len(runtime["sites"]) == runtime["totals"]["sites"]
+    # every allocation the probes saw is in one site: churn is not dropped
+    assert totals["allocs"] == report["calls"]["allocs"]
+    assert totals["peak_bytes"] >= MANY * 1000
+
+
+def test_churn_and_freed_sites_count_in_allocation_metrics(recording: Path,
+                                                           report: dict[str, Any],
+                                                           tmp_path: Path) -> None:
+    """allocated/allocations/temporary count every allocation, freed or not: their
+    totals are the probes' call counts in folded, speedscope, pprof and HTML alike."""
+    totals = report["totals"]
+    by_function = {s["function"]: s for s in report["sites"]}
+    assert (by_function["churn"]["allocs"], by_function["churn"]["bytes"]) == (CHURN + 33,
+                                                                                33 * 64)
+    no_leak = by_function["no_leak"]
+    assert (no_leak["allocs"], no_leak["alloc_bytes"], no_leak["temp_allocs"]) == NO_LEAK
+    assert (no_leak["bytes"], no_leak["blocks"]) == (0, 0)
+    for metric, total, leaves in (("allocations", totals["allocs"],
+                                   {"churn": CHURN + 33, "no_leak": NO_LEAK[0]}),
+                                  ("allocated", totals["alloc_bytes"],
+                                   {"no_leak": NO_LEAK[1], "leak_many": MANY * 1000}),
+                                  ("temporary", totals["temp_allocs"],
+                                   {"no_leak": NO_LEAK[2]})):
+        text = export(recording, tmp_path / f"{metric}.folded", "--metric", metric).read_text()
+        counts: dict[str, int] = {}
+        for line in text.splitlines():
+            stack, _, n = line.rpartition(" ")
+            leaf = stack.split(";")[-1].split(" [")[0]
+            counts[leaf] = counts.get(leaf, 0) + int(n)
+        assert sum(counts.values()) == total, metric
+        assert {k: counts[k] for k in leaves} == leaves, metric
+        doc = json.loads(export(recording, tmp_path / f"{metric}.speedscope.json", "--metric",
+                                metric).read_text())
+        assert sum(doc["profiles"][0]["weights"]) == total, metric
+        svg = export(recording, tmp_path / f"{metric}.html", "--metric", metric).read_text()
+        assert f'data-total="{total}"' in svg, metric
+    assert totals["allocs"] == report["calls"]["allocs"]
+    pb = compile_profile_proto(tmp_path)
+    prof = pb.Profile()
+    prof.ParseFromString(gzip.decompress(export(recording, tmp_path / "a.pb.gz", "--metric",
+                                                "allocations").read_bytes()))
+    st = list(prof.string_table)
+    assert st[prof.default_sample_type] == "alloc_objects"
+    sums = [sum(s.value[i] for s in prof.sample) for i in range(6)]
+    assert sums == [totals["bytes"], totals["blocks"], totals["alloc_bytes"], totals["allocs"],
+                    totals["temp_bytes"], totals["temp_allocs"]]
+
+
 def compile_profile_proto(tmp_path: Path) -> Any:
     from grpc_tools import protoc
 
@@ -113,7 +178,7 @@ def test_pprof_decodes_with_protobuf_and_matches_sites(recording: Path, report: 
     assert st[0] == ""
     assert [(st[t.type], st[t.unit]) for t in prof.sample_type] == [
         ("inuse_space", "bytes"), ("inuse_objects", "count"), ("alloc_space", "bytes"),
-        ("alloc_objects", "count")]
+        ("alloc_objects", "count"), ("temp_space", "bytes"), ("temp_objects", "count")]
     assert st[prof.default_sample_type] == "inuse_space"  # a string table index
     functions = {f.id: st[f.name] for f in prof.function}
     locations = {loc.id: loc for loc in prof.location}
@@ -188,6 +253,19 @@ def test_html_flamegraph_in_headless_chromium(recording: Path, tmp_path: Path) -
     assert "Matched: " in dom
     unmatched = [name for cls, name, _ in frames if "match" not in cls.split()]
     assert "main [leaky]" in unmatched
+
+
+def test_legend_names_the_report_module_classes(recording: Path, report: dict[str, Any],
+                                                tmp_path: Path) -> None:
+    """One classification: the legend's classes and shares are the report's modules."""
+    svg = export(recording, tmp_path / "legend.svg").read_text()
+    legend = re.findall(r'<text class="legend"[^>]*>([^<]*)</text>', svg)
+    total = report["totals"]["bytes"]
+    expected = [f"{m['module']} {100.0 * m['bytes'] / total:.1f}%" for m in report["modules"]
+                if m["bytes"]]
+    assert legend[:6] == expected[:6], (legend, expected)
+    if len(expected) > 6:
+        assert legend[6].startswith("others ")
 
 
 def test_svg_and_inverted(recording: Path, tmp_path: Path) -> None:

@@ -110,6 +110,42 @@ def test_report_and_diff_from_files(tmp_path: Path) -> None:
     assert "+1,000" in proc.stdout and "leak_here" in proc.stdout
 
 
+def test_at_picks_the_nearest_snapshot_and_says_which(tmp_path: Path) -> None:
+    """Snapshots at 2.03 s, 4.0 s and 6.0 s of tracing (every 2 s)."""
+    path = tmp_path / "t.natrace"
+    with RecordingWriter(str(path), {"pid": 42, "command": "app", "interval": 2.0}) as w:
+        for at, leak in ((2.03, 1000), (4.0, 2000), (6.0, 3000)):
+            w.add(snap(at, leak))
+    for asked, leak, which in (("2s", 1000, "snapshot 1 of 3, taken 2.0 s into the trace "
+                                              "(the nearest to 2 s)"),
+                               ("4s", 2000, "snapshot 2 of 3, taken 4.0 s into the trace "
+                                            "(the nearest to 4 s)"),
+                               ("4.9s", 2000, "snapshot 2 of 3"), ("5.1s", 3000, "snapshot 3"),
+                               ("1s", 1000, "snapshot 1 of 3"), ("7.5s", 3000, "snapshot 3")):
+        proc = natrace("report", str(path), "--json", "--at", asked)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        leak_site = next(s for s in report["sites"] if s["function"] == "leak_here")
+        assert leak_site["bytes"] == leak, asked
+        assert any(n.startswith(f"this is {which}") for n in report["notes"]), report["notes"]
+    text = natrace("report", str(path), "--at", "4s").stdout
+    assert "Note: this is snapshot 2 of 3, taken 4.0 s into the trace" in text
+    for args in (("report", str(path), "--at", "99m"), ("report", str(path), "--at", "8.1s"),
+                 ("diff", f"{path}@2s", f"{path}@99m"),
+                 ("report", str(path), "--module", "nosuch")):
+        proc = natrace(*args)
+        assert proc.returncode == 2, (args, proc.stdout)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "from 2.0 s to 6.0 s" in natrace("report", str(path), "--at", "99m").stderr
+    assert "modules: app, libpq, unknown" in natrace("report", str(path), "--module",
+                                                     "nosuch").stderr
+    proc = natrace("diff", f"{path}@2s", f"{path}@4s")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{path}@2s: snapshot 1 of 3" in proc.stderr
+    assert f"{path}@4s: snapshot 2 of 3" in proc.stderr
+    assert "+1,000" in proc.stdout
+
+
 @pytest.mark.parametrize("damage", ["missing", "empty", "truncated", "corrupted", "newer",
                                     "not-sqlite", "directory", "other-sqlite"])
 def test_bad_files_are_one_line_exit_2(tmp_path: Path, damage: str) -> None:

@@ -70,7 +70,9 @@ def test_splice_caller_puts_back_the_skipped_frame_once() -> None:
 
 @pytest.mark.bpf
 def test_contended_mutex_is_flagged_with_its_locking_function(tmp_path: Path) -> None:
-    report, proc = run_json(tmp_path, "--", str(build("contend")), "200000")
+    rec = tmp_path / "contend.natrace"
+    report, proc = run_json(tmp_path, "--record", str(rec), "--", str(build("contend")),
+                            "200000")
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"hot (0x[0-9a-f]+) cold (0x[0-9a-f]+)", proc.stdout)
     assert m, proc.stdout
@@ -88,6 +90,21 @@ def test_contended_mutex_is_flagged_with_its_locking_function(tmp_path: Path) ->
     assert cold not in locks or not locks[cold]["contended"]
     # pthread_join waits are idle time, never contention.
     assert all(not lk["contended"] for lk in report["locks"]["locks"] if lk["uaddr"] != hot)
+    # The text says thread-seconds (blocked time summed over threads, which can exceed
+    # the time traced), never a share above 100%, and lists only words waited on.
+    text = subprocess.run([NATRACE, "report", str(rec), "--top", "100"], capture_output=True,
+                          text=True, timeout=60).stdout
+    all_locks = report["locks"]["locks"]
+    waited = [lk for lk in all_locks if lk["waits"]]
+    assert f"Locks (futex words): {len(all_locks)} seen, {len(waited)} waited on" in text
+    listed = re.findall(r"^  (?:ok|CONTENDED \([^)]*\))\s+.*? (0x[0-9a-f]+) \(\w+\): ([\d,]+) "
+                        "waits", text, re.M)
+    assert sorted(int(a, 16) for a, _ in listed) == sorted(lk["uaddr"] for lk in waited)
+    assert all(n != "0" for _, n in listed)
+    assert f"{lock['wait_ns'] / 1e9:.3g} thread-s blocked ({lock['share']:.2f} threads " \
+           "waiting on average)" in text
+    assert lock["thread_seconds"] == round(lock["wait_ns"] / 1e9, 9)
+    assert "of traced time)" not in text
 
 
 @pytest.mark.bpf

@@ -4,7 +4,8 @@ A recording holds a series of Snapshots with every stack already symbolized, so 
 opens on a machine that never saw the traced process. It is a plain SQLite database
 (stdlib sqlite3) that users may query; docs/recording.md has example queries.
 
-Schema, version 1 (`meta.schema_version`; a reader refuses a newer version):
+Schema, version 2 (`meta.schema_version`; a reader refuses a newer version and reads
+version 1, which lacks the columns marked v2):
 
   meta(key TEXT PRIMARY KEY, value TEXT)
       format='natrace-recording', schema_version, natrace_version, created_at (epoch s),
@@ -23,13 +24,21 @@ Schema, version 1 (`meta.schema_version`; a reader refuses a newer version):
       is stored once however many sites and snapshots use it.
   snapshots(id INTEGER PRIMARY KEY, taken_at (epoch s), duration (s traced), pid,
             command, sample_bytes (0 = exact), min_age, target_exited, exit_code NULL,
-            total_bytes, total_blocks)
-      one row per interval; ids grow with time.
+            total_bytes, total_blocks, peak_bytes NULL (v2))
+      one row per interval; ids grow with time. peak_bytes: the most bytes traced
+      malloc blocks held at the session's once-a-second samples (a lower bound of the
+      true peak; NULL: not known).
   sites(snapshot_id, seq, kind ('malloc'|'mmap'|'brk'|'stack'), stack_id NULL,
         charge_index, bytes, blocks, allocs, alloc_bytes, allocator_internal,
-        lost_stack NULL, via NULL, per_minute NULL, suspect, PRIMARY KEY(snapshot_id, seq))
-      memory held per call site at that snapshot (bytes/blocks outstanding, allocs and
-      alloc_bytes made); stack_id is NULL when the stack was not captured (lost_stack
+        lost_stack NULL, via NULL, per_minute NULL, suspect, temp_allocs, temp_bytes,
+        first_at NULL, last_at NULL (the last four v2),
+        PRIMARY KEY(snapshot_id, seq))
+      every call site that allocated while traced or holds memory, at that snapshot:
+      bytes/blocks outstanding (unfreed; 0 for a site whose blocks were all freed),
+      allocs and alloc_bytes made while traced (freed or not), the temporary ones among
+      them (temp_*: freed by the allocating thread before its next allocation),
+      seconds into the trace of its first and latest allocation;
+      stack_id is NULL when the stack was not captured (lost_stack
       says why); via names the API of the charged module its caller called (PQexec);
       per_minute is the bytes' growth over the last minute traced (NULL: not known),
       suspect 1 when that growth is steady enough to call the site a leak suspect.
@@ -69,7 +78,7 @@ from tracer.model.sites import Site
 from tracer.model.snapshot import Snapshot
 
 FORMAT = "natrace-recording"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -87,13 +96,16 @@ CREATE TABLE snapshots(id INTEGER PRIMARY KEY, taken_at REAL NOT NULL, duration 
                        pid INTEGER NOT NULL, command TEXT NOT NULL,
                        sample_bytes INTEGER NOT NULL, min_age REAL NOT NULL,
                        target_exited INTEGER NOT NULL, exit_code INTEGER,
-                       total_bytes INTEGER NOT NULL, total_blocks INTEGER NOT NULL);
+                       total_bytes INTEGER NOT NULL, total_blocks INTEGER NOT NULL,
+                       peak_bytes INTEGER);
 CREATE TABLE sites(snapshot_id INTEGER NOT NULL REFERENCES snapshots, seq INTEGER NOT NULL,
                    kind TEXT NOT NULL, stack_id INTEGER REFERENCES stacks,
                    charge_index INTEGER NOT NULL, bytes INTEGER NOT NULL,
                    blocks INTEGER NOT NULL, allocs INTEGER NOT NULL,
                    alloc_bytes INTEGER NOT NULL, allocator_internal INTEGER NOT NULL,
                    lost_stack TEXT, via TEXT, per_minute REAL, suspect INTEGER NOT NULL,
+                   temp_allocs INTEGER NOT NULL, temp_bytes INTEGER NOT NULL,
+                   first_at REAL, last_at REAL,
                    PRIMARY KEY(snapshot_id, seq)) WITHOUT ROWID;
 CREATE TABLE counters(snapshot_id INTEGER NOT NULL REFERENCES snapshots, grp TEXT NOT NULL,
                       name TEXT NOT NULL, value INTEGER NOT NULL,
@@ -104,7 +116,8 @@ CREATE TABLE sections(snapshot_id INTEGER NOT NULL REFERENCES snapshots, name TE
 
 # Snapshot fields stored in their own tables; every other field goes to `sections`.
 _CORE_FIELDS = frozenset({"pid", "command", "taken_at", "duration", "sample_bytes", "min_age",
-                          "sites", "loss", "calls", "target_exited", "exit_code"})
+                          "sites", "loss", "calls", "target_exited", "exit_code",
+                          "peak_bytes"})
 _SQLITE_MAGIC = b"SQLite format 3\0"
 
 
@@ -133,19 +146,19 @@ class RecordingWriter:
         try:
             cur = db.execute(
                 "INSERT INTO snapshots(taken_at, duration, pid, command, sample_bytes, min_age,"
-                " target_exited, exit_code, total_bytes, total_blocks)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " target_exited, exit_code, total_bytes, total_blocks, peak_bytes)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (snap.taken_at, snap.duration, snap.pid, snap.command, snap.sample_bytes,
                  snap.min_age, int(snap.target_exited), snap.exit_code, snap.total_bytes(),
-                 snap.total_blocks()))
+                 snap.total_blocks(), snap.peak_bytes))
             sid = cur.lastrowid
             assert sid is not None
             db.executemany(
-                "INSERT INTO sites VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO sites VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(sid, seq, s.kind, self._stack(s.frames) if s.frames else None,
                   s.charge_index, s.bytes, s.blocks, s.allocs, s.alloc_bytes,
                   int(s.allocator_internal), s.lost_stack, s.via, s.per_minute,
-                  int(s.suspect))
+                  int(s.suspect), s.temp_allocs, s.temp_bytes, s.first_at, s.last_at)
                  for seq, s in enumerate(snap.sites)])
             db.executemany("INSERT INTO counters VALUES (?,?,?,?)",
                            [(sid, grp, name, int(value))
@@ -246,6 +259,7 @@ class Recording:
     def __init__(self, path: str) -> None:
         self.path = path
         self._tmpdir: str | None = None
+        self.version = 0  # the file's schema version, read by _validate
         _check_file(path)
         db_path = self._private_copy_if_hot(path)
         with self._guard():
@@ -272,43 +286,76 @@ class Recording:
         self.close()
 
     def at(self, seconds: float | None = None) -> SnapshotInfo:
-        """The last snapshot taken at or before `seconds` of tracing (None: the last)."""
+        """The snapshot taken nearest to `seconds` of tracing (the earlier on a tie;
+        None: the last). Past the last snapshot by more than the spacing between
+        snapshots, no snapshot is near: a UsageError saying what the file covers."""
         if not self.snapshots:
             raise FileFormatError(f"{self.path}: the recording holds no snapshot")
         if seconds is None:
             return self.snapshots[-1]
-        before = [s for s in self.snapshots if s.duration <= seconds + 1e-9]
-        if not before:
-            raise UsageError(f"{self.path}: no snapshot at {seconds:g} s; the first was taken "
-                             f"at {self.snapshots[0].duration:.1f} s")
-        return before[-1]
+        first, last = self.snapshots[0], self.snapshots[-1]
+        if seconds > last.duration + self._spacing():
+            raise UsageError(f"{self.path}: no snapshot near {seconds:g} s: its "
+                             f"{len(self.snapshots)} snapshots were taken from "
+                             f"{first.duration:.1f} s to {last.duration:.1f} s of tracing")
+        return min(self.snapshots, key=lambda s: (abs(s.duration - seconds), s.id))
+
+    def describe(self, info: SnapshotInfo, asked: float | None = None) -> str:
+        """Which snapshot a report shows: "snapshot 3 of 5, taken 4.0 s into the trace
+        (the nearest to 4 s)"."""
+        index = next(i for i, s in enumerate(self.snapshots, 1) if s.id == info.id)
+        text = (f"snapshot {index} of {len(self.snapshots)}, taken {info.duration:.1f} s "
+                "into the trace")
+        return text + (f" (the nearest to {asked:g} s)" if asked is not None else "")
+
+    def _spacing(self) -> float:
+        """Seconds between snapshots: the recording's interval, else their mean gap."""
+        try:
+            interval = float(json.loads(self.meta.get("interval", "null")) or 0)
+        except (ValueError, TypeError):
+            interval = 0.0
+        spans = self.snapshots[-1].duration - self.snapshots[0].duration
+        gap = spans / (len(self.snapshots) - 1) if len(self.snapshots) > 1 else 0.0
+        return max(interval, gap, 1.0)
 
     def snapshot(self, seconds: float | None = None) -> Snapshot:
-        """The Snapshot recorded at `seconds` of tracing (see `at`)."""
+        """The Snapshot recorded nearest to `seconds` of tracing (see `at`)."""
         info = self.at(seconds)
         with self._guard():
             return self._load(info.id)
+
+    def chosen(self, seconds: float | None) -> tuple[Snapshot, str | None]:
+        """The snapshot nearest to `seconds` and, when a time was asked, which one it is
+        (`describe`), for the report to say."""
+        snap = self.snapshot(seconds)
+        return snap, None if seconds is None else self.describe(self.at(seconds), seconds)
 
     # -- reading ----------------------------------------------------------------------
 
     def _load(self, sid: int) -> Snapshot:
         db = self._db
+        v2 = self.version >= 2
         row = db.execute("SELECT taken_at, duration, pid, command, sample_bytes, min_age,"
-                         " target_exited, exit_code FROM snapshots WHERE id=?", (sid,)).fetchone()
-        taken_at, duration, pid, command, sample_bytes, min_age, exited, exit_code = row
+                         " target_exited, exit_code, " + ("peak_bytes" if v2 else "NULL") +
+                         " FROM snapshots WHERE id=?", (sid,)).fetchone()
+        taken_at, duration, pid, command, sample_bytes, min_age, exited, exit_code, peak = row
         stacks = self._stacks(sid)
         sites = []
+        later = "temp_allocs, temp_bytes, first_at, last_at" if v2 else "0, 0, NULL, NULL"
         for (kind, stack_id, charge, nbytes, blocks, allocs, alloc_bytes, internal,
-             lost, via, per_minute, suspect) in db.execute(
+             lost, via, per_minute, suspect, temp_allocs, temp_bytes, first_at,
+             last_at) in db.execute(
                 "SELECT kind, stack_id, charge_index, bytes, blocks, allocs, alloc_bytes,"
-                " allocator_internal, lost_stack, via, per_minute, suspect FROM sites"
-                " WHERE snapshot_id=? ORDER BY seq", (sid,)):
+                " allocator_internal, lost_stack, via, per_minute, suspect, " + later +
+                " FROM sites WHERE snapshot_id=? ORDER BY seq", (sid,)):
             frames = stacks[stack_id] if stack_id is not None else []
             sites.append(Site(_str(kind), list(frames), _int(nbytes), _int(blocks), _int(allocs),
                               _int(alloc_bytes), _int(charge), bool(_int(internal)),
                               _opt(_str, lost), via=_opt(_str, via),
                               per_minute=_opt(_num, per_minute),
-                              suspect=bool(_int(suspect))))
+                              suspect=bool(_int(suspect)), temp_allocs=_int(temp_allocs),
+                              temp_bytes=_int(temp_bytes), first_at=_opt(_num, first_at),
+                              last_at=_opt(_num, last_at)))
         counters: dict[str, dict[str, int]] = {"loss": {}, "calls": {}}
         for grp, name, value in db.execute("SELECT grp, name, value FROM counters"
                                            " WHERE snapshot_id=?", (sid,)):
@@ -324,7 +371,7 @@ class Recording:
                         duration=_num(duration), sample_bytes=_int(sample_bytes),
                         min_age=_num(min_age), sites=sites, loss=counters["loss"],
                         calls=counters["calls"], target_exited=bool(_int(exited)),
-                        exit_code=_opt(_int, exit_code), **extra)
+                        exit_code=_opt(_int, exit_code), peak_bytes=_opt(_int, peak), **extra)
 
     def _stacks(self, sid: int) -> dict[int, list[Frame]]:
         stacks: dict[int, list[Frame]] = {}
@@ -355,7 +402,7 @@ class Recording:
             raise FileFormatError(f"{self.path}: not a natrace recording") from None
         if meta.get("format") != FORMAT:
             raise FileFormatError(f"{self.path}: not a natrace recording")
-        version = _int(int(meta.get("schema_version", "")))
+        version = self.version = _int(int(meta.get("schema_version", "")))
         if version > SCHEMA_VERSION:
             raise FileFormatError(
                 f"{self.path}: written by a newer natrace ({meta.get('natrace_version')}, "

@@ -27,10 +27,11 @@ def parse_spec(spec: str) -> tuple[str, float | None]:
         raise UsageError(f"{spec}: {err}") from None
 
 
-def load(spec: str) -> Snapshot:
+def load(spec: str) -> tuple[Snapshot, str | None]:
+    """The snapshot a spec names and, for FILE@TIME, which one it is."""
     path, at = parse_spec(spec)
     with Recording(path) as rec:
-        return rec.snapshot(at)
+        return rec.chosen(at)
 
 
 @click.command("diff")
@@ -43,7 +44,11 @@ def load(spec: str) -> Snapshot:
               help="Write to this file (mode 0600) instead of stdout.")
 def command(before: str, after: str, as_json: bool, top: int, output: str | None) -> None:
     """Growth from BEFORE to AFTER: each a recording FILE or FILE@TIME (e.g. rec.db@30s)."""
-    d = diff(load(before), load(after))
+    (a, a_which), (b, b_which) = load(before), load(after)
+    for spec, which in ((before, a_which), (after, b_which)):
+        if which:
+            click.echo(f"natrace: {spec}: {which}", err=True)
+    d = diff(a, b)
     text = (diff_report.render_json(d, before, after) if as_json
             else diff_report.render(d, before, after, top))
     outputs.deliver(text, output, parse_spec(before)[0], parse_spec(after)[0])

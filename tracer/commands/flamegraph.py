@@ -23,14 +23,16 @@ from tracer.units import Duration
               help="File to write (mode 0600).")
 @click.option("--inverted", is_flag=True, help="Icicle graph: roots at the top (html/svg).")
 @click.option("--at", "at", type=Duration(), default=None,
-              help="The snapshot at this much tracing time (default: the last).")
+              help="The snapshot nearest to this much tracing time (default: the last).")
 def command(file: str, metric: str, fmt: str | None, output: str, inverted: bool,
             at: float | None) -> None:
     """Write FILE's sites as html, svg, folded, pprof or speedscope."""
     fmt = fmt or format_for(output)
     with Recording(file) as rec:
-        snap = rec.snapshot(at)
+        snap, which = rec.chosen(at)
         build_ids = rec.build_ids
+    if which:
+        click.echo(f"natrace: {file}: {which}", err=True)
     title = f"{os.path.basename(file)}: {snap.command} (PID {snap.pid}), " \
             f"{METRICS[metric].description}"
     options = ExportOptions(METRICS[metric], inverted, title, build_ids)

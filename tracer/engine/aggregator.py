@@ -55,39 +55,46 @@ class Aggregator:
         self.allocator_modules = allocator_modules  # whose malloc-family frames are skipped
 
     def sites(self, raw: Iterable[RawSite], stack_of: Callable[[int], tuple[int, ...]],
-              mappings: Iterable[tuple[Owner, int, int]] = ()) -> list[Site]:
+              mappings: Iterable[tuple[Owner, int, int]] = (), origin_ns: int = 0) -> list[Site]:
+        """Every site that allocated while traced or still holds memory, freed or not
+        (churn counts in allocated/allocations), most unfreed bytes first. `origin_ns`:
+        when tracing began (CLOCK_MONOTONIC), for the sites' first/latest allocation."""
         sites: list[Site] = []
         for r in raw:
-            if r.bytes == 0 and r.blocks == 0:
+            if r.bytes == 0 and r.blocks == 0 and r.allocs == 0:
                 continue
             if r.stack_id < 0:
-                sites.append(Site("malloc", [], r.bytes, r.blocks, r.allocs, r.alloc_bytes,
-                                  lost_stack=stack_error_name(r.stack_id), samples=r.samples,
-                                  alloc_samples=r.alloc_samples))
-                continue
-            site = self._site("malloc", stack_of(r.stack_id), r.bytes, r.blocks, False)
-            site.allocs, site.alloc_bytes, site.stack_ids = r.allocs, r.alloc_bytes, [r.stack_id]
+                site = Site("malloc", [], r.bytes, r.blocks,
+                            lost_stack=stack_error_name(r.stack_id))
+            else:
+                site = self._site("malloc", stack_of(r.stack_id), r.bytes, r.blocks, False)
+                site.stack_ids = [r.stack_id]
+            site.allocs, site.alloc_bytes = r.allocs, r.alloc_bytes
             site.samples, site.alloc_samples = r.samples, r.alloc_samples
+            site.temp_allocs, site.temp_bytes = r.temp_allocs, r.temp_bytes
+            site.first_at = (r.first_ns - origin_ns) / 1e9 if r.first_ns else None
+            site.last_at = (r.last_ns - origin_ns) / 1e9 if r.last_ns else None
             sites.append(site)
         for owner, size, ranges in mappings:
             sites.append(self._site(owner.kind, owner.stack, size, ranges,
                                     owner.allocator_internal))
-        grouped = group_by(sites, lambda s: s.key, lambda s: s.bytes, _merge_site)
+        grouped = group_by(sites, lambda s: s.key, lambda s: (s.bytes << 64) + s.alloc_bytes,
+                           _merge_site)
         for site in grouped:
             site.via = self._via(site)
-        return sorted(grouped, key=lambda s: (-s.bytes, -s.blocks, s.label()))
+        return sorted(grouped, key=lambda s: (-s.bytes, -s.blocks, -s.alloc_bytes, s.label()))
 
     def _via(self, site: Site) -> str | None:
         """The API of the charged module that the code outside it called (PQexec for
         a PGresult): named from the caller's own call instruction where it can be,
         since libraries tail-call static helpers that leave no named frame."""
         frames, i = site.frames, site.charge_index
-        if not frames or frames[i].module_class in ("libc", "unknown"):
+        if not frames or frames[i].module_class in ("libc", "ld.so", "unknown"):
             return None
         j = i
         while j + 1 < len(frames) and frames[j + 1].module_class == frames[i].module_class:
             j += 1
-        if j + 1 >= len(frames) or frames[j + 1].module_class == "libc":
+        if j + 1 >= len(frames) or frames[j + 1].module_class in ("libc", "ld.so"):
             return None  # nothing outside called in: the module's own main, or a thread
         name = self.call_sites.callees.callee(frames[j + 1].address) or (frames[j].symbol if j > i
                                                                 else None)
@@ -115,4 +122,13 @@ def _merge_site(have: Site, site: Site, heavier: bool) -> None:
     have.alloc_bytes += site.alloc_bytes
     have.samples += site.samples
     have.alloc_samples += site.alloc_samples
+    have.temp_allocs += site.temp_allocs
+    have.temp_bytes += site.temp_bytes
+    have.first_at = _extreme(min, have.first_at, site.first_at)
+    have.last_at = _extreme(max, have.last_at, site.last_at)
     have.stack_ids += site.stack_ids
+
+
+def _extreme(pick: Callable[[float, float], float], a: float | None,
+             b: float | None) -> float | None:
+    return b if a is None else a if b is None else pick(a, b)

@@ -35,7 +35,7 @@ from tracer.probes.target import Target, is_static_executable
 from tracer.probes.triage import TriageOptions, TriageProbes
 from tracer.symbols.attribution import DEFAULT_ALLOCATOR_MODULES, first_frame_outside
 from tracer.symbols.procmaps import MapsHistory
-from tracer.symbols.symbolizer import Symbolizer
+from tracer.symbols.symbolizer import Symbolizer, jit_note
 
 POLL_SECONDS = 0.05
 GROWTH_SECONDS = 1.0  # how often each call site's bytes are sampled for leak suspects
@@ -71,6 +71,7 @@ class Session:
         self.followed: list[str] = []  # commands the target exec'd on from (wrappers)
         self.growth: GrowthTracker[int] = GrowthTracker()  # bytes per stack id over time
         self._next_growth = 0.0
+        self.peak_bytes = 0  # the most bytes traced blocks held at a growth sample
         self.memory = MemoryWatch(target.pid, options.memory_interval)
         self._signals: dict[int, Any] = {}  # handlers to restore at close()
         self.attaching = False  # start() is placing probes: a stop signal interrupts it
@@ -161,7 +162,9 @@ class Session:
         if not self.options.allocs or now < self._next_growth:
             return
         self._next_growth = now + GROWTH_SECONDS
-        self.growth.observe(now, {r.stack_id: r.bytes for r in self.probes.sites()})
+        raw = self.probes.sites()
+        self.growth.observe(now, {r.stack_id: r.bytes for r in raw})
+        self.peak_bytes = max(self.peak_bytes, sum(r.bytes for r in raw))
 
     def _refresh_maps(self) -> None:
         if self.execd:
@@ -257,7 +260,7 @@ class Session:
     def snapshot(self) -> Snapshot:
         self._refresh_maps()
         maps = self.maps or MapsHistory.from_lines([], pid=self.target.pid)
-        call_sites = CallSites(Symbolizer(maps, self.target.pid))
+        call_sites = CallSites(Symbolizer(maps, self.target.pid, lines=True))
         aggregator = Aggregator(call_sites, self.options.charge_to, self._allocator_modules)
         mappings: list[tuple[Owner, int, int]] = []
         if not self.options.allocs:
@@ -268,7 +271,8 @@ class Session:
             raw = self.probes.sites()
             mappings = list(self.probes.mappings.totals())
         loss, calls = self.probes.counters() if self.options.allocs else ({}, {})
-        sites = aggregator.sites(raw, self.probes.stack, mappings)
+        sites = aggregator.sites(raw, self.probes.stack, mappings,
+                                 origin_ns=int(self.started * 1e9))
         for site in sites:
             if site.stack_ids:
                 f = self.growth.combined_fit(site.stack_ids)
@@ -288,6 +292,8 @@ class Session:
             sites=sites,
             loss=loss,
             calls=calls,
+            peak_bytes=max(self.peak_bytes, sum(r.bytes for r in raw)) if self.options.allocs
+            else None,
             target_exited=self.exiting or not self.target.alive(),
             exit_code=self.target.exit_code,
             memory=self.memory.report(sites, traced=self.options.allocs,
@@ -297,7 +303,7 @@ class Session:
             **self._triage_report(call_sites, duration),
             handles=handle_types(self.handles, call_sites),
             notes=self.notes + self._followed_note() + self._children_note()
-            + self._stopped_note(),
+            + self._stopped_note() + jit_note(call_sites.symbolizer, sites),
         )
 
     def _v8_ranges(self, call_sites: CallSites) -> list[tuple[int, int]] | None:

@@ -71,7 +71,8 @@ class Lock:
     private: bool
     waiters: list[FutexSite] = field(default_factory=list)
     wakers: list[FutexSite] = field(default_factory=list)
-    share: float = 0.0  # blocked time summed over threads / traced time
+    share: float = 0.0  # blocked time summed over threads / traced time: threads waiting
+    #                     on average (above 1 when several wait at once)
     rules: list[str] = field(default_factory=list)  # verdict rules that fired
 
     @property
@@ -126,6 +127,10 @@ class LockReport:
 
     def contended(self) -> list[Lock]:
         return [lk for lk in self.locks if lk.contended]
+
+    def waited_on(self) -> list[Lock]:
+        """Locks some thread blocked on (words only ever woken tell nothing)."""
+        return [lk for lk in self.locks if lk.waits]
 
     def errors(self) -> dict[str, int]:
         out: dict[str, int] = {}

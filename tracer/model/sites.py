@@ -12,7 +12,12 @@ SiteKey = tuple[str, bool, str, str]
 
 @dataclass
 class Site:
-    """Memory still held that was allocated through one stack.
+    """What was allocated through one call site: memory still held (`bytes`, `blocks`:
+    unfreed) and every allocation made while traced, freed or not (`allocs`,
+    `alloc_bytes`), of which `temp_allocs`/`temp_bytes` were temporary (freed by the
+    allocating thread before it allocated again, heaptrack's sense). `first_at`/
+    `last_at`: seconds into the trace of its first and latest allocation (None: not
+    known).
 
     `frames` run from the allocator's caller outwards; `charge_index` is the frame the
     bytes are charged to (first frame outside the allocator and its wrappers, or as
@@ -52,6 +57,15 @@ class Site:
             return None if estimate else (0, 0)
         half = 1.96 * estimate / math.sqrt(samples)
         return max(0, round(estimate - half)), round(estimate + half)
+    temp_allocs: int = 0
+    temp_bytes: int = 0
+    first_at: float | None = None
+    last_at: float | None = None
+
+    @property
+    def holds(self) -> bool:
+        """Does the site still hold memory (not every block it allocated was freed)?"""
+        return self.bytes != 0 or self.blocks != 0
 
     @property
     def frame(self) -> Frame | None:
@@ -68,8 +82,9 @@ class Site:
         the function it is charged to (module+symbol, else module+offset)."""
         return (self.kind, self.allocator_internal, *function_key(self.frame, self.lost_stack))
 
-    def label(self) -> str:
+    def label(self, short: bool = False) -> str:
+        """The charged frame's label (`short`: names shortened for tables)."""
         frame = self.frame
         if frame is None:
             return f"[stack not captured: {self.lost_stack}]"
-        return frame.label()
+        return frame.label(short)

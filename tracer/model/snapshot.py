@@ -31,6 +31,23 @@ LOSS_DESCRIPTIONS = {
 }
 
 
+@dataclass(frozen=True)
+class Totals:
+    """The program's figures summed over its sites (allocator-internal ones left out):
+    unfreed bytes and blocks; allocations made while traced (freed or not) and their
+    bytes; the temporary ones among them; the peak seen (see Snapshot.peak_bytes)."""
+
+    bytes: int
+    blocks: int
+    sites: int  # sites that allocated or hold memory
+    holding_sites: int  # ... of which still hold memory
+    allocs: int
+    alloc_bytes: int
+    temp_allocs: int
+    temp_bytes: int
+    peak_bytes: int | None
+
+
 @dataclass
 class Snapshot:
     pid: int
@@ -53,6 +70,9 @@ class Snapshot:
     handles: list[HandleType] = field(default_factory=list)  # create/destroy pairs traced
     notes: list[str] = field(default_factory=list)  # about the session: exec, children
     in_process: bool = False  # the process sampled itself (otel_memory USDT probes)
+    # most bytes traced malloc blocks held at the session's once-a-second samples and at
+    # the snapshot (a lower bound of the true peak; None: not known)
+    peak_bytes: int | None = None
 
     @property
     def mode(self) -> str:
@@ -69,14 +89,32 @@ class Snapshot:
         return bool(self.sample_bytes) or self.in_process
 
     def user_sites(self) -> list[Site]:
-        """Sites whose bytes belong to the program (not the allocator's own mappings)."""
+        """Sites of the program (not the allocator's own mappings), those whose blocks
+        were all freed included: they count in allocated, allocations and temporary."""
         return [s for s in self.sites if not s.allocator_internal]
+
+    def holding_sites(self) -> list[Site]:
+        """User sites that still hold memory (unfreed bytes), most first."""
+        return [s for s in self.user_sites() if s.holds]
+
+    def runtime_sites(self) -> list[Site]:
+        """The runtime's own memory: malloc arenas and heap growth, thread stacks."""
+        return [s for s in self.sites if s.allocator_internal]
 
     def total_bytes(self) -> int:
         return sum(s.bytes for s in self.user_sites())
 
     def total_blocks(self) -> int:
         return sum(s.blocks for s in self.user_sites())
+
+    def totals(self) -> Totals:
+        user = self.user_sites()
+        return Totals(bytes=sum(s.bytes for s in user), blocks=sum(s.blocks for s in user),
+                      sites=len(user), holding_sites=sum(1 for s in user if s.holds),
+                      allocs=sum(s.allocs for s in user),
+                      alloc_bytes=sum(s.alloc_bytes for s in user),
+                      temp_allocs=sum(s.temp_allocs for s in user),
+                      temp_bytes=sum(s.temp_bytes for s in user), peak_bytes=self.peak_bytes)
 
     def by_module(self) -> list[tuple[str, int, int, list[Site]]]:
         """(module class, bytes, blocks, its sites) for user sites, largest first."""

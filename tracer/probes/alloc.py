@@ -11,7 +11,7 @@ import errno
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tracer.errors import KernelFeatureError, TargetError
@@ -58,7 +58,10 @@ class AllocOptions:
 
 @dataclass(frozen=True)
 class RawSite:
-    """Kernel counters of one stack id (negative: -errno of a failed capture)."""
+    """Kernel counters of one stack id (negative: -errno of a failed capture): bytes and
+    blocks outstanding; allocations, bytes allocated and the temporary ones among them
+    since attach; the most bytes held at once; first and latest allocation
+    (CLOCK_MONOTONIC ns, 0: none)."""
 
     stack_id: int
     bytes: int
@@ -67,6 +70,10 @@ class RawSite:
     alloc_bytes: int
     samples: int = 0  # sampled in the process: sampled blocks outstanding
     alloc_samples: int = 0  # ... and sampled allocations since attach
+    temp_allocs: int = 0
+    temp_bytes: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -228,11 +235,16 @@ class AllocProbes(ProbeSet):
             out.append(RawSite(key, sum(c.bytes for c in copies), blocks_fp >> shift,
                                allocs_fp >> shift, sum(c.alloc_bytes for c in copies),
                                sum(getattr(c, "samples", 0) for c in copies),
-                               sum(getattr(c, "alloc_samples", 0) for c in copies)))
+                               sum(getattr(c, "alloc_samples", 0) for c in copies),
+                               sum(c.temp_fp for c in copies) >> shift,
+                               sum(c.temp_bytes for c in copies),
+                               min((c.first_ns for c in copies if c.first_ns), default=0),
+                               max(c.last_ns for c in copies)))
         return out
 
     def sites_older_than(self, min_age: float) -> list[RawSite]:
-        """Outstanding blocks at least `min_age` seconds old, summed per stack."""
+        """Every stack's counters, with bytes and blocks outstanding narrowed to the
+        blocks at least `min_age` seconds old (allocations made stay all of them)."""
         cutoff = time.monotonic_ns() - int(min_age * 1e9)
         acc: dict[int, list[int]] = {}
         for _addr, info in self._iter_allocs():
@@ -242,8 +254,11 @@ class AllocProbes(ProbeSet):
             slot[0] += self._weight_bytes(info)
             slot[1] += self._weight_blocks_fp(info)
             slot[2] += 1
-        return [RawSite(sid, b, n >> self._shift, 0, 0, samples=k if self.in_process else 0)
-                for sid, (b, n, k) in acc.items()]
+        none = [0, 0, 0]
+        return [replace(r, bytes=acc.get(r.stack_id, none)[0],
+                        blocks=acc.get(r.stack_id, none)[1] >> self._shift,
+                        samples=acc.get(r.stack_id, none)[2] if self.in_process else 0)
+                for r in self.sites()]
 
     def _iter_allocs(self) -> Iterator[tuple[Any, Any]]:
         return map_items(self._bpf["allocs"])

@@ -27,6 +27,7 @@ PAD = 10
 ROW = 16
 TOP = 56
 LEGEND = 34
+LEGEND_CLASSES = 6
 FAMILIES = {  # family -> (hue, saturation %, lightness %)
     "libpq": (210, 70, 62), "addon": (28, 85, 60), "node": (120, 45, 52),
     "js": (52, 80, 55), "libc": (0, 70, 64), "other": (270, 22, 68),
@@ -40,12 +41,14 @@ class _Node:
     family: str
     value: int = 0
     children: dict[tuple[str, str], _Node] = field(default_factory=dict)
+    charged: dict[str, int] = field(default_factory=dict)  # root: value per module class
 
 
 def _tree(snap: Snapshot, options: ExportOptions) -> _Node:
     root = _Node("all", "", "root")
     for stack in weighted_stacks(snap, options.metric):
         root.value += stack.value
+        root.charged[stack.module_class] = root.charged.get(stack.module_class, 0) + stack.value
         node = root
         for f in stack.frames:
             name = f"{function_name(f)} [{f.module_name}]"
@@ -129,24 +132,18 @@ def render_svg(snap: Snapshot, options: ExportOptions, embedded: bool = False) -
 
 
 def _legend(root: _Node, y: int) -> str:
-    shares: dict[str, int] = {}
-
-    def walk(node: _Node) -> None:  # self value: what the family's own frames hold
-        own = node.value - sum(c.value for c in node.children.values())
-        if node.family != "root" and own > 0:
-            shares[node.family] = shares.get(node.family, 0) + own
-        for c in node.children.values():
-            walk(c)
-
-    walk(root)
+    """The module classes the values are charged to, as the report's module table
+    names them (the largest LEGEND_CLASSES, the rest as "others"), each in its
+    family's colour."""
+    ranked = sorted(root.charged.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ranked[:LEGEND_CLASSES]
+    rest = sum(v for _, v in ranked[LEGEND_CLASSES:])
     items = []
     x = PAD
-    for family in FAMILIES:
-        if family not in shares:
-            continue
-        hue, sat, light = FAMILIES[family]
-        pct = 100.0 * shares[family] / max(root.value, 1)
-        label = f"{'addon:*' if family == 'addon' else family} {pct:.1f}%"
+    for cls, value in shown + ([("others", rest)] if rest else []):
+        hue, sat, light = FAMILIES[module_family(cls)]
+        pct = 100.0 * value / max(root.value, 1)
+        label = f"{cls} {pct:.1f}%"
         items.append(f'<rect x="{x}" y="{y}" width="12" height="12" '
                      f'fill="hsl({hue},{sat}%,{light}%)"/>'
                      f'<text class="legend" x="{x + 16}" y="{y + 10}">{escape(label)}</text>')

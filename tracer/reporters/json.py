@@ -1,4 +1,9 @@
-"""`--json`: the report as one JSON document (shape documented in README.md)."""
+"""`--json`: the report as one JSON document (shape documented in docs/report-json.md).
+
+Every list adds up to its total: `sites` (the program's call sites) and `modules` sum
+to `totals`; the runtime's own memory (malloc arenas and heap growth, thread stacks)
+is in `runtime` with totals of its own, never mixed in.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from dataclasses import asdict
 from typing import Any
 
 from tracer.model.callsite import CallSite
+from tracer.model.findings import findings
 from tracer.model.frames import Frame
 from tracer.model.handles import HandleType
 from tracer.model.memory import MemoryReport, Region
@@ -14,7 +20,7 @@ from tracer.model.sites import Site
 from tracer.model.snapshot import Snapshot
 from tracer.reporters import triage as triage_report
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def to_dict(snap: Snapshot) -> dict[str, Any]:
@@ -32,17 +38,32 @@ def to_dict(snap: Snapshot) -> dict[str, Any]:
         "target_exited": snap.target_exited,
         "exit_code": snap.exit_code,
         "notes": snap.notes,
-        "totals": {"bytes": snap.total_bytes(), "blocks": snap.total_blocks(),
-                   "sites": len(snap.user_sites())},
-        "modules": [{"module": name, "bytes": b, "blocks": n, "sites": len(sites)}
+        "totals": asdict(snap.totals()),
+        "findings": findings(snap),
+        "modules": [{"module": name, "bytes": b, "blocks": n, "sites": len(sites),
+                     "holding_sites": sum(1 for s in sites if s.holds),
+                     "allocs": sum(s.allocs for s in sites),
+                     "alloc_bytes": sum(s.alloc_bytes for s in sites),
+                     "temp_allocs": sum(s.temp_allocs for s in sites),
+                     "temp_bytes": sum(s.temp_bytes for s in sites)}
                     for name, b, n, sites in snap.by_module()],
-        "sites": [_site(s, snap.sample_bytes if snap.in_process else None) for s in snap.sites],
+        "sites": [_site(s, snap.sample_bytes if snap.in_process else None)
+                  for s in snap.user_sites()],
+        "runtime": _runtime(snap.runtime_sites()),
         "loss": snap.loss,
         "calls": snap.calls,
         "memory": _memory(snap.memory) if snap.memory is not None else None,
         "handles": [_handle_type(t) for t in snap.handles],
         **triage_report.to_dict(snap),
     }
+
+
+def _runtime(sites: list[Site]) -> dict[str, Any]:
+    """The runtime's own memory by kind (mmap: arena heaps, brk: heap growth, stack:
+    thread stacks); `blocks` are address ranges."""
+    return {"totals": {"bytes": sum(s.bytes for s in sites),
+                       "blocks": sum(s.blocks for s in sites), "sites": len(sites)},
+            "sites": [_site(s, None) for s in sites]}
 
 
 def _site(site: Site, period: int | None) -> dict[str, Any]:
@@ -55,6 +76,10 @@ def _site(site: Site, period: int | None) -> dict[str, Any]:
         "blocks": site.blocks,
         "allocs": site.allocs,
         "alloc_bytes": site.alloc_bytes,
+        "temp_allocs": site.temp_allocs,
+        "temp_bytes": site.temp_bytes,
+        "first_at": site.first_at,
+        "last_at": site.last_at,
         "allocator_internal": site.allocator_internal,
         "label": site.label(),
         "function": frame.symbol if frame else None,

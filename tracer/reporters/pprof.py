@@ -2,8 +2,10 @@
 `go tool pprof`, Pyroscope and Parca.
 
 Encoded by hand (a protobuf dependency for five messages is not worth it). One sample
-per user site with four values: inuse_space/bytes, inuse_objects/count,
-alloc_space/bytes, alloc_objects/count; `--metric` picks the default sample type.
+per user site (those whose blocks were all freed included) with six values:
+inuse_space/bytes, inuse_objects/count, alloc_space/bytes, alloc_objects/count,
+temp_space/bytes, temp_objects/count (temporary allocations: freed by the thread
+before its next allocation); `--metric` picks the default sample type.
 Locations are the distinct frames (address, mapping, function:line); mappings are
 the modules with their GNU build ids, so a symbol server can re-symbolize.
 
@@ -31,9 +33,10 @@ from tracer.model.snapshot import Snapshot
 from tracer.reporters.stacks import ExportOptions, function_name, site_frames
 
 SAMPLE_TYPES = [("inuse_space", "bytes"), ("inuse_objects", "count"),
-                ("alloc_space", "bytes"), ("alloc_objects", "count")]
+                ("alloc_space", "bytes"), ("alloc_objects", "count"),
+                ("temp_space", "bytes"), ("temp_objects", "count")]
 _DEFAULT_TYPE = {"unfreed": "inuse_space", "allocated": "alloc_space",
-                 "allocations": "alloc_objects"}
+                 "allocations": "alloc_objects", "temporary": "temp_objects"}
 
 
 def _varint(n: int) -> bytes:
@@ -117,7 +120,8 @@ def render(snap: Snapshot, options: ExportOptions) -> bytes:
         return lid
 
     for site in snap.user_sites():
-        values = [site.bytes, site.blocks, site.alloc_bytes, site.allocs]
+        values = [site.bytes, site.blocks, site.alloc_bytes, site.allocs, site.temp_bytes,
+                  site.temp_allocs]
         if not any(values):
             continue
         ids = [location(f) for f in site_frames(site)]  # leaf first, as pprof wants

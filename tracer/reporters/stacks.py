@@ -28,8 +28,10 @@ class Metric:
 
 METRICS = {m.name: m for m in (
     Metric("unfreed", "bytes", "bytes allocated and not freed"),
-    Metric("allocated", "bytes", "bytes allocated (freed or not)"),
-    Metric("allocations", "count", "allocation calls"),
+    Metric("allocated", "bytes", "bytes allocated while traced (freed or not)"),
+    Metric("allocations", "count", "allocations made while traced (freed or not)"),
+    Metric("temporary", "count", "temporary allocations (freed by the thread before its "
+           "next allocation)"),
     Metric("futex-wait", "nanoseconds", "time waited on futexes", section="locks"),
     Metric("page-faults", "count", "page faults", section="faults"),
 )}
@@ -47,6 +49,7 @@ class ExportOptions:
 class WeightedStack:
     frames: tuple[Frame, ...]  # root first
     value: int
+    module_class: str = "unknown"  # the class the value is charged to, as reports say
 
 
 def metric(name: str) -> Metric:
@@ -59,12 +62,17 @@ def metric(name: str) -> Metric:
 def weighted_stacks(snap: Snapshot, which: Metric) -> list[WeightedStack]:
     """One stack per site (allocation, futex waiter or faulting site) with a nonzero
     value, heaviest first."""
-    out = [WeightedStack(tuple(reversed(_frames(frames, lost))), value)
-           for frames, lost, value in _weighted(snap, which) if value]
+    out = [WeightedStack(tuple(reversed(_frames(frames, lost))), value, cls)
+           for frames, lost, value, cls in _weighted(snap, which) if value]
     return sorted(out, key=lambda s: -s.value)
 
 
-def _weighted(snap: Snapshot, which: Metric) -> Iterator[tuple[list[Frame], str | None, int]]:
+def _class(frame: Frame | None) -> str:
+    return frame.module_class if frame is not None else "unknown"
+
+
+def _weighted(snap: Snapshot,
+              which: Metric) -> Iterator[tuple[list[Frame], str | None, int, str]]:
     if which.section is not None:
         section = getattr(snap, which.section, None)
         if section is None or getattr(section, "available", True) is False:
@@ -73,13 +81,13 @@ def _weighted(snap: Snapshot, which: Metric) -> Iterator[tuple[list[Frame], str 
     if which.name == "futex-wait":
         for lock in snap.locks.locks if snap.locks else []:
             for w in lock.waiters:
-                yield w.site.frames, w.site.lost_stack, w.ns
+                yield w.site.frames, w.site.lost_stack, w.ns, _class(w.site.frame)
     elif which.name == "page-faults":
         for f in snap.faults.sites if snap.faults else []:
-            yield f.site.frames, f.site.lost_stack, f.faults
+            yield f.site.frames, f.site.lost_stack, f.faults, _class(f.site.frame)
     else:
         for site in snap.user_sites():
-            yield site.frames, site.lost_stack, site_value(site, which)
+            yield site.frames, site.lost_stack, site_value(site, which), site.module_class
 
 
 def site_value(site: Site, which: Metric) -> int:
@@ -89,6 +97,8 @@ def site_value(site: Site, which: Metric) -> int:
         return site.alloc_bytes
     if which.name == "allocations":
         return site.allocs
+    if which.name == "temporary":
+        return site.temp_allocs
     raise UsageError(f"metric {which.name} has no per-site value")
 
 

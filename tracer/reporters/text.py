@@ -28,12 +28,18 @@ def render(snap: Snapshot, top: int = 10) -> str:
         if snap.memory is not None:
             lines += [""] + _memory(snap.memory)
         return "\n".join(lines) + "\n"
-    user = snap.user_sites()
-    total = snap.total_bytes()
+    user = snap.holding_sites()
+    totals = snap.totals()
+    total = totals.bytes
     est = "~" if snap.estimated else ""
-    lines.append(f"Unfreed: {est}{total:,} bytes in {est}{snap.total_blocks():,} blocks at "
+    lines.append(f"Unfreed: {est}{total:,} bytes in {est}{totals.blocks:,} blocks at "
                  f"{len(user)} call sites" + (f" (allocations older than {snap.min_age:g} s)"
                                               if snap.min_age else ""))
+    peak = "" if totals.peak_bytes is None else \
+        f"; peak seen {est}{size(totals.peak_bytes)} (sampled once a second)"
+    lines.append(f"Allocated while traced: {est}{totals.alloc_bytes:,} bytes in "
+                 f"{est}{totals.allocs:,} allocations at {totals.sites} call sites, "
+                 f"{est}{totals.temp_allocs:,} temporary{peak}")
     if snap.in_process:
         mean = f"every {snap.sample_bytes:,} bytes on average" if snap.sample_bytes else \
             "at the period the process chose"
@@ -55,6 +61,7 @@ def render(snap: Snapshot, top: int = 10) -> str:
             lo, hi = interval
             lines.append(f"  {'':>14} {'':>9} {'':>6} {'':>11}  {'':6} {'':16}   ~ "
                          f"{site.samples:,} samples, 95% interval {lo:,}-{hi:,} bytes")
+    lines += _churn(snap, top)
     internal = [s for s in snap.sites if s.allocator_internal]
     if internal:
         lines.append("")
@@ -89,8 +96,9 @@ def _headline(snap: Snapshot) -> str:
 def _modules(snap: Snapshot, total: int) -> list[str]:
     out = ["Unfreed bytes by module:"]
     for name, nbytes, blocks, sites in snap.by_module():
-        out.append(f"  {name:24} {nbytes:>14,} B {_pct(nbytes, total):>6}  "
-                   f"{blocks:,} blocks, {len(sites)} sites")
+        if nbytes or blocks:
+            out.append(f"  {name:24} {nbytes:>14,} B {_pct(nbytes, total):>6}  "
+                       f"{blocks:,} blocks, {sum(1 for s in sites if s.holds)} sites")
     return out
 
 
@@ -101,10 +109,29 @@ def _site(site: Site, total: int) -> list[str]:
         f"{size(abs(site.per_minute))}"
     leak = " LEAK" if site.suspect else ""
     out = [f"  {site.bytes:>14,} {site.blocks:>9,} {_pct(site.bytes, total):>6} {growth:>11}  "
-           f"{site.kind:6} {module[:16]:16} {site.label()}{leak}"]
+           f"{site.kind:6} {module[:16]:16} {site.label(short=True)}{leak}"]
     for f in site.frames[site.charge_index + 1: site.charge_index + 1 + STACK_FRAMES_SHOWN]:
-        out.append(f"  {'':>14} {'':>9} {'':>6} {'':>11}  {'':6} {'':16}   <- {f.label()} "
+        out.append(f"  {'':>14} {'':>9} {'':>6} {'':>11}  {'':6} {'':16}   <- "
+                   f"{f.label(short=True)} "
                    f"[{f.module_name}]")
+    return out
+
+
+def _churn(snap: Snapshot, top: int) -> list[str]:
+    """The sites that allocate the most (heaptrack's first view), freed or not."""
+    busiest = sorted((s for s in snap.user_sites() if s.allocs),
+                     key=lambda s: (-s.allocs, -s.alloc_bytes, s.label()))[:top]
+    if not busiest:
+        return []
+    allocs = snap.totals().allocs
+    out = ["", f"Top {len(busiest)} call sites by allocations (freed or not; temporary: "
+           "freed by the thread before its next allocation):",
+           f"  {'ALLOCATIONS':>12} {'%':>6} {'ALLOCATED':>14} {'TEMPORARY':>10} "
+           f"{'UNFREED':>14}  {'MODULE':16} CALL SITE"]
+    for site in busiest:
+        out.append(f"  {site.allocs:>12,} {_pct(site.allocs, allocs):>6} "
+                   f"{site.alloc_bytes:>14,} {site.temp_allocs:>10,} {site.bytes:>14,}  "
+                   f"{site.module_class[:16]:16} {site.label(short=True)}")
     return out
 
 

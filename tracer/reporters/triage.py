@@ -27,6 +27,11 @@ def _where(site: CallSite) -> str:
     return f"{site.label()}{module}{via}"
 
 
+def thread_seconds(ns: int) -> str:
+    """Blocked time summed over threads: "18.7 thread-s" (can exceed the time traced)."""
+    return f"{ns / 1e9:.3g} thread-s"
+
+
 # -- text --------------------------------------------------------------------------------
 
 def text_lines(snap: Snapshot, top: int = 10) -> list[str]:
@@ -60,10 +65,12 @@ def _pct(part: float, whole: float) -> str:
 
 def _locks_text(report: LockReport, top: int) -> list[str]:
     contended = report.contended()
-    out = [f"Locks (futex words): {len(report.locks)} seen, {len(contended)} contended "
-           f"(rules: 'share' = blocked > {report.share_threshold:.0%} of traced time summed "
-           f"over threads, 'p99' = p99 wait > {duration(report.p99_threshold_ns)})"]
-    for lock in report.locks[:top]:
+    waited = report.waited_on()
+    out = [f"Locks (futex words): {len(report.locks)} seen, {len(waited)} waited on, "
+           f"{len(contended)} contended (rules: 'share' = waiters blocked more than "
+           f"{report.share_threshold:g} thread-seconds per second traced, 'p99' = p99 wait "
+           f"> {duration(report.p99_threshold_ns)}); words never waited on are not listed"]
+    for lock in waited[:top]:
         out += _lock_text(lock)
     errors = report.errors()
     if errors:
@@ -77,7 +84,8 @@ def _lock_text(lock: Lock) -> list[str]:
     state = f"CONTENDED ({', '.join(lock.rules)})" if lock.contended else "ok"
     scope = "private" if lock.private else "shared"
     out = [f"  {state:22} {lock.kind} {lock.uaddr:#x} ({scope}): {lock.waits:,} waits, "
-           f"{duration(lock.wait_ns)} blocked ({_pct(lock.share, 1)} of traced time), "
+           f"{thread_seconds(lock.wait_ns)} blocked ({lock.share:.2f} threads waiting on "
+           "average), "
            f"p50 {duration(lock.p(0.5))}, p99 {duration(lock.p(0.99))}, "
            f"max {duration(lock.max_ns)}; {lock.wake_calls:,} wake calls woke "
            f"{lock.woken:,} threads"]
@@ -147,6 +155,7 @@ def to_dict(snap: Snapshot) -> dict[str, Any]:
 def _lock_dict(lock: Lock) -> dict[str, Any]:
     return {"uaddr": lock.uaddr, "kind": lock.kind, "private": lock.private,
             "contended": lock.contended, "rules": lock.rules, "share": round(lock.share, 6),
+            "thread_seconds": round(lock.wait_ns / 1e9, 9),
             "waits": lock.waits, "wait_ns": lock.wait_ns, "max_ns": lock.max_ns,
             "p50_ns": lock.p(0.5), "p99_ns": lock.p(0.99), "hist_log2_ns": lock.hist,
             "wake_calls": lock.wake_calls, "woken": lock.woken, "errors": lock.errors,

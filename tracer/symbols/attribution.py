@@ -13,8 +13,9 @@ from collections.abc import Collection, Sequence
 
 from tracer.model.frames import Frame
 
-#: Module classes whose malloc-family frames are skipped.
-DEFAULT_ALLOCATOR_MODULES: frozenset[str] = frozenset({"libc", "libstdc++"})
+#: Module classes whose malloc-family frames are skipped (ld.so has its own mmap and
+#: minimal malloc for the libraries it loads before libc's is usable).
+DEFAULT_ALLOCATOR_MODULES: frozenset[str] = frozenset({"libc", "ld.so", "libstdc++"})
 
 #: Functions that allocate on behalf of their caller (names after `normalize_symbol`).
 DEFAULT_WRAPPER_SYMBOLS: frozenset[str] = frozenset({
@@ -39,8 +40,8 @@ DEFAULT_WRAPPER_SYMBOLS: frozenset[str] = frozenset({
 
 _CLASS_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^libpq\.so(\..*)?$"), "libpq"),
-    (re.compile(r"^(libc|libm|libdl|librt|libpthread)(\.so.*|-[\d.]+\.so)$"
-                r"|^ld-linux.*$|^ld-[\d.]+\.so$"), "libc"),
+    (re.compile(r"^(libc|libm|libdl|librt|libpthread)(\.so.*|-[\d.]+\.so)$"), "libc"),
+    (re.compile(r"^ld-linux.*$|^ld-[\d.]+\.so$|^ld\.so.*$"), "ld.so"),
     (re.compile(r"^libstdc\+\+\.so.*$"), "libstdc++"),
     (re.compile(r"^libnatrace_sampler\.so$"), "natrace-sampler"),
 ]
@@ -80,7 +81,8 @@ def _addon_name(path: str, stem: str) -> str:
 def module_class(path: str) -> str:
     """Attribution class of a module path.
 
-    libpq, addon:<stem> for `*.node`, node, js ([jit]), libc (glibc and the loader),
+    libpq, addon:<stem> for `*.node`, node, js ([jit]), libc (glibc), ld.so (the
+    dynamic loader: the memory it maps while loading libraries is not libc's),
     libstdc++, a bracketed pseudo-mapping's name ([vdso] -> vdso), otherwise the file's
     basename with the version after `.so` cut (libfoo.so.1.2 -> libfoo.so).
     """
@@ -225,8 +227,8 @@ def charge_frame(frames: Sequence[Frame], charge_to: str = "first",
 
 
 #: Module classes a lock wait, syscall or page fault is never charged to: libc (which
-#: holds pthread since glibc 2.34, and the loader) and libstdc++ (std::mutex & co.).
-RUNTIME_MODULES: frozenset[str] = frozenset({"libc", "libstdc++"})
+#: holds pthread since glibc 2.34), the loader and libstdc++ (std::mutex & co.).
+RUNTIME_MODULES: frozenset[str] = frozenset({"libc", "ld.so", "libstdc++"})
 
 
 def first_frame_outside(frames: Sequence[Frame],

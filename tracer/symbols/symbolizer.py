@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from tracer.model.frames import Frame
+from tracer.model.sites import Site
 from tracer.symbols.attribution import module_class
 from tracer.symbols.demangle import demangle
 from tracer.symbols.elfsyms import ElfSymbols
@@ -20,6 +21,18 @@ from tracer.symbols.procmaps import Mapping, MapsHistory
 
 JIT_MODULE = "[jit]"
 ANON_MODULE = "[anon]"
+
+
+def jit_note(symbolizer: Symbolizer, sites: Iterable[Site]) -> list[str]:
+    """The hint a report needs when stacks run through anonymous memory — JIT code
+    nobody named — and the process writes no perf map."""
+    anon = sum(1 for s in sites for f in s.frames if f.module == ANON_MODULE)
+    if not anon or symbolizer.perf_map is not None:
+        return []
+    where = symbolizer._perf_path or f"/tmp/perf-{symbolizer.pid}.map"
+    return [f"{anon:,} frames are in anonymous memory ([anon]): JIT code without names, as "
+            f"{where} does not exist; start node with --perf-basic-prof (a JVM with "
+            "perf-map-agent) to name them"]
 
 
 class Symbolizer:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from tracer.engine.live import LiveState
 from tracer.model.callsite import CallSite
-from tracer.model.frames import Frame
+from tracer.model.frames import Frame, shorten
 from tracer.units import format_size as size
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -75,21 +75,22 @@ def sites_table(state: LiveState) -> Table:
         key = site.key
         fit = state.fit(key)
         suspect = key in rank
-        name = site.frame.symbol if site.frame and site.frame.symbol else site.label()
+        name = shorten(site.frame.symbol) if site.frame and site.frame.symbol else site.label()
         symbol = name if site.kind == "malloc" else f"[{site.kind}] {name}"
         rows.append(Row(
             key="\0".join(str(k) for k in key),
             cells=(SUSPECT if suspect else "", size(site.bytes), f"{site.blocks:,}",
-                   rate(fit.per_minute), site.module_class, symbol),
-            sort=(rank.get(key, len(rank)), site.bytes, site.blocks, fit.per_minute,
-                  site.module_class, symbol),
+                   f"{site.allocs:,}", rate(fit.per_minute), site.module_class, symbol),
+            sort=(rank.get(key, len(rank)), site.bytes, site.blocks, site.allocs,
+                  fit.per_minute, site.module_class, symbol),
             module=site.module_class,
             stack=stack_lines(site.frames, site.charge_index, site.label()),
         ))
-    rows.sort(key=lambda r: (r.sort[0], -float(r.sort[1])))
-    return Table("Call sites", [Column("", 4), Column("UNFREED", 11, True),
-                                Column("BLOCKS", 9, True), Column("GROWTH/MIN", 11, True),
-                                Column("MODULE", 12), Column("SYMBOL", 0)], rows)
+    rows.sort(key=lambda r: (r.sort[0], -float(r.sort[1]), -float(r.sort[3])))
+    return Table("Call sites", [Column("", 4), Column("UNFREED", 10, True),
+                                Column("BLOCKS", 8, True), Column("ALLOCS", 8, True),
+                                Column("GROWTH/MIN", 10, True),
+                                Column("MODULE", 11), Column("SYMBOL", 0)], rows)
 
 
 def modules_table(state: LiveState) -> Table:
@@ -143,22 +144,24 @@ def ms(ns: int) -> str:
 
 
 def locks_table(state: LiveState) -> Table:
-    """Futex words, contended first (the triage verdict), by wait share."""
+    """Futex words some thread waited on, contended first (the triage verdict), by
+    blocked thread-seconds."""
     columns = [Column("", 4), Column("LOCK", 16), Column("WAITS", 8, True),
-               Column("SHARE", 6, True), Column("P99", 9, True), Column("ERRORS", 7, True),
+               Column("THREAD-S", 9, True), Column("P99", 9, True), Column("ERRORS", 7, True),
                Column("WAITED IN", 0)]
     report = state.snapshot.locks
     if report is None:
         return Table("Locks", columns, empty=UNAVAILABLE)
     rows = []
-    for lock in sorted(report.locks, key=lambda lk: (not lk.contended, -lk.share, -lk.waits)):
+    for lock in sorted(report.waited_on(),
+                       key=lambda lk: (not lk.contended, -lk.share, -lk.waits)):
         waiter = max(lock.waiters, key=lambda w: w.ns, default=None)
         where = site_label(waiter.site) if waiter else "-"
         errors = sum(lock.errors.values())
         rows.append(Row(
             key=f"{lock.uaddr:x}",
             cells=("HOT" if lock.contended else "", f"{lock.uaddr:x} {lock.kind}",
-                   f"{lock.waits:,}", f"{lock.share:.0%}", ms(lock.p(0.99)),
+                   f"{lock.waits:,}", f"{lock.wait_ns / 1e9:.3g}", ms(lock.p(0.99)),
                    f"{errors:,}" if errors else "", where),
             sort=(int(not lock.contended), lock.uaddr, lock.waits, lock.share, lock.p(0.99),
                   errors, where),
@@ -269,7 +272,9 @@ def header_lines(state: LiveState, paused: bool = False) -> list[str]:
     rss = size(proc.rss[-1]) if proc.rss else "-"
     growth = f" {rate(proc.rss_fit.per_minute)}/min" if proc.rss_fit else ""
     second = f"RSS {rss} {sparkline(proc.rss, 16)}{growth}"
-    third = f"unfreed {size(snap.total_bytes())}  leak suspects {len(state.suspects)}"
+    totals = snap.totals()
+    third = (f"unfreed {size(totals.bytes)}  allocated {size(totals.alloc_bytes)} in "
+             f"{totals.allocs:,}  leak suspects {len(state.suspects)}")
     memory = snap.memory
     if memory is not None and memory.regions is not None:
         second += f"  regions {memory.regions.regions:,} ({memory.regions.writable:,} w)"
