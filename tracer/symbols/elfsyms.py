@@ -142,7 +142,7 @@ class ElfSymbols:
             return None
         try:
             if self._lines is None:
-                self._lines = _LineTable(self._line_file)
+                self._lines = _line_table(self._line_file)
             return self._lines.lookup(vaddr)
         except Exception:  # broken DWARF: no line info, never an exception
             self._line_file = None
@@ -442,6 +442,20 @@ def _read_symbols(elf: ELFFile, f: IO[bytes], name: str) -> list[tuple[int, int,
         sym = strtab[off:stop if stop >= 0 else None].decode("utf-8", "surrogateescape")
         out.append((value, ent[n_size], info >> 4, sym))
     return out
+
+
+_LINE_TABLES: dict[tuple[str, int, int, int], _LineTable] = {}
+
+
+def _line_table(path: str) -> _LineTable:
+    """One decoded line table per file for the whole process: each snapshot makes a new
+    symbolizer, and decoding a compile unit's line program takes up to a second."""
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    table = _LINE_TABLES.get(key)
+    if table is None:
+        table = _LINE_TABLES[key] = _LineTable(path)
+    return table
 
 
 class _LineTable:
