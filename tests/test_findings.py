@@ -131,3 +131,8 @@ def test_small_loss_is_no_finding_and_sampled_figures_keep_their_tilde() -> None
     assert findings(snap)[0].startswith("NOT RECORDED: 11 of 1,000 allocations (1.1%")
     sampled = Snapshot(1, "app", 0.0, 1.0, sample_bytes=512 << 10, sites=[leak])
     assert "holds ~4,096 B in ~4 blocks" in findings(sampled)[0]
+    counted = site([LEAK], 12 << 19, 12, 12, samples=12)  # 12 samples of 512 KiB
+    in_process = Snapshot(1, "app", 0.0, 1.0, sample_bytes=512 << 10, in_process=True,
+                          sites=[counted])
+    assert findings(in_process)[0].startswith(
+        "leak_here+0x8 [app] holds ~6.0 MiB (95% 2.6 MiB-9.4 MiB, 12 samples) in ~12 blocks")

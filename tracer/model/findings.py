@@ -52,7 +52,7 @@ def findings(snap: Snapshot) -> list[str]:
     out += [site_line(s, snap) for s in ranked[:TOP_SITES]]
     startup = [s for s in snap.holding_sites() if is_startup(s) and not s.suspect]
     if startup:
-        est = "~" if snap.sample_bytes else ""
+        est = "~" if snap.estimated else ""
         out.append(f"left out as one-off startup memory: {est}"
                    f"{format_size(sum(s.bytes for s in startup))} at {len(startup)} call "
                    f"sites ({', '.join(sorted({s.module_class for s in startup}))}: loading "
@@ -144,11 +144,15 @@ def site_line(site: Site, snap: Snapshot) -> str:
     """`leak_many [leaky] holds 38.1 MiB in 40,000 blocks (95.2% of unfreed), 40,000 of
     its 40,000 allocations unfreed, growing +1.2 MiB/min`, then the API its caller went
     through and that caller (`via PQexec, from vault_keep_results [addon:vault]`)."""
-    est = "~" if snap.sample_bytes else ""
+    est = "~" if snap.estimated else ""
     total = snap.totals().bytes
     share = f" ({site.bytes / total:.1%} of unfreed)" if total > 0 else ""
+    interval = site.interval(site.bytes, site.samples, snap.sample_bytes) \
+        if est and site.kind == "malloc" and site.samples else None
+    margin = "" if interval is None else \
+        f" (95% {format_size(interval[0])}-{format_size(interval[1])}, {site.samples:,} samples)"
     text = (f"{site.label(short=True)} [{site.module_class}] holds {est}"
-            f"{format_size(site.bytes)} in {est}{site.blocks:,} {_unit(site)}{share}")
+            f"{format_size(site.bytes)}{margin} in {est}{site.blocks:,} {_unit(site)}{share}")
     if site.allocs:
         text += f", {est}{site.blocks:,} of its {est}{site.allocs:,} allocations unfreed"
     if site.suspect and site.per_minute is not None:
