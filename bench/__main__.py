@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         out += report.workload_table(spec, [runner.Bare(), *tools], results)
         out.append("")
     out += ["### Targets (issues 5 and 20)", ""] + report.targets(results, specs) + [""]
+    out += ["### Targets (issue 21; waits and memory by mode: python -m bench.latency)", ""]
+    out += report.targets_21(results, specs) + [""]
     if steps:
         out += ["### Event-pipeline throughput (natrace full, mmap/munmap streamed)", ""]
         out += report.throughput_table(steps) + [""]

@@ -2,9 +2,11 @@
 
     sudo .venv/bin/python -m bench.latency [--rounds 3] [--no-loaded]
 
-Attach with a warm and a cold cache of compiled BPF programs (command start to probes
-in place), `natrace run` of a trivial command (wall), end of the window (SIGINT) to the
-report's first line and to the command's return, `q` in top's full screen to its exit,
+Attach (command start to probes in place) with a warm cache, with a cold cache of
+compiled BPF programs only, and as a first run with every cache cold (symbol indexes
+and unwind rows too), with natrace's CPU seconds at that point (load-independent);
+`natrace run` of a trivial command (wall); end of the window (SIGINT) to the report's
+first line and to the command's return; `q` in top's full screen to its exit;
 and natrace's own peak RSS (VmHWM of its process, sampled every 20 ms; the compiling
 child of a cold start is not natrace's process and is shown apart) in every mode
 against the empty-probe floor's + 15 MiB. Each figure is the median of `--rounds`
@@ -21,6 +23,7 @@ import functools
 import os
 import pty
 import select
+import shutil
 import signal
 import statistics
 import subprocess
@@ -40,7 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 RSS_MARGIN_MIB = 15.0
 LIMITS = {  # seconds
     "attach, warm cache": 1.0,
-    "attach, cold cache": 2.0,
+    "attach, cold BPF cache": 2.0,
+    "attach, first run (every cache cold)": 2.0,
     "run of a trivial command (wall)": 1.5,
     "end of window to report": 1.0,
     "end of window to command return": 2.0,
@@ -120,6 +124,7 @@ def snapshot_round(args: list[str], figures: dict[str, Figure], attach_key: str,
         peak = PeakRss(tracer.pid)
         attached, _ = tracer.err.wait_for("natrace: attached to", 300)
         figures[attach_key].add(attached - t0)
+        figures[f"CPU s to {attach_key}"].add(_cpu_seconds(tracer.pid))
         wp.go()
         wp.hot(600)
         end = time.monotonic()
@@ -131,14 +136,23 @@ def snapshot_round(args: list[str], figures: dict[str, Figure], attach_key: str,
             raise RuntimeError(f"natrace exited {usage.exit_code}: {tracer.err.tail()}")
         figures["end of window to report"].add(reported - end)
         figures["end of window to command return"].add(returned - end)
-        if attach_key == "attach, cold cache":
-            figures["cold: natrace and its compiling child, peak RSS MiB"].add(usage.max_rss_mib)
+        if attach_key != "attach, warm cache":
+            figures[f"{attach_key}: natrace and its compiling children, peak RSS MiB"].add(
+                usage.max_rss_mib)
         wp.finish()
         return peak.mib
     finally:
         if tracer is not None:
             tracer.kill()
         wp.kill()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (system time includes the kernel's
+    verifying of loaded programs): what attaching costs whatever the machine's load."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_round(figures: dict[str, Figure]) -> float:
@@ -223,15 +237,18 @@ def floor_round() -> float:
 
 def measure(rounds: int, log: Callable[[str], None]) -> dict[str, Figure]:
     figures: dict[str, Figure] = {k: Figure() for k in LIMITS}
-    figures["cold: natrace and its compiling child, peak RSS MiB"] = Figure()
-    for k in ("empty-probe floor", *MODES, "snapshot, cold cache", "run", "top"):
+    for k in COLD:
+        figures[f"{k}: natrace and its compiling children, peak RSS MiB"] = Figure()
+    for k in ("attach, warm cache", *COLD):
+        figures[f"CPU s to {k}"] = Figure()
+    for k in ("empty-probe floor", *MODES, *COLD, "run", "top"):
         figures[f"peak RSS MiB: {k}"] = Figure()
     for r in range(1, rounds + 1):
         steps: list[tuple[str, Callable[[], float]]] = [
             ("empty-probe floor", floor_round),
             *[(mode, functools.partial(snapshot_round, a, figures, "attach, warm cache"))
               for mode, a in MODES.items()],
-            ("snapshot, cold cache", functools.partial(_cold, figures)),
+            *[(cold, functools.partial(_cold, figures, cold)) for cold in COLD],
             ("run", functools.partial(run_round, figures)),
             ("top", functools.partial(top_round, figures)),
         ]
@@ -241,10 +258,22 @@ def measure(rounds: int, log: Callable[[str], None]) -> dict[str, Figure]:
     return figures
 
 
-def _cold(figures: dict[str, Figure]) -> float:
+COLD = ("attach, cold BPF cache", "attach, first run (every cache cold)")
+
+
+def _cold(figures: dict[str, Figure], which: str) -> float:
+    """A snapshot with a fresh cache directory: empty, or a copy of natrace's own
+    without its compiled BPF programs (symbol indexes and unwind rows kept)."""
     with tempfile.TemporaryDirectory(prefix="natrace-cold-") as cache:
-        return snapshot_round(["--duration", "24h"], figures, "attach, cold cache",
+        if which == COLD[0] and os.path.isdir(_CACHE):
+            shutil.copytree(_CACHE, os.path.join(cache, "natrace"),
+                            ignore=shutil.ignore_patterns("bpf"))
+        return snapshot_round(["--duration", "24h"], figures, which,
                               env={"XDG_CACHE_HOME": cache})
+
+
+_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                      "natrace")
 
 
 def table(title: str, figures: dict[str, Figure]) -> list[str]:
@@ -266,6 +295,8 @@ def table(title: str, figures: dict[str, Figure]) -> list[str]:
 
     for label, limit in LIMITS.items():
         row(label, figures[label], limit, " s")
+    for label in [k for k in figures if k.startswith("CPU s to ")]:
+        row(label + " (load-independent)", figures[label], None, " s")
     floor = figures["peak RSS MiB: empty-probe floor"]
     row("peak RSS MiB: empty-probe floor", floor, None, "")
     rss_limit = max(floor.values) + RSS_MARGIN_MIB if floor.values else None
@@ -275,8 +306,9 @@ def table(title: str, figures: dict[str, Figure]) -> list[str]:
             peak = Figure([max(fig.values)], [max(fig.loads)]) if fig.values else fig
             row(label.replace("peak RSS MiB", "natrace peak RSS MiB (highest round)"), peak,
                 rss_limit, "")
-    row("cold: natrace and its compiling child, peak RSS MiB",
-        figures["cold: natrace and its compiling child, peak RSS MiB"], None, "")
+    for k in COLD:
+        label = f"{k}: natrace and its compiling children, peak RSS MiB"
+        row(label, figures[label], None, "")
     return lines
 
 

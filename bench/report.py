@@ -26,6 +26,9 @@ ATTACH_S = 2.0
 # issue 20: the in-process sampler traced / dormant, on the pathological loop and on
 # programs that work between allocations
 IN_PROCESS = {"malloc": (1.30, 1.10), "node": (1.03, 1.01), "sqlite": (1.03, 1.01)}
+# Issue 21's, from the paired runs (bench/latency.py has its waits and memory by mode).
+PER_CALL_RATIO = 1.2
+RSS_MARGIN_MIB = 15.0
 
 
 def _row(cells: Iterable[str]) -> str:
@@ -95,17 +98,66 @@ def _slowdown(results: Results, workload: str, tool: str) -> float | None:
     return s.slowdown if s and s.rounds else None
 
 
+class _Checks:
+    """Rows of a targets table: figure, limit, met or missed (and by how much)."""
+
+    def __init__(self) -> None:
+        self.lines = ["| target | measured | limit | verdict |", "|---|---|---|---|"]
+
+    def __call__(self, label: str, value: float | None, limit: float | None,
+                 fmt: str) -> None:
+        if value is None or limit is None:
+            shown = NA if limit is None else fmt.format(limit)
+            self.lines.append(f"| {label} | {NA} | {shown} | not measured |")
+            return
+        verdict = "met" if value <= limit else f"missed by {value / limit:.2f}×"
+        self.lines.append(f"| {label} | {fmt.format(value)} | {fmt.format(limit)} | "
+                          f"{verdict} |")
+
+
+def _summary(results: Results, workload: str, tool: str) -> Summary | None:
+    s = summarize(results.get(workload, {}).get(tool, []))
+    return s if s and s.rounds else None
+
+
+def targets_21(results: Results, specs: list[Workload]) -> list[str]:
+    """Issue 21's targets that the paired runs measure: full tracing's cost per call
+    against the empty-probe floor's, its 2-thread scaling against the floor's, and
+    natrace's peak RSS against the floor's + 15 MiB."""
+    check = _Checks()
+    names = [s.name for s in specs]
+
+    def per_call(workload: str, tool: str) -> float | None:
+        s = _summary(results, workload, tool)
+        return s.ns_per_call if s and s.ns_per_call > 0 else None
+
+    for w in (n for n in names if n.startswith("malloc")):
+        full, floor = per_call(w, "natrace full"), per_call(w, "empty-probe floor")
+        check(f"{w}: full tracing's ns/call / the floor's", full / floor if full and floor
+              else None, PER_CALL_RATIO, "{:.2f}")
+    if "malloc" in names and "malloc-2t" in names:
+        scale = {t: (per_call("malloc-2t", t), per_call("malloc", t))
+                 for t in ("natrace full", "empty-probe floor")}
+        (f2, f1), (e2, e1) = scale["natrace full"], scale["empty-probe floor"]
+        check("2 threads vs 1: full's ns/call ratio / the floor's",
+              (f2 / f1) / (e2 / e1) if f1 and f2 and e1 and e2 else None, PER_CALL_RATIO,
+              "{:.2f}")
+    rss = {name: [s.rss_mib for w in names if (s := _summary(results, w, name))
+                  and s.rss_mib is not None]
+           for name in {t for w in results.values() for t in w}}
+    floor_rss = max(rss.get("empty-probe floor", []), default=None)
+    natrace_rss = max((v for name, vals in rss.items() if name.startswith("natrace")
+                       for v in vals), default=None)
+    check("natrace peak RSS, any workload and mode (MiB)", natrace_rss,
+          floor_rss + RSS_MARGIN_MIB if floor_rss else None, "{:.0f}")
+    return check.lines
+
+
 def targets(results: Results, specs: list[Workload]) -> list[str]:
     """Issues 5's and 20's targets against this run: figure, limit, met or missed (and by
     how much)."""
-    lines = ["| target | measured | limit | verdict |", "|---|---|---|---|"]
-
-    def check(label: str, value: float | None, limit: float, fmt: str) -> None:
-        if value is None:
-            lines.append(f"| {label} | {NA} | {fmt.format(limit)} | not measured |")
-            return
-        verdict = "met" if value <= limit else f"missed by {value / limit:.2f}×"
-        lines.append(f"| {label} | {fmt.format(value)} | {fmt.format(limit)} | {verdict} |")
+    check = _Checks()
+    lines = check.lines
 
     names = [s.name for s in specs]
     for w in (n for n in names if n.startswith("malloc")):
