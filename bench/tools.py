@@ -289,6 +289,8 @@ def all_tools() -> list[Tool]:
     """Every tool in the order each round runs them (each right after its own bare run)."""
     return [
         Natrace("natrace full", []),
+        # Same, stacks by frame pointers only: what the CFI walk costs per call.
+        Natrace("natrace full (fp stacks)", ["--unwind", "fp"], needs_option="--unwind"),
         Natrace("natrace sampled 512K", ["--sample", "512K"]),
         Natrace("natrace in-process 512K", [], preload_sampler=True),
         SamplerDormant(),
