@@ -27,7 +27,8 @@ BPF_HASH(allocs, u64, struct alloc_info, MAX_ALLOCS);
 BPF_F_TABLE("percpu_hash", s32, struct site_stats, sites, MAX_STACKS + 16, BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", u32, struct entry_state, entries, 65536);
 BPF_PERCPU_ARRAY(counters, u64, NATRACE_NCOUNTERS);
-BPF_ARRAY(trampoline, u64, 1);   /* the uretprobe trampoline's address, once seen */
+BPF_ARRAY(trampoline, u64, 1);
+BPF_TABLE("lru_hash", u32, struct natrace_fork, forks, 4096);   /* the uretprobe trampoline's address, once seen */
 BPF_RINGBUF_OUTPUT(mem_events, RINGBUF_PAGES);
 
 struct syscall_args {
@@ -364,11 +365,30 @@ int alloc_return(struct pt_regs *ctx) {
 
 /* A thread that ends inside an allocator call (killed, pthread_exit from a signal
  * handler) leaves its state behind: drop it, counted. */
+TRACEPOINT_PROBE(sched, sched_process_fork) {
+    if (!is_target(bpf_get_current_pid_tgid()) || !is_armed())
+        return 0;
+    u32 child = args->child_pid;
+    struct natrace_fork f = {};
+    bpf_get_current_comm(f.comm, sizeof(f.comm));   /* a child's comm is its parent's */
+    forks.update(&child, &f);
+    return 0;
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exit) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tid = (u32)pid_tgid;
+    struct natrace_fork *forked = forks.lookup(&tid);
+    if (forked) {
+        if ((pid_tgid >> 32) != tid) {
+            forks.delete(&tid);   /* one of the target's threads */
+        } else {
+            bpf_get_current_comm(forked->comm, sizeof(forked->comm));
+            forked->exited = 1;
+        }
+    }
     if (!is_target(pid_tgid))
         return 0;
-    u32 tid = (u32)pid_tgid;
     struct entry_state *st = entries.lookup(&tid);
     if (!st)
         return 0;

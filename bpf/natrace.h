@@ -160,6 +160,13 @@ struct entry_state {
     u32 kind;
 };
 
+/* A process (or thread, dropped when it exits) the target forked: natrace follows one
+ * process, and names those it does not trace, exited or not. */
+struct natrace_fork {
+    char comm[16];   /* at its exit: the program it exec'd */
+    u32 exited;
+};
+
 /* mmap/munmap/mremap/brk, after the call returned successfully. */
 struct mem_event {
     u64 ts_ns;

@@ -174,6 +174,17 @@ def test_forked_children_are_said_to_be_untraced(tmp_path: Path) -> None:
     assert any("not traced" in n for n in report["notes"]), report["notes"]
 
 
+def test_a_child_that_ran_and_exited_is_named(tmp_path: Path) -> None:
+    """sh -c 'a; b' runs a in a child natrace does not trace: the report says which,
+    though it exited long before the report (threads are never taken for children)."""
+    out = tmp_path / "r.json"
+    subprocess.run([NATRACE, "run", "--json", "-o", str(out), "--", "sh", "-c",
+                    f"{build().threads}; true"], check=True, capture_output=True, timeout=120)
+    notes = json.loads(out.read_text())["notes"]
+    assert len(notes) == 1 and notes[0].startswith("1 child process(es) of "), notes
+    assert notes[0].endswith("(threads, exited)"), notes
+
+
 def test_full_outstanding_map_is_counted_and_shown(tmp_path: Path) -> None:
     for fmt in ("text", "json"):
         out = tmp_path / fmt

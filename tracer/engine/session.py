@@ -198,12 +198,18 @@ class Session:
         return True
 
     def _children_note(self) -> list[str]:
-        kids = self.target.children()
+        """Every child process the target forked, alive or exited: none is traced."""
+        forked = self.probes.forks()
+        kids = {pid: _command_of(pid) or forked.get(pid, ("?", False))[0]
+                for pid in self.target.children()}
+        kids.update({pid: f"{comm}, exited" for pid, (comm, exited) in forked.items()
+                     if exited})
         if not kids:
             return []
-        shown = ", ".join(map(str, kids[:5])) + (", ..." if len(kids) > 5 else "")
-        return [f"{len(kids)} child process(es) of {self.target.pid} ({shown}) are not "
-                "traced: natrace follows one process"]
+        shown = ", ".join(f"{pid} ({what})" for pid, what in sorted(kids.items())[:8])
+        more = ", ..." if len(kids) > 8 else ""
+        return [f"{len(kids)} child process(es) of {self.target.pid} are not traced "
+                f"(natrace follows one process, through exec): {shown}{more}"]
 
     def _stopped_note(self) -> list[str]:
         """An attached process stopped by someone else (a launched one stops in exit()
@@ -350,6 +356,15 @@ class Session:
         if self.target.launched and self.target.exit_code is None:
             with suppress(ProcessLookupError):
                 os.kill(self.target.pid, signal.SIGCONT)
+
+
+def _command_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b" ".join(a for a in fh.read().split(b"\0") if a).decode(
+                errors="replace") or None
+    except OSError:
+        return None
 
 
 def _catch_stop_signals(session: Session) -> dict[int, Any]:

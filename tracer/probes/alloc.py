@@ -168,6 +168,13 @@ class AllocProbes(ProbeSet):
         return Counters(read[0].period, sum(c.sampled for c in read),
                         sum(c.dropped for c in read))
 
+    def forks(self) -> dict[int, tuple[str, bool]]:
+        """Child processes (and live threads) the target forked: pid -> (comm, exited)."""
+        if self._bpf is None:
+            return {}
+        return {k.value: (bytes(v.comm).split(b"\0", 1)[0].decode(errors="replace"),
+                          bool(v.exited)) for k, v in self._bpf["forks"].items()}
+
     def follow_exec(self, target: Target) -> None:
         """The launched command exec'd the program it wraps: the old address space and
         everything recorded in it are gone. Probe the new program's allocator files not
