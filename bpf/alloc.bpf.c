@@ -103,8 +103,11 @@ static __always_inline void release(u64 addr, struct entry_state *st) {
             s->temp_fp += wn;
             s->temp_bytes += wb;
         }
-#ifdef USDT_SAMPLED
+#if defined(USDT_SAMPLED)
         s->samples -= 1;
+#elif SAMPLE_BYTES > 0
+        if (info.size < SAMPLE_BYTES)
+            s->samples -= 1;
 #endif
     }
     if (temporary)
@@ -161,9 +164,14 @@ static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u6
     s->allocs_fp += wn;
     s->alloc_bytes += wb;
     s->last_ns = info.ts_ns;
-#ifdef USDT_SAMPLED
+#if defined(USDT_SAMPLED)
     s->samples += 1;
     s->alloc_samples += 1;
+#elif SAMPLE_BYTES > 0
+    if (size < SAMPLE_BYTES) {
+        s->samples += 1;
+        s->alloc_samples += 1;
+    }
 #endif
     if (st)
         st->last = addr;

@@ -133,7 +133,8 @@ struct site_stats {
     u64 temp_bytes;
     u64 first_ns;       /* bpf_ktime_get_ns(); set in the inserting CPU's copy */
     u64 last_ns;
-#ifdef USDT_SAMPLED
+#if defined(USDT_SAMPLED) || SAMPLE_BYTES > 0
+    /* in-kernel sampling counts the blocks below the period: larger ones are exact */
     s64 samples;        /* sampled blocks outstanding (the estimates' sample size) */
     u64 alloc_samples;  /* sampled allocations since attach */
 #endif

@@ -145,6 +145,25 @@ def test_sampled_mode_estimates_within_ten_percent(tmp_path: Path) -> None:
     assert abs(got_blocks - 50_000) / 50_000 < 0.10
 
 
+def test_sampled_figures_carry_samples_and_an_interval(tmp_path: Path) -> None:
+    """At 512K, leak_many's 20,000 x 1000 B rest on ~38 samples: the estimate says how
+    many and how sure (sites and Findings), and mapped bytes stay exact."""
+    period = 512 * 1024
+    report, _ = run_json(tmp_path, "--sample", "512K", "--", str(build().leaky), "--many",
+                         "20000")
+    many = site(report, "leak_many")
+    n = many["samples"]
+    assert n > 0 and many["bytes"] == n * period  # each 1000 B sample stands for a period
+    half = 1.96 * many["bytes"] / n ** 0.5
+    assert many["bytes_interval"] == [max(0, round(many["bytes"] - half)),
+                                      round(many["bytes"] + half)]
+    sd = (20_000_000 * period) ** 0.5  # Poisson: the estimate's variance is truth x period
+    assert abs(many["bytes"] - 20_000_000) < 5 * sd
+    assert site(report, "leak_mmap", "mmap")["bytes"] == 12 * 4096  # mappings: exact
+    line = next(f for f in report["findings"] if f.startswith("leak_many"))
+    assert "holds ~" in line and f", {n:,} samples) in ~" in line, line
+
+
 def test_min_age_leaves_out_young_allocations(tmp_path: Path) -> None:
     report, _ = run_json(tmp_path, "--min-age", "1h", "--", str(build().leaky))
     assert report["totals"]["bytes"] == 0

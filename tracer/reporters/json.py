@@ -47,7 +47,7 @@ def to_dict(snap: Snapshot) -> dict[str, Any]:
                      "temp_allocs": sum(s.temp_allocs for s in sites),
                      "temp_bytes": sum(s.temp_bytes for s in sites)}
                     for name, b, n, sites in snap.by_module()],
-        "sites": [_site(s, snap.sample_bytes if snap.in_process else None)
+        "sites": [_site(s, snap.sample_bytes if snap.estimated else None)
                   for s in snap.user_sites()],
         "runtime": _runtime(snap.runtime_sites()),
         "loss": snap.loss,

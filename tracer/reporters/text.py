@@ -46,8 +46,12 @@ def render(snap: Snapshot, top: int = 10) -> str:
         lines.append(f"Sampled in the process (otel_memory probes), {mean}: figures (~) are "
                      "unbiased estimates; each site shows its samples and 95% interval")
     elif snap.sample_bytes:
-        lines.append(f"Sampled: one byte in {snap.sample_bytes:,}; figures are unbiased "
-                     "estimates")
+        lines.append(f"Sampled: one byte in {snap.sample_bytes:,}; figures (~) are unbiased "
+                     "estimates; each site shows its samples and 95% interval")
+    if snap.estimated:
+        mapped = sum(s.bytes for s in snap.holding_sites() if s.kind != "malloc")
+        lines.append(f"  of the unfreed bytes, {mapped:,} in mappings are counted exactly "
+                     f"(every mmap is seen), {total - mapped:,} in malloc blocks estimated")
     lines.append("")
     lines += _modules(snap, total)
     lines.append("")
@@ -57,7 +61,7 @@ def render(snap: Snapshot, top: int = 10) -> str:
     for site in user[:top]:
         lines += _site(site, total)
         interval = site.interval(site.bytes, site.samples, snap.sample_bytes)
-        if snap.in_process and site.kind == "malloc" and interval is not None:
+        if snap.estimated and site.kind == "malloc" and interval is not None:
             lo, hi = interval
             lines.append(f"  {'':>14} {'':>9} {'':>6} {'':>11}  {'':6} {'':16}   ~ "
                          f"{site.samples:,} samples, 95% interval {lo:,}-{hi:,} bytes")
