@@ -118,11 +118,12 @@ async def drive(app: TopApp) -> None:
         assert row_of(rows, "churn_buffer").cells[0] == ""  # 4 MiB, churned
         assert [r.cells[SYMBOL] for r in rows if r.cells[0] == SUSPECT] == ["leak_steadily"]
 
-        await pilot.press("s", "s")  # sort by unfreed bytes: for now the cache is bigger
+        await pilot.press("s", "s")  # sort by unfreed bytes
         assert app.sort_column == 1
         by_bytes = [r.sort[1] for r in app.shown]
         assert by_bytes == sorted(by_bytes, reverse=True)
-        assert symbols(app.shown) != symbols(rows)
+        # (whether the cache still outweighs the leak depends on how long the machine
+        # took to get here: the order itself is what sorting promises)
         await pilot.press(*"s" * 6)  # back to the ranking
         assert app.sort_column is None
 
