@@ -217,7 +217,7 @@ class Launching(Tool):
             usage = _check_exit(wp.finish(600), wp)
             run = Run(hot_ns, calls, attach_s=ready_at - t0, usage=usage, usage_is_tree=True,
                       fields=wp.hot_fields)
-            if spec.leak:
+            if spec.leak and self.reports_leaks:
                 run.leak = self.leak(spec, scratch)
             return run
         finally:
