@@ -292,7 +292,10 @@ def all_tools() -> list[Tool]:
         # Same, stacks by frame pointers only: what the CFI walk costs per call.
         Natrace("natrace full (fp stacks)", ["--unwind", "fp"], needs_option="--unwind"),
         Natrace("natrace sampled 512K", ["--sample", "512K"]),
-        Natrace("natrace in-process 512K", [], preload_sampler=True),
+        # the sampler's own cost: triage tracepoints left out (measured as natrace triage)
+        Natrace("natrace in-process 512K", ["--no-triage"], preload_sampler=True),
+        Natrace("natrace in-process 512K (fp stacks)", ["--no-triage", "--unwind", "fp"],
+                preload_sampler=True),
         SamplerDormant(),
         Natrace("natrace triage", ["--no-allocs"], reports_leaks=False,
                 needs_option="--no-allocs"),

@@ -68,6 +68,9 @@ _SESSION_OPTIONS = [
     click.option("--no-allocs", "no_allocs", is_flag=True,
                  help="Triage mode: no malloc probes, only tracepoints (locks, memory "
                       "syscalls, page faults); cheap enough for hours in production."),
+    click.option("--no-triage", "no_triage", is_flag=True,
+                 help="Leave out the triage tracepoints (locks, memory syscalls, page "
+                      "faults): with the in-process sampler, the cheapest allocation trace."),
     click.option("--lock-share", "lock_share", type=click.FloatRange(0, 100), default=5.0,
                  show_default=True,
                  help="Flag a lock whose waiters are blocked more than this percentage of "
@@ -112,7 +115,8 @@ def session_from_options(opts: dict[str, Any]) -> SessionOptions:
         raise UsageError(str(err)) from None
     return SessionOptions(alloc=alloc, charge_to=opts["charge_to"],
                           min_age=opts["min_age"] or 0.0, allocs=not opts["no_allocs"],
-                          lock_share=opts["lock_share"] / 100, lock_p99=opts["lock_p99"],
+                          triage=not opts["no_triage"], lock_share=opts["lock_share"] / 100,
+                          lock_p99=opts["lock_p99"],
                           handles=HandleOptions(pairs, presets=not opts["no_handles"]))
 
 
