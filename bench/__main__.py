@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="smoke run: small workloads, 1 round, short throughput ladder")
     parser.add_argument("--workloads", default=None,
                         help="comma-separated subset of: malloc, malloc-2t, futex, mmap, node, "
-                             "sqlite")
+                             "sqlite, deep-fp-4|32|100, deep-nofp-4|32|100")
     parser.add_argument("--tools", default=None,
                         help="comma-separated subset of the tools, by the names the tables "
                              "show (e.g. 'natrace full,empty-probe floor')")

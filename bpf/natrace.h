@@ -23,9 +23,11 @@ struct natrace_stack {
  * object without frame pointers contributes its CFI rows (tracer/symbols/cfi.py),
  * one with frame pointers (or JIT code) a single FP row; each executable mapping ends
  * with a NO_MAPPING row. Python fills the idle half of the table, then points
- * unwind_conf at it. */
-#define NATRACE_UNWIND_STEPS 18        /* binary-search steps over ... */
-#define NATRACE_UNWIND_ROWS 262144     /* ... the rows of each half: 1 << NATRACE_UNWIND_STEPS */
+ * unwind_conf at it. The probe sets of one session share one table (one program's maps). */
+#define NATRACE_UNWIND_STEPS 19        /* binary-search steps over ... */
+#define NATRACE_UNWIND_ROWS 524288     /* ... the rows of each half: 1 << NATRACE_UNWIND_STEPS
+                                          (8 MiB; python3.11 with libpq and its TLS stack
+                                          needs ~260k, libc 28k, libcrypto 86k) */
 
 /* How a row finds the canonical frame address (CFA); the return address is at CFA-8. */
 #define NATRACE_CFA_NONE 0          /* no unwind information covers this address */
@@ -55,7 +57,7 @@ struct unwind_conf {
 
 /* Why a stack walk ended (natrace_stack.end; per-capture counters in unwind_ends). */
 #define NATRACE_END_OUTERMOST 0     /* the first frame of the thread was reached */
-#define NATRACE_END_DEPTH 1         /* NATRACE_STACK_DEPTH frames taken */
+#define NATRACE_END_DEPTH 1         /* UNWIND_DEPTH frames taken (stacks.bpf.h) */
 #define NATRACE_END_NO_MAPPING 2    /* an address outside the target's executable mappings */
 #define NATRACE_END_NO_ROW 3        /* no unwind row covers the address (an object's gap) */
 #define NATRACE_END_UNSUPPORTED 4   /* a rule the walk does not follow (DWARF expression) */
@@ -195,10 +197,6 @@ struct mem_event {
 /* Wait times in a log2 histogram: slot i counts waits of [2^i, 2^(i+1)) ns. */
 #define NATRACE_HIST_SLOTS 40
 
-/* Words of user stack kept above sp, once per stack id, so that Python can find the
- * return address into the caller of libc frames the frame-pointer walk skips. */
-#define NATRACE_WINDOW_WORDS 64
-
 /* Memory syscalls, as the `sys` of a key. */
 #define NATRACE_MS_MMAP 0
 #define NATRACE_MS_MUNMAP 1
@@ -250,10 +248,6 @@ struct memsys_stats {
 struct memsys_err_key {
     u32 sys;
     u32 err;        /* errno */
-};
-
-struct stack_window {
-    u64 words[NATRACE_WINDOW_WORDS];
 };
 
 /* ---- handle lifecycles: create/destroy pairs (bpf/handles.bpf.c) ---- */

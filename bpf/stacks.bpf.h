@@ -15,7 +15,8 @@
  * is guessed.
  *
  * Compile-time parameters: MAX_STACKS; NCPUS (possible CPUs, set by tracer/probes/bpfprog.py);
- * UNWIND_CFI (tracer/probes/unwinding.py fills its table).
+ * UNWIND_CFI (tracer/probes/unwinding.py fills its table), UNWIND_DEPTH (frames it takes,
+ * at most NATRACE_STACK_DEPTH).
  */
 #ifndef NATRACE_STACKS_BPF_H
 #define NATRACE_STACKS_BPF_H
@@ -60,6 +61,37 @@ static __always_inline int unwind_find_row(const struct unwind_conf *conf, u64 p
     return 1;
 }
 
+/* A function with a uretprobe pending (natrace's own: malloc around a brk, PQexec
+ * around a malloc) has its return address replaced by the kernel's trampoline; the
+ * kernel keeps the original in current->utask->return_instances, innermost first,
+ * each with the address of the stack slot it replaced. The walk reads them once and
+ * puts the originals back, as the kernel's own stack traces do. The field offsets come
+ * from the running kernel's BTF (tracer/probes/kernelbtf.py): KOFF_*. */
+#define UNWIND_RETURNS 8
+
+struct unwind_returns {
+    u64 slot[UNWIND_RETURNS];
+    u64 ret[UNWIND_RETURNS];
+};
+
+static __always_inline void unwind_read_returns(struct unwind_returns *r) {
+#ifdef KOFF_TASK_UTASK
+    u64 task = bpf_get_current_task();
+    u64 utask = 0, ri = 0;
+    bpf_probe_read_kernel(&utask, sizeof(utask), (void *)(task + KOFF_TASK_UTASK));
+    if (utask)
+        bpf_probe_read_kernel(&ri, sizeof(ri), (void *)(utask + KOFF_UTASK_RETURN_INSTANCES));
+#pragma unroll
+    for (int k = 0; k < UNWIND_RETURNS; k++) {
+        if (!ri)
+            break;
+        bpf_probe_read_kernel(&r->slot[k], sizeof(u64), (void *)(ri + KOFF_RI_STACK));
+        bpf_probe_read_kernel(&r->ret[k], sizeof(u64), (void *)(ri + KOFF_RI_ORIG_RET_VADDR));
+        bpf_probe_read_kernel(&ri, sizeof(ri), (void *)(ri + KOFF_RI_NEXT));
+    }
+#endif
+}
+
 /* Walk the user stack from the registers the thread entered the kernel with (a
  * uprobe's trap, a syscall, a fault). Returns the frames taken; st->end says why the
  * walk stopped. */
@@ -74,6 +106,8 @@ static __always_inline u32 unwind_user_stack(struct natrace_stack *st) {
     bpf_probe_read_kernel(&pc, sizeof(pc), &regs->ip);
     bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp);
     bpf_probe_read_kernel(&bp, sizeof(bp), &regs->bp);
+    struct unwind_returns returns = {};
+    unwind_read_returns(&returns);
     u32 end = NATRACE_END_DEPTH, n = 0;
 #pragma clang loop unroll(disable)
     for (u32 i = 0; i < UNWIND_DEPTH; i++) {
@@ -81,16 +115,21 @@ static __always_inline u32 unwind_user_stack(struct natrace_stack *st) {
             end = NATRACE_END_OUTERMOST;
             break;
         }
-        st->ips[i] = pc;
-        n = i + 1;
         /* Every frame's pc is a return address (frame 0: the uretprobe's, or the
          * instruction after a syscall) and may lie just past a noreturn call: the row
-         * of the call instruction itself is the one in force. */
+         * of the call instruction itself is the one in force. An address outside the
+         * executable mappings is no frame: it is not kept (frame 0 always is). */
         struct unwind_row row = {};
         if (!unwind_find_row(&conf, pc - 1, &row) || row.cfa == NATRACE_CFA_NO_MAPPING) {
+            if (i == 0) {
+                st->ips[0] = pc;
+                n = 1;
+            }
             end = NATRACE_END_NO_MAPPING;
             break;
         }
+        st->ips[i] = pc;
+        n = i + 1;
         u64 cfa;
         if (row.cfa == NATRACE_CFA_FP) {
             /* [rbp] = the caller's rbp, [rbp+8] = the return address */
@@ -118,6 +157,11 @@ static __always_inline u32 unwind_user_stack(struct natrace_stack *st) {
         if (bpf_probe_read_user(&ra, sizeof(ra), (void *)(cfa - 8)) != 0) {
             end = NATRACE_END_READ;
             break;
+        }
+#pragma unroll
+        for (int k = 0; k < UNWIND_RETURNS; k++) {
+            if (returns.slot[k] == cfa - 8)
+                ra = returns.ret[k];   /* the trampoline stood there */
         }
         if (row.rbp == NATRACE_RBP_SAVED) {
             if (bpf_probe_read_user(&bp, sizeof(bp), (void *)(cfa + row.rbp_off)) != 0) {

@@ -39,12 +39,15 @@ static __always_inline int is_target(u64 pid_tgid) {
 #if defined(WAIT_EXEC) && defined(UNWIND_CFI)
 /* A launched target stops each time it maps code (and at its exec) until natrace has
  * put that code's unwind rows in the table (tracer/probes/unwinding.py): its first
- * allocations are unwound as truly as the later ones. 1 while such a stop is pending. */
+ * allocations are unwound as truly as the later ones. 1 while such a stop is pending;
+ * 2 once natrace is detaching (programs can outlive it for a moment: no more stops). */
 BPF_ARRAY(code_stops, u32, 1);
 static __always_inline void stop_for_unwind_rows(void) {
     int zero = 0;
-    u32 one = 1;
-    code_stops.update(&zero, &one);
+    u32 *state = code_stops.lookup(&zero);
+    if (!state || *state == 2)
+        return;
+    *state = 1;
     bpf_send_signal(19 /* SIGSTOP */);
 }
 #else

@@ -32,9 +32,7 @@ BPF_HASH(futexes, struct futex_key, struct futex_stats, MAX_KEYS);
 BPF_HASH(memsys, struct memsys_key, struct memsys_stats, MAX_KEYS);
 BPF_HASH(memsys_errors, struct memsys_err_key, u64, 1024);
 BPF_HASH(faults, s32, u64, MAX_KEYS);
-BPF_F_TABLE("hash", s32, struct stack_window, windows, MAX_STACKS, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(counters, u64, NATRACE_TC_COUNT);
-BPF_PERCPU_ARRAY(scratch, struct stack_window, 1);
 BPF_ARRAY(zero_futex, struct futex_stats, 1);   /* never written: a zero value to insert */
 BPF_ARRAY(brk_now, u64, 1);                      /* the break after the last brk call */
 
@@ -48,21 +46,11 @@ static __always_inline void count(u32 which, u64 n) {
         *c += n;   /* per-CPU slot: no atomic needed */
 }
 
-/* The user stack's id; the first time an id is seen, the words above sp too. */
+/* The user stack's id (stacks.bpf.h: CFI-unwound through libc unless --unwind fp). */
 static __always_inline s32 stack_of(void *ctx) {
     s32 id = user_stack_id(ctx, 0);
-    if (id < 0) {
+    if (id < 0)
         count(NATRACE_TC_STACK_LOST, 1);
-        return id;
-    }
-    if (windows.lookup(&id))
-        return id;
-    int zero = 0;
-    struct stack_window *w = scratch.lookup(&zero);
-    if (!w)
-        return id;
-    if (bpf_probe_read_user(w, sizeof(*w), (void *)user_sp()) == 0)
-        windows.insert(&id, w);   /* else near the stack's top: no window */
     return id;
 }
 

@@ -78,6 +78,7 @@ def build_programs() -> Programs:
 @dataclass(frozen=True)
 class NoFp:
     chain: Path     # -O2 -fomit-frame-pointer; ground truth in its source
+    containers: Path  # std::map / std::string leaks through libstdc++, -O2, no FP
     libnofp: Path   # -O2 -fomit-frame-pointer library
     libfp: Path     # a library with frame pointers calling back into chain
 
@@ -94,4 +95,5 @@ def build_nofp() -> NoFp:
          b / "libfp.so", src / "libfp.c")
     _run("gcc", *nofp, "-o", b / "chain", src / "chain.c", f"-L{b}", "-lnofp", "-lfp",
          f"-Wl,-rpath,{b}")
-    return NoFp(b / "chain", b / "libnofp.so", b / "libfp.so")
+    _run("g++", *nofp, "-o", b / "containers", src / "containers.cpp")
+    return NoFp(b / "chain", b / "containers", b / "libnofp.so", b / "libfp.so")

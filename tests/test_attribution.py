@@ -98,6 +98,25 @@ def test_libc_function_that_is_not_a_wrapper_is_responsible() -> None:
     assert responsible_frame([f("malloc", "/opt/libmine.so")]) == 0
 
 
+def test_first_charges_past_the_language_runtime() -> None:
+    prog = "/usr/bin/prog"
+    stack = [f("operator new(unsigned long)", STDCXX),
+             f("std::string::_M_create(unsigned long&, unsigned long)", STDCXX),
+             f("std::string::_M_assign(std::string const&)", STDCXX),
+             f("cache_insert", prog), f("main", prog)]
+    assert charge_frame(stack, "first") == 3
+    assert charge_frame(stack, "module:nothere") == 3
+    # the runtime's own allocations stay with the runtime
+    loader = [f("malloc", LIBC), f("_dl_new_object", LIBC), f("_dl_start", LIBC)]
+    assert charge_frame(loader, "first") == 1
+    # an address outside every module is never charged
+    assert charge_frame([f("qsort", LIBC), f(None, "")], "first") == 0
+    # CPython's allocator, in the interpreter binary
+    py = "/usr/bin/python3.11"
+    assert charge_frame([f("_PyObject_Malloc", py), f("PyObject_Malloc", py),
+                         f("list_resize", py)], "first") == 2
+
+
 def test_configurable_lists() -> None:
     stack = [f("je_malloc", "/usr/lib/libjemalloc.so.2"), f("xmalloc", "/usr/bin/prog"),
              f("main", "/usr/bin/prog")]

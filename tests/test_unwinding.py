@@ -150,3 +150,40 @@ def test_frame_pointer_mode_misses_the_callers(tmp_path: Path) -> None:
     assert code == 0
     assert malloc_sites(report)["level5"] == (10_000, 10)
     assert _symbols(site(report, "level5"))[:6] != TRUTH["level5"][1]
+
+
+@pytest.mark.bpf
+def test_standard_library_leaks_are_charged_to_their_caller(tmp_path: Path) -> None:
+    """Through libstdc++ (no frame pointers): the bytes go to the program's function,
+    the library function it called stays visible as `via`."""
+    report, code = run_json(tmp_path, "--", str(build_nofp().containers))
+    assert code == 0
+    sites = malloc_sites(report)
+    assert sites["cache_insert"] == (20 * 72 + 20 * 41, 40)
+    assert sites["grow_log"] == (1_921, 1)
+    grow = site(report, "grow_log")
+    assert "_M_append" in grow["via"]
+    assert _symbols(grow)[2:4] == ["grow_log", "main"]
+    modules = {m["module"]: m["bytes"] for m in report["modules"]}
+    assert modules["containers"] >= 2_260 + 1_921
+
+
+@pytest.mark.bpf
+def test_python_ctypes_libpq_is_unwound_to_the_interpreter(tmp_path: Path) -> None:
+    """libpq (frame pointers) <- libffi <- _ctypes <- python3.11's interpreter (neither
+    keeps frame pointers) <- main <- _start: every frame in order."""
+    script = Path(__file__).parent / "fixtures" / "src" / "nofp" / "pq_ctypes.py"
+    report, code = run_json(tmp_path, "--no-handles", "--", "/usr/bin/python3.11", str(script))
+    assert code == 0
+    connects = [s for s in report["sites"] if s["module_class"] == "libpq"
+                and s["via"] == "PQconnectdb"]
+    assert connects
+    symbols = _symbols(max(connects, key=lambda s: s["bytes"]))
+    order = ["PQconnectdb", "ffi_call", "_PyEval_EvalFrameDefault", "Py_RunMain", "_start"]
+    at = [symbols.index(name) for name in order]
+    assert at == sorted(at), symbols
+    unwinding = report["unwinding"]
+    assert unwinding["objects"]["/usr/bin/python3.11"] == "cfi"
+    # libpq keeps frame pointers: walked by them, its ~2,400 rows stay out of the table
+    assert [how for path, how in unwinding["objects"].items() if "/libpq.so" in path] == ["fp"]
+    assert unwinding["ended"]["outermost"] > 0

@@ -51,6 +51,9 @@ def build() -> Path:
     _run("gcc", *CFLAGS, "-shared", "-fPIC", "-I/usr/include/node", "-o",
          BUILD / "addon.node", SRC / "addon.c")
     _run("gcc", *CFLAGS, "-o", BUILD / "sqlite_mix", SRC / "sqlite_mix.c", "-lsqlite3")
+    _run("gcc", *CFLAGS, "-o", BUILD / "deep_stack_fp", SRC / "deep_stack.c")
+    _run("gcc", "-O2", "-g", "-fomit-frame-pointer", "-o", BUILD / "deep_stack_nofp",
+         SRC / "deep_stack.c")
     return BUILD
 
 
@@ -79,6 +82,10 @@ def workloads(quick: bool) -> dict[str, Workload]:
                           str(node_iters)), "Buffer or addon call"),
         Workload("sqlite", (f"{b}/sqlite_mix", str(sqlite_iters)), "SQL statement"),
     ]
+    deep_pairs = 20_000 if quick else 200_000
+    found += [Workload(f"deep-{fp}-{depth}", (f"{b}/deep_stack_{fp}", str(depth),
+                                               str(deep_pairs)), "malloc or free")
+              for fp in ("fp", "nofp") for depth in (4, 32, 100)]
     return {w.name: w for w in found}
 
 

@@ -107,13 +107,13 @@ def session_from_options(opts: dict[str, Any]) -> SessionOptions:
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--charge-to") from None
     alloc = AllocOptions(sample_bytes=opts["sample"] or 0, max_allocs=opts["max_allocs"],
-                         stack_map_size=opts["stack_map_size"], unwind=opts["unwind"],
+                         stack_map_size=opts["stack_map_size"],
                          probes="exact" if opts["exact"] else "auto")
     try:
         pairs = tuple(parse_pair(spec) for spec in opts["handle_specs"])
     except ValueError as err:
         raise UsageError(str(err)) from None
-    return SessionOptions(alloc=alloc, charge_to=opts["charge_to"],
+    return SessionOptions(alloc=alloc, charge_to=opts["charge_to"], unwind=opts["unwind"],
                           min_age=opts["min_age"] or 0.0, allocs=not opts["no_allocs"],
                           triage=not opts["no_triage"], lock_share=opts["lock_share"] / 100,
                           lock_p99=opts["lock_p99"],

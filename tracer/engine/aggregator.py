@@ -18,6 +18,8 @@ from tracer.symbols.attribution import (
     DEFAULT_ALLOCATOR_MODULES,
     THREAD_STACK_MAKERS,
     charge_frame,
+    in_language_runtime,
+    is_allocator_frame,
     made_by,
     made_by_allocator,
 )
@@ -91,6 +93,10 @@ class Aggregator:
         frames, i = site.frames, site.charge_index
         if not frames or frames[i].module_class in ("libc", "ld.so", "unknown"):
             return None
+        runtime = frames[i - 1].symbol if i > 0 else None
+        if runtime and in_language_runtime(frames[i - 1]) and not is_allocator_frame(
+                frames[i - 1]):
+            return runtime.split("@", 1)[0]  # cache_insert via _M_assign
         j = i
         while j + 1 < len(frames) and frames[j + 1].module_class == frames[i].module_class:
             j += 1

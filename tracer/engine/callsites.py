@@ -16,6 +16,7 @@ from tracer.probes.alloc import stack_error_name
 from tracer.symbols.attribution import RUNTIME_MODULES, first_frame_outside
 from tracer.symbols.callee import CalleeResolver
 from tracer.symbols.symbolizer import Symbolizer
+from tracer.symbols.unwind import ReturnChecker
 
 #: Picks the index of the charged frame in a symbolized stack (innermost first).
 ChargeRule = Callable[[Sequence[Frame]], int]
@@ -29,11 +30,13 @@ class CallSites:
     def __init__(self, symbolizer: Symbolizer) -> None:
         self.symbolizer = symbolizer
         self.callees = CalleeResolver(symbolizer)
+        self.returns = ReturnChecker(symbolizer.maps)
         self._memo: dict[tuple[int, frozenset[str], bool], CallSite] = {}
 
     def charged(self, stack: tuple[int, ...], rule: ChargeRule) -> tuple[list[Frame], int]:
-        """The stack's frames and the index `rule` charges (0 for an empty stack)."""
-        frames = self.symbolizer.frames(stack)
+        """The stack's frames, up to the first that is no return address, and the index
+        `rule` charges (0 for an empty stack)."""
+        frames = self.symbolizer.frames(self.returns.true_frames(stack))
         return frames, (max(rule(frames), 0) if frames else 0)
 
     def call_site(self, stack_id: int, stack_of: StackReader,

@@ -27,9 +27,11 @@ from tracer.memory.memwatch import MemoryWatch
 from tracer.model.growth import GrowthTracker
 from tracer.model.mappings import Owner
 from tracer.model.snapshot import Snapshot
+from tracer.model.unwinding import Unwinding
 from tracer.probes import bpfprog
 from tracer.probes import target as targets
 from tracer.probes.alloc import AllocOptions, AllocProbes
+from tracer.probes.base import ProbeSet
 from tracer.probes.handles import HandleOptions, HandleProbes
 from tracer.probes.target import Target, is_static_executable
 from tracer.probes.triage import TriageOptions, TriageProbes
@@ -51,6 +53,7 @@ class SessionOptions:
     lock_share: float = 0.05  # a lock is contended above this share of traced time blocked
     lock_p99: float = 0.010  # ... or when its p99 wait is above this many seconds
     charge_to: str = "first"
+    unwind: str = "auto"  # tracer/probes/unwinding.py's UNWIND_MODES
     min_age: float = 0.0
     memory_interval: float = 1.0  # seconds between RSS/VMS samples
 
@@ -59,9 +62,14 @@ class Session:
     def __init__(self, target: Target, options: SessionOptions) -> None:
         self.target = target
         self.options = options
-        self.probes = AllocProbes(options.alloc)
-        self.triage = TriageProbes(options.triage_probes) if options.triage else None
-        self.handles = HandleProbes(options.handles)
+        self.probes = AllocProbes(options.alloc, options.unwind)
+        self.triage = (TriageProbes(options.triage_probes, options.unwind) if options.triage
+                       else None)
+        self.handles = HandleProbes(options.handles, options.unwind)
+        owner = self.probes if options.allocs else self.triage  # attached first
+        for later in (self.triage, self.handles):
+            if later is not None and later is not owner:
+                later.unwind_owner = owner  # one unwind table for the session
         self.maps: MapsHistory | None = None
         self.started = 0.0
         self.stop_requested: str | None = None
@@ -178,7 +186,11 @@ class Session:
                 return
         else:
             self.maps.refresh()
-        self.probes.update_unwind(self.maps)
+        for probes in self._probe_sets():
+            probes.update_unwind(self.maps)
+
+    def _probe_sets(self) -> list[ProbeSet]:
+        return [p for p in (self.probes, self.triage, self.handles) if p is not None]
 
     def _target_stopped_at_exit(self) -> bool:
         """A launched target stops itself in _Exit: read its maps while they exist.
@@ -188,7 +200,7 @@ class Session:
         if self._execs() > self._expected_execs:
             self._follow_exec()
             return False
-        if self.probes.take_code_stop():
+        if any([p.take_code_stop() for p in self._probe_sets()]):
             self._refresh_maps()
             os.kill(self.target.pid, signal.SIGCONT)
             return False
@@ -310,7 +322,18 @@ class Session:
             handles=handle_types(self.handles, call_sites),
             notes=self.notes + self._followed_note() + self._children_note()
             + self._stopped_note() + jit_note(call_sites.symbolizer, sites),
+            unwinding=self._unwinding(),
         )
+
+    def _unwinding(self) -> Unwinding:
+        """Which objects each probe set walked how, and its walks' ends, summed."""
+        out = Unwinding(self.options.unwind)
+        for probes in self._probe_sets():
+            objects, ends = probes.unwind_report()
+            out.objects.update(objects)
+            for reason, n in ends.items():
+                out.ended[reason] = out.ended.get(reason, 0) + n
+        return out
 
     def _v8_ranges(self, call_sites: CallSites) -> list[tuple[int, int]] | None:
         """Live mappings node's own code made (V8's page allocator: its heap and JIT

@@ -1,8 +1,8 @@
 """Raw triage figures -> model LockReport, SyscallSummary, FaultSummary.
 
-Stacks are completed (the libc frames and their caller that the frame-pointer walk
-skipped, tracer/symbols/unwind.py), symbolized, charged to the first frame outside libc and
-libstdc++, and grouped by that function. Locks get their verdict here.
+Stacks (walked through libc with its CFI, bpf/stacks.bpf.h) are symbolized, charged to
+the first frame outside libc and libstdc++, and grouped by that function. Locks get
+their verdict here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from tracer.model.locks import BLOCKING, FutexSite, Lock, LockReport, command_na
 from tracer.model.syscalls import MemSyscall, SyscallSite, SyscallSummary
 from tracer.probes.triage import MEMSYS_NAMES, RawFutex, RawMemsys, TriageProbes
 from tracer.symbols.attribution import normalize_symbol
-from tracer.symbols.unwind import CallChecker, window_callers
 
 # What a lock word is, from the libc function its waiters went through.
 _KINDS = [("cond", "condvar"), ("rwlock", "rwlock"), ("sem_", "semaphore"),
@@ -31,15 +30,9 @@ class TriageBuilder:
     def __init__(self, probes: TriageProbes, call_sites: CallSites) -> None:
         self.probes = probes
         self.call_sites = call_sites
-        self.checker = CallChecker(call_sites.symbolizer.maps)
 
     def call_site(self, stack_id: int) -> CallSite:
-        return self.call_sites.call_site(stack_id, self._stack)
-
-    def _stack(self, stack_id: int) -> tuple[int, ...]:
-        """The frame-pointer walk completed with the callers it skipped."""
-        return window_callers(self.probes.stack(stack_id), self.probes.window(stack_id),
-                              self.checker)
+        return self.call_sites.call_site(stack_id, self.probes.stack)
 
     # -- locks ----------------------------------------------------------------------
 

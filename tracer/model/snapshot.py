@@ -11,6 +11,7 @@ from tracer.model.memory import MemoryReport
 from tracer.model.sites import Site
 from tracer.model.syscalls import SyscallSummary
 from tracer.units import format_size
+from tracer.model.unwinding import Unwinding
 
 # What the pipeline could not record, by name, with the sentence a report prints.
 LOSS_DESCRIPTIONS = {
@@ -73,6 +74,7 @@ class Snapshot:
     # most bytes traced malloc blocks held at the session's once-a-second samples and at
     # the snapshot (a lower bound of the true peak; None: not known)
     peak_bytes: int | None = None
+    unwinding: Unwinding | None = None  # how stacks were walked, early ends by reason
 
     @property
     def mode(self) -> str:

@@ -50,7 +50,6 @@ class AllocOptions:
     max_allocs: int = 1 << 19
     stack_map_size: int = 1 << 16
     ringbuf_pages: int = 256
-    unwind: str = "auto"  # tracer/probes/unwinding.py's UNWIND_MODES
     # "auto": the process's own sampler when it has otel_memory probes, else uprobes on
     # the allocator; "exact": uprobes always; "in-process": the sampler or an error
     probes: str = "auto"
@@ -87,8 +86,8 @@ class ProbePoint:
 
 
 class AllocProbes(ProbeSet):
-    def __init__(self, options: AllocOptions) -> None:
-        super().__init__()
+    def __init__(self, options: AllocOptions, unwind: str = "fp") -> None:
+        super().__init__(unwind)
         self.options = options
         self.points: list[ProbePoint] = []
         self.mappings = MappingTracker()
@@ -120,7 +119,7 @@ class AllocProbes(ProbeSet):
         }
         if usdt:
             defines["USDT_SAMPLED"] = 1
-        self._load("alloc.bpf.c", target, defines, self.options.unwind)
+        self._load("alloc.bpf.c", target, defines)
         try:
             if usdt:
                 self._attach_in_process(target, usdt)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from tracer.probes import bpfprog
+from tracer.probes import bpfprog, kernelbtf
 from tracer.probes.stacks import StackReader
 from tracer.probes.target import Target
 from tracer.probes.unwinding import UnwindTables
@@ -19,37 +19,60 @@ from tracer.symbols.procmaps import MapsHistory
 
 
 class ProbeSet:
-    def __init__(self) -> None:
+    #: Frames the CFI walk takes. Each costs the verifier ~2k instructions per program
+    #: that walks (~0.02 s to load): allocation stacks get the most, for flamegraphs.
+    unwind_depth = 127
+
+    def __init__(self, unwind: str = "fp") -> None:
+        self.unwind_mode = unwind  # tracer/probes/unwinding.py's UNWIND_MODES
         self._bpf: Any = None
         self._stacks: StackReader | None = None
         self.unwind: UnwindTables | None = None  # None: frame pointers (bpf_get_stack)
         self._code_stops = False  # the program stops a launched target at new code
         self._exit_files: set[tuple[int, int]] = set()  # (dev, inode) with the _Exit stop
+        #: Another probe set whose unwind table this one walks (set before attaching).
+        self.unwind_owner: ProbeSet | None = None
 
-    def _load(self, source: str, target: Target, defines: dict[str, int | str],
-              unwind: str = "fp") -> None:
+    def _load(self, source: str, target: Target, defines: dict[str, int | str]) -> None:
         """Compile bpf/<source> for this target (launched: held at the exec gate).
-        `unwind` other than "fp" walks stacks with CFI rows (bpf/stacks.bpf.h); a running
-        target's table is filled before anything is recorded."""
+        An unwind mode other than "fp" walks stacks with CFI rows (bpf/stacks.bpf.h); a
+        running target's table is filled before anything is recorded."""
+        unwind = self.unwind_mode
         if target.launched:
             defines = {**defines, "WAIT_EXEC": 1}
         if unwind != "fp":
-            defines = {**defines, "UNWIND_CFI": 1}
-        self._bpf = bpfprog.compile_program(source, defines)
+            defines = {**defines, "UNWIND_CFI": 1, "UNWIND_DEPTH": self.unwind_depth,
+                       **(kernelbtf.uretprobe_offsets() or {})}
+        owner = self.unwind_owner
+        shared = owner.unwind_maps() if unwind != "fp" and owner is not None else None
+        self._bpf = bpfprog.compile_program(source, defines, shared)
         self._bpf["target"][ctypes.c_int(0)] = ctypes.c_uint32(target.pid)
         self._bpf.attach_tracepoint_functions()
         self._stacks = StackReader(self._bpf)
         if unwind != "fp":
-            self.unwind = UnwindTables(self._bpf, unwind)
             self._code_stops = target.launched
-            if not target.launched:
+            self.unwind = UnwindTables(self._bpf, unwind, owned=not shared)
+            if not shared and not target.launched:
                 with contextlib.suppress(OSError):
                     self.unwind.update(MapsHistory(target.pid))
+
+    def unwind_maps(self) -> dict[str, int] | None:
+        """The fds of this set's unwind table, for another set to share (None in fp mode)."""
+        if self.unwind is None or not self.unwind.owned or self._bpf is None:
+            return None
+        return {name: self._bpf[name].map_fd for name in ("unwind_conf", "unwind_rows")}
 
     def update_unwind(self, maps: MapsHistory) -> None:
         """The target's code changed: bring the unwind table up to date."""
         if self.unwind is not None and self._bpf is not None:
             self.unwind.update(maps)
+
+    def unwind_report(self) -> tuple[dict[str, str], dict[str, int]]:
+        """(object path -> "cfi" | "fp", walks by why they ended); empty in fp mode."""
+        if self.unwind is None or self._bpf is None:
+            return {}, {}
+        return ({path: obj.how for path, obj in self.unwind.objects.items()},
+                self.unwind.ends())
 
     def take_code_stop(self) -> bool:
         """Was the launched target's last stop one for new code (bpf/target.bpf.h's
@@ -57,7 +80,7 @@ class ProbeSet:
         if self._bpf is None or not self._code_stops:
             return False
         table = self._bpf["code_stops"]
-        if not table[ctypes.c_int(0)].value:
+        if table[ctypes.c_int(0)].value != 1:
             return False
         table[ctypes.c_int(0)] = ctypes.c_uint32(0)
         return True
@@ -111,6 +134,8 @@ class ProbeSet:
         tears the probes down in its exit, while natrace goes on (or returns)."""
         if self._bpf is None:
             return
+        if self._code_stops:  # the programs outlive this call for a moment: no more stops
+            self._bpf["code_stops"][ctypes.c_int(0)] = ctypes.c_uint32(2)
         bpf, self._bpf = self._bpf, None
         # Inert at once: while the helper tears them down, the probes neither record
         # nor stop the target (exit(), code mappings) once natrace has resumed it.

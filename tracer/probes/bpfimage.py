@@ -191,7 +191,9 @@ class LoadedBPF(bcc.BPF):
     Sets what bcc.BPF.__init__ sets but compiles nothing; tracepoint__* functions are
     attached by attach_tracepoint_functions(), once the caller has set its maps up."""
 
-    def __init__(self, image: Image) -> None:
+    def __init__(self, image: Image, shared: dict[str, int] | None = None) -> None:
+        """`shared`: maps by name to take from another loaded program (a dup of its fd)
+        instead of creating, so two programs read one table."""
         self.kprobe_fds: dict[Any, Any] = {}
         self.uprobe_fds: dict[Any, Any] = {}
         self.tracepoint_fds: dict[Any, Any] = {}
@@ -212,8 +214,11 @@ class LoadedBPF(bcc.BPF):
         try:
             fds = {}
             for spec in image.maps:
-                fd = _create_map(spec.type, spec.name.encode(), spec.key_size, spec.leaf_size,
-                                 spec.max_entries, spec.flags)
+                if shared and spec.name in shared:
+                    fd = os.dup(shared[spec.name])
+                else:
+                    fd = _create_map(spec.type, spec.name.encode(), spec.key_size,
+                                     spec.leaf_size, spec.max_entries, spec.flags)
                 if fd < 0:
                     raise OSError(ct.get_errno(), f"cannot create the BPF map {spec.name}: "
                                   f"{os.strerror(ct.get_errno())}")

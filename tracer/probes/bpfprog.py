@@ -100,14 +100,16 @@ def attach_counted_uprobe(bpf: Any, fn_name: str, path: str, offset: int, pid: i
     bpf._add_uprobe_fd(ev_name, fd)
 
 
-def compile_program(name: str, defines: dict[str, int | str]) -> Any:
+def compile_program(name: str, defines: dict[str, int | str],
+                    shared: dict[str, int] | None = None) -> Any:
     """bpf/<name> built with -D parameters and loaded (maps created, programs in the
     kernel, nothing attached but tracepoint__* functions; see bpfimage.LoadedBPF).
 
     The compiled object comes from natrace's cache when this exact source, flags,
     kernel and bcc were compiled before; otherwise a child process compiles it, so
     LLVM's second and ~60 MiB never enter natrace's own process, and the cache keeps
-    it. One line of the compiler's or the kernel's complaint on failure."""
+    it. `shared` maps (by name, an fd) are another program's, not created anew. One line
+    of the compiler's or the kernel's complaint on failure."""
     import_bcc()
     from tracer.probes import bpfimage
 
@@ -125,14 +127,14 @@ def compile_program(name: str, defines: dict[str, int | str]) -> Any:
         STATS["cache_hit"] += 1
         try:
             with captured_stderr():
-                return bpfimage.LoadedBPF(image)
+                return bpfimage.LoadedBPF(image, shared)
         except OSError:
             pass  # e.g. the kernel changed under the same release: compile afresh
     image = _compile_in_child(name, text, cflags)
     STATS["compiled"] += 1
     try:
         with captured_stderr() as captured:
-            loaded = bpfimage.LoadedBPF(image)
+            loaded = bpfimage.LoadedBPF(image, shared)
     except OSError as err:
         detail = _first_error_line(captured.getvalue()) or str(err)
         raise KernelFeatureError(f"could not load the BPF program {name}: {detail}") from None

@@ -162,8 +162,9 @@ class RawHandleSite:
 
 
 class HandleProbes(ProbeSet):
-    def __init__(self, options: HandleOptions) -> None:
-        super().__init__()
+    unwind_depth = 64  # one walking program per pair
+    def __init__(self, options: HandleOptions, unwind: str = "fp") -> None:
+        super().__init__(unwind)
         self.options = options
         self.pairs: list[TracedPair] = []
         self.points: list[str] = []  # "path:symbol" probed (entry, return or destroy)

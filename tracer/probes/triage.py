@@ -1,7 +1,7 @@
 """Triage probes: futex waits, memory syscalls and page faults, tracepoints only.
 
-Owns the BPF program bpf/triage.bpf.c; hands raw per-key counters, stacks and the
-stack windows (user words above sp) to tracer/engine/triage.py. Nothing here symbolizes.
+Owns the BPF program bpf/triage.bpf.c; hands raw per-key counters and stacks to
+tracer/engine/triage.py. Nothing here symbolizes.
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ class RawMemsys:
 
 
 class TriageProbes(ProbeSet):
-    def __init__(self, options: TriageOptions) -> None:
-        super().__init__()
+    unwind_depth = 32  # a dozen programs walk; the call site is a few frames past libc
+    def __init__(self, options: TriageOptions, unwind: str = "fp") -> None:
+        super().__init__(unwind)
         self.options = options
         self.points: list[str] = []  # tracepoints attached (category:event)
         self.has_faults = False
@@ -149,12 +150,4 @@ class TriageProbes(ProbeSet):
             return {}
         return {k.value: v.value for k, v in self._bpf["faults"].items()}
 
-    def window(self, stack_id: int) -> tuple[int, ...]:
-        """The user words above sp when this stack was first seen (empty if unread)."""
-        if stack_id < 0:
-            return ()
-        try:
-            return tuple(self._bpf["windows"][ctypes.c_int(stack_id)].words)
-        except KeyError:
-            return ()
 

@@ -49,9 +49,10 @@ class ObjectUnwind:
 class UnwindTables:
     """Keeps one BPF program's unwind table in step with the target's mappings."""
 
-    def __init__(self, bpf: Any, mode: str) -> None:
+    def __init__(self, bpf: Any, mode: str, owned: bool = True) -> None:
         self._bpf = bpf
         self.mode = mode
+        self.owned = owned  # False: another program's table, which that one keeps
         self._c = bpfprog.constants()
         self._half = self._c["NATRACE_UNWIND_ROWS"]
         self._base = self._half  # the first update writes half 0
@@ -61,7 +62,10 @@ class UnwindTables:
         self.overflow = False  # the mappings' rows did not fit: some objects walked by fp
 
     def update(self, maps: MapsHistory) -> bool:
-        """Rewrite the table for the current mappings; False when nothing changed."""
+        """Rewrite the table for the current mappings; False when nothing changed (or the
+        table is another program's)."""
+        if not self.owned:
+            return False
         current = tuple((m.start, m.end, m.offset, m.path) for m in maps.mappings
                         if _walkable(m))
         if current == self._loaded:
@@ -77,7 +81,8 @@ class UnwindTables:
             if m.file_backed:
                 rows = self._object_rows(maps, m.start, m.end, m.offset, m)
             if rows and total + len(rows) // _ROW.size + 2 * len(current) > self._half:
-                self.overflow = True
+                self.overflow = True  # the table is full: frame pointers for this one
+                self.objects[m.clean_path] = ObjectUnwind(m.clean_path, "fp (table full)", 0)
                 rows = b""
             if not rows:
                 rows = _ROW.pack(m.start, fp_row[1], fp_row[3], fp_row[0], fp_row[2])

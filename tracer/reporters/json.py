@@ -54,6 +54,7 @@ def to_dict(snap: Snapshot) -> dict[str, Any]:
         "calls": snap.calls,
         "memory": _memory(snap.memory) if snap.memory is not None else None,
         "handles": [_handle_type(t) for t in snap.handles],
+        "unwinding": asdict(snap.unwinding) if snap.unwinding is not None else None,
         **triage_report.to_dict(snap),
     }
 

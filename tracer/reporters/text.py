@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from tracer.model.books import AllocatorBooks, RssSplit, Verdict
@@ -10,6 +11,7 @@ from tracer.model.handles import HandleSite, HandleType
 from tracer.model.memory import ArenaSummary, MemoryReport, RegionSummary
 from tracer.model.sites import Site
 from tracer.model.snapshot import LOSS_DESCRIPTIONS, Snapshot
+from tracer.model.unwinding import END_DESCRIPTIONS, Unwinding
 from tracer.reporters import triage as triage_report
 from tracer.units import format_size as size
 
@@ -84,6 +86,7 @@ def render(snap: Snapshot, top: int = 10) -> str:
         lines += _memory(snap.memory)
     lines.append("")
     lines += _loss(snap)
+    lines += _unwinding(snap.unwinding)
     return "\n".join(lines) + "\n"
 
 
@@ -149,6 +152,26 @@ def _loss(snap: Snapshot) -> list[str]:
         return ["Nothing lost: every allocation and stack was recorded."]
     out = ["Not recorded (figures above leave these out):"]
     out += [f"  {v:>12,}  {LOSS_DESCRIPTIONS.get(k, k)}" for k, v in lost.items()]
+    return out
+
+
+def _unwinding(unw: Unwinding | None) -> list[str]:
+    """Which objects were walked how, and the walks that ended early and why."""
+    if unw is None:
+        return []
+    if unw.mode == "fp":
+        return ["Stacks: frame pointers only (--unwind fp): callers in code without them "
+                "are missing"]
+    by_how: dict[str, list[str]] = {}
+    for path, how in sorted(unw.objects.items()):
+        by_how.setdefault(how, []).append(os.path.basename(path))
+    out = [f"Stacks (--unwind {unw.mode}): "
+           + "; ".join(f"{'CFI' if how == 'cfi' else 'frame pointers'}: {', '.join(names)}"
+                       for how, names in sorted(by_how.items()))]
+    early = unw.early()
+    if early:
+        out.append(f"  {sum(early.values()):,} of {unw.walks:,} stack walks ended early:")
+        out += [f"  {v:>12,}  {END_DESCRIPTIONS.get(k, k)}" for k, v in early.items()]
     return out
 
 

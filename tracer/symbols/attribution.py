@@ -207,23 +207,64 @@ def _module_matches(frame: Frame, name: str) -> bool:
         frame.module_class == "addon:" + name)
 
 
+#: Language runtimes an allocation is made *for*, never *by*: `--charge-to first` passes
+#: over their frames to the code that called them (std::map's node, not _Rb_tree's).
+LANGUAGE_RUNTIME_MODULES: frozenset[str] = frozenset({"libc", "libstdc++", "libgcc_s.so"})
+
+#: CPython's allocator functions (in python3.X or libpython3.X.so): the object
+#: constructor that called them is charged.
+PYTHON_ALLOCATOR_SYMBOLS: frozenset[str] = frozenset({
+    "PyMem_Malloc", "PyMem_Calloc", "PyMem_Realloc", "PyMem_RawMalloc", "PyMem_RawCalloc",
+    "PyMem_RawRealloc", "PyObject_Malloc", "PyObject_Calloc", "PyObject_Realloc",
+    "_PyMem_RawMalloc", "_PyMem_RawCalloc", "_PyMem_RawRealloc", "_PyObject_Malloc",
+    "_PyObject_Calloc", "_PyObject_Realloc", "pymalloc_alloc", "pymalloc_realloc",
+    "allocate_from_new_pool", "new_arena", "_PyObject_GC_Alloc", "_PyObject_GC_New",
+    "_PyObject_GC_NewVar", "_PyObject_New", "_PyObject_NewVar", "PyType_GenericAlloc",
+    "_PyType_AllocNoTrack", "gc_alloc", "_PyMem_DebugRawAlloc", "_PyMem_DebugMalloc",
+})
+
+
+_PYTHON_ALLOCATOR_NORMALIZED = frozenset(normalize_symbol(n) for n in PYTHON_ALLOCATOR_SYMBOLS)
+
+
+def in_language_runtime(frame: Frame) -> bool:
+    """Is this frame libc, the loader, libstdc++, libgcc or CPython's allocator?"""
+    if frame.module_class in LANGUAGE_RUNTIME_MODULES:
+        return True
+    return (frame.module_class.startswith(("python", "libpython")) and bool(frame.symbol)
+            and normalize_symbol(frame.symbol or "") in _PYTHON_ALLOCATOR_NORMALIZED)
+
+
+def past_runtime(frames: Sequence[Frame], start: int) -> int:
+    """The first frame from `start` on that is the program's own code (not a language
+    runtime, not an address outside every module); `start` when there is none (the
+    runtime's own allocations: the loader's, a thread's start)."""
+    for i in range(start, len(frames)):
+        if not in_language_runtime(frames[i]) and frames[i].module_class != "unknown":
+            return i
+    return start
+
+
 def charge_frame(frames: Sequence[Frame], charge_to: str = "first",
                  allocator_modules: Collection[str] = DEFAULT_ALLOCATOR_MODULES,
                  wrapper_symbols: Collection[str] = DEFAULT_WRAPPER_SYMBOLS) -> int:
     """Index of the frame an allocation is charged to under `--charge-to`.
 
-    `first`: the responsible frame. `module:NAME`: the first frame at or after the
-    responsible one whose module class or basename is NAME (libpq, addon:vault, vault,
-    libfoo.so, libfoo.so.1), else the responsible frame.
+    `first`: the first frame outside the allocator and the language runtime (the
+    runtime function it called shows as the site's `via`). `module:NAME`: the first
+    frame at or after the one outside the allocator whose module class or basename is
+    NAME (libpq, addon:vault, vault, libfoo.so, libfoo.so.1), else the `first` frame.
     """
     want = parse_charge_to(charge_to)
     start = responsible_frame(frames, allocator_modules, wrapper_symbols)
-    if want is None or start < 0:
+    if start < 0:
         return start
+    if want is None:
+        return past_runtime(frames, start)
     for i in range(start, len(frames)):
         if _module_matches(frames[i], want):
             return i
-    return start
+    return past_runtime(frames, start)
 
 
 #: Module classes a lock wait, syscall or page fault is never charged to: libc (which

@@ -1,25 +1,20 @@
-"""Putting back the frames a frame-pointer walk skips at a syscall or fault.
+"""Checking the frames of an unwound stack, and the one frame `--unwind fp` misses at a
+syscall.
 
-A user stack captured in the kernel starts at the instruction inside libc (a syscall
-wrapper, __lll_lock_wait, memset) and follows rbp. libc keeps no frame pointers, so
-the walk's next frame is the caller of the first function *with* one: the function
-that called into libc is missing. Two ways to get it back:
+bpf/stacks.bpf.h walks with CFI rows and frame pointers and ends where it cannot
+follow. A frame-pointer step through code that uses rbp as a plain register can still
+land on a word that is not a return address; `ReturnChecker.true_frames` cuts the
+stack before the first such frame: every frame after the first must lie in executable
+code, just after a call instruction (in a file), or in JIT code (anonymous executable
+memory, named by a perf map). Nothing that fails is printed as a frame.
 
-- `splice_caller`: the probe read *sp, the return address, which is right when the
-  libc function pushed nothing (mmap, munmap, brk wrappers).
-- `window_callers`: the probe kept the words above sp; the return addresses among
-  them (a call instruction just before, in an executable file) up to the first one
-  outside libc are the libc frames and their caller (pthread_mutex_lock ->
-  __lll_lock_wait pushes four words first). A stale return address left in an
-  uninitialised slot of a libc frame can be taken for the caller: rare, and it points
-  into the same thread's recent callers.
+`splice_caller` is for `--unwind fp` only: a stack captured inside a libc syscall
+wrapper (which pushes nothing) follows rbp past the wrapper's caller; the probe read
+*sp, that return address, and it is put back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from tracer.symbols.attribution import RUNTIME_MODULES, module_class
 from tracer.symbols.procmaps import MapsHistory
 
 
@@ -30,35 +25,46 @@ def splice_caller(stack: tuple[int, ...], caller: int) -> tuple[int, ...]:
     return stack
 
 
-class CallChecker:
-    """Is an address a return address: just after a call instruction in a mapped file?"""
+class ReturnChecker:
+    """Is an address a return address: just after a call instruction in mapped code?"""
 
     def __init__(self, maps: MapsHistory) -> None:
         self.maps = maps
-        self._memo: dict[int, str | None] = {}
+        self._memo: dict[int, bool] = {}
 
-    def module_class_of_return(self, addr: int) -> str | None:
-        """The module class of the file `addr` returns into, or None if no call precedes it."""
+    def true_frames(self, stack: tuple[int, ...]) -> tuple[int, ...]:
+        """The stack up to (not including) its first frame that is no return address;
+        frame 0 is the probe's own pc, always kept."""
+        for i in range(1, len(stack)):
+            if not self.is_return_address(stack[i]):
+                return stack[:i]
+        return stack
+
+    def is_return_address(self, addr: int) -> bool:
         if addr not in self._memo:
             self._memo[addr] = self._check(addr)
         return self._memo[addr]
 
-    def _check(self, addr: int) -> str | None:
+    def _check(self, addr: int) -> bool:
         if addr < 4096 or addr >= 1 << 47:
-            return None
+            return False
         m = self.maps.find(addr)
-        if m is None or not m.executable or not m.file_backed or addr - m.start < 7:
-            return None
+        if m is None or not m.executable:
+            return False
+        if not m.file_backed:
+            return m.anon and not m.special  # JIT code: no file to read the call from
+        if addr - m.start < 7:
+            return False
         path = self.maps.module_path(m)
         if path is None:
-            return None
+            return True  # a file we cannot open: its mapping is all we can check
         try:
             with open(path, "rb") as fh:
                 fh.seek(m.file_offset(addr) - 7)
                 code = fh.read(7)
         except OSError:
-            return None
-        return module_class(m.clean_path) if len(code) == 7 and _ends_in_call(code) else None
+            return True
+        return len(code) == 7 and _ends_in_call(code)
 
 
 def _ends_in_call(code: bytes) -> bool:
@@ -79,31 +85,3 @@ def _ends_in_call(code: bytes) -> bool:
         if p + 2 + sib + disp == 7:
             return True
     return False
-
-
-def window_callers(stack: tuple[int, ...], window: Sequence[int],
-                   checker: CallChecker) -> tuple[int, ...]:
-    """`stack` with the skipped libc frames and their caller put back after frame 0.
-
-    Only when frame 0 is in libc or libstdc++ (code without frame pointers): a frame
-    that has one was walked correctly.
-    """
-    if not stack or not window:
-        return stack
-    m = checker.maps.find(stack[0])
-    if m is None or module_class(m.clean_path) not in RUNTIME_MODULES:
-        return stack
-    found: list[int] = []
-    for word in window:
-        cls = checker.module_class_of_return(word)
-        if cls is None:
-            continue
-        found.append(word)
-        if cls not in RUNTIME_MODULES:
-            break
-    else:
-        return stack  # no caller outside libc within the window: leave the walk as is
-    rest = stack[1:]
-    if rest and rest[0] == found[-1]:
-        return (stack[0], *found[:-1], *rest)
-    return (stack[0], *found, *rest)
