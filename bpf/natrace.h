@@ -58,7 +58,7 @@ struct unwind_conf {
 /* Why a stack walk ended (natrace_stack.end; per-capture counters in unwind_ends). */
 #define NATRACE_END_OUTERMOST 0     /* the first frame of the thread was reached */
 #define NATRACE_END_DEPTH 1         /* UNWIND_DEPTH frames taken (stacks.bpf.h) */
-#define NATRACE_END_NO_MAPPING 2    /* an address outside the target's executable mappings */
+#define NATRACE_END_NO_MAPPING 2    /* outside the table's mappings, and frame pointers failed */
 #define NATRACE_END_NO_ROW 3        /* no unwind row covers the address (an object's gap) */
 #define NATRACE_END_UNSUPPORTED 4   /* a rule the walk does not follow (DWARF expression) */
 #define NATRACE_END_READ 5          /* the stack could not be read there */

@@ -117,24 +117,23 @@ static __always_inline u32 unwind_user_stack(struct natrace_stack *st) {
         }
         /* Every frame's pc is a return address (frame 0: the uretprobe's, or the
          * instruction after a syscall) and may lie just past a noreturn call: the row
-         * of the call instruction itself is the one in force. An address outside the
-         * executable mappings is no frame: it is not kept (frame 0 always is). */
-        struct unwind_row row = {};
-        if (!unwind_find_row(&conf, pc - 1, &row) || row.cfa == NATRACE_CFA_NO_MAPPING) {
-            if (i == 0) {
-                st->ips[0] = pc;
-                n = 1;
-            }
-            end = NATRACE_END_NO_MAPPING;
-            break;
-        }
+         * of the call instruction itself is the one in force. Code outside the table's
+         * mappings (mapped since it was loaded: a dlopen a moment ago) is walked by
+         * frame pointers; if that fails, the end is counted as "no mapping", and
+         * Python keeps no frame that does not follow a call instruction. */
         st->ips[i] = pc;
         n = i + 1;
+        struct unwind_row row = {};
+        int known = unwind_find_row(&conf, pc - 1, &row) && row.cfa != NATRACE_CFA_NO_MAPPING;
+        if (!known) {
+            row.cfa = NATRACE_CFA_FP;
+            row.cfa_off = 0;
+        }
         u64 cfa;
         if (row.cfa == NATRACE_CFA_FP) {
             /* [rbp] = the caller's rbp, [rbp+8] = the return address */
             if (bp == 0) {
-                end = NATRACE_END_OUTERMOST;
+                end = known ? NATRACE_END_OUTERMOST : NATRACE_END_NO_MAPPING;
                 break;
             }
             cfa = bp + 16;
@@ -150,7 +149,7 @@ static __always_inline u32 unwind_user_stack(struct natrace_stack *st) {
             break;
         }
         if (cfa <= sp) {
-            end = NATRACE_END_BAD_FRAME;
+            end = known ? NATRACE_END_BAD_FRAME : NATRACE_END_NO_MAPPING;
             break;
         }
         u64 ra = 0;

@@ -95,7 +95,7 @@ class Aggregator:
             return None
         runtime = frames[i - 1].symbol if i > 0 else None
         if runtime and in_language_runtime(frames[i - 1]) and not is_allocator_frame(
-                frames[i - 1]):
+                frames[i - 1], self.allocator_modules):
             return runtime.split("@", 1)[0]  # cache_insert via _M_assign
         j = i
         while j + 1 < len(frames) and frames[j + 1].module_class == frames[i].module_class:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 #: with the sentence a report prints. "outermost" is the normal end.
 END_DESCRIPTIONS = {
     "depth": "the frame limit was reached (127 for allocations, 32 for triage events)",
-    "no_mapping": "a return address outside the executable mappings (code mapped after "
-                  "the walk's table was loaded, or a frame-pointer step through data)",
+    "no_mapping": "an address outside the unwind table's mappings (code mapped since, "
+                  "walked by frame pointers) where frame pointers ended",
     "no_unwind_info": "code without unwind information",
     "unsupported_rule": "a DWARF expression rule (PLT stubs, signal frames, hand-written "
                         "assembly)",
