@@ -10,8 +10,8 @@ from tracer.model.locks import LockReport
 from tracer.model.memory import MemoryReport
 from tracer.model.sites import Site
 from tracer.model.syscalls import SyscallSummary
-from tracer.units import format_size
 from tracer.model.unwinding import Unwinding
+from tracer.units import format_size
 
 # What the pipeline could not record, by name, with the sentence a report prints.
 LOSS_DESCRIPTIONS = {
