@@ -171,7 +171,10 @@ def test_promtool_check_metrics_is_clean(scenario: Scenario) -> None:
                    "natrace_contended_locks", "natrace_events_lost_total",
                    "natrace_agent_cpu_seconds_total", "natrace_agent_resident_memory_bytes",
                    "natrace_escalations_total", "natrace_overhead_ratio",
-                   "natrace_pyroscope_push_failures_total"):
+                   "natrace_pyroscope_push_failures_total",
+                   # the allocator's books (glibc, read from outside) and their verdict
+                   "natrace_rss_part_bytes", "natrace_allocator_free_bytes",
+                   "natrace_memory_verdict"):
         assert f"# TYPE {family} " in scenario.metrics, family
 
 

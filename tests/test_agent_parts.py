@@ -154,7 +154,11 @@ def test_metrics_of_a_view_pass_promtool() -> None:
         modules=(("addon:x", 100, 1), ("libpq", 200, 2)),
         sites=(SiteRate("libpq", "PQexec (fe-exec.c:1)", 12.5),),
         handles=(("libpq PGresult", 3),), contended_locks=1,
-        lost=(("stack_full", 2),)),))
+        lost=(("stack_full", 2),),
+        memory=(("natrace_rss_part_bytes", (("label", "free inside the allocator"),
+                                             ("part", "free")), 4096.0),
+                ("natrace_allocator_free_bytes", (("arena", "main"),), 4096.0),
+                ("natrace_memory_verdict", (("verdict", "fragmentation"),), 1.0))),))
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry()
@@ -165,5 +169,7 @@ def test_metrics_of_a_view_pass_promtool() -> None:
     assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check.stdout
     assert 'natrace_unfreed_bytes{comm="a \\"quoted\\" comm\\n",module="libpq",pid="7"} ' \
         '200.0' in text
+    assert 'natrace_memory_verdict{comm="a \\"quoted\\" comm\\n",pid="7",' \
+        'verdict="fragmentation"} 1.0' in text
     assert parse_listen(":9464") == ("0.0.0.0", 9464)
     assert parse_listen("[::1]:9464") == ("::1", 9464)

@@ -93,6 +93,7 @@ class AgentCollector(Collector):
                 lost.add_metric(ids + [kind], n)
         yield from (rss, mode, sampler, probes, unfreed, blocks, growth, handles, locks, lost,
                     windows)
+        yield from _memory_families(v.processes, who)
 
         yield _gauge("natrace_watched_processes", "Processes watched now.", len(v.processes))
         yield _counter("natrace_escalations", "Allocation windows opened.", v.escalations)
@@ -130,6 +131,37 @@ class AgentCollector(Collector):
                            "retry counts).", v.pushes.failures)
             yield _counter("natrace_pyroscope_pushes_dropped", "Pushes given up (out of "
                            "retries, or pushed out of a full queue).", v.pushes.dropped)
+
+
+#: Help of the allocator-books gauges (tracer/model/books.py's metrics() names them).
+MEMORY_HELP = {
+    "natrace_rss_part_bytes": "Resident memory by measured part (live blocks, free inside "
+                              "the allocator, allocator overhead, V8 heap, thread stacks, "
+                              "file mappings, other).",
+    "natrace_allocator_free_bytes": "Free bytes inside a glibc arena (bins, tcache, top).",
+    "natrace_allocator_free_resident_bytes": "Of an arena's free bytes, those resident.",
+    "natrace_allocator_system_bytes": "Memory a glibc arena got from the system.",
+    "natrace_allocator_in_use_bytes": "Bytes in blocks the allocator counts as in use.",
+    "natrace_allocator_tcache_bytes": "Free bytes held in the threads' tcaches.",
+    "natrace_memory_verdict": "1 for the verdict the allocator's books support: leak, "
+                              "fragmentation, both, neither or unknown.",
+}
+
+
+def _memory_families(processes: tuple[ProcessFigures, ...],
+                     who: list[str]) -> Iterator[GaugeMetricFamily]:
+    """One gauge family per books metric, its label names taken from its samples."""
+    families: dict[str, GaugeMetricFamily] = {}
+    for p in processes:
+        for name, labels, value in p.memory:
+            family = families.get(name)
+            if family is None:
+                family = families[name] = GaugeMetricFamily(
+                    name,
+                    MEMORY_HELP.get(name, "Allocator books figure."),
+                    labels=who + [k for k, _ in labels])
+            family.add_metric([str(p.pid), p.comm] + [v for _, v in labels], value)
+    yield from families.values()
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -22,6 +22,7 @@ from tracer.engine.recordings import new_recording
 from tracer.engine.session import Session, SessionOptions
 from tracer.errors import NatraceError
 from tracer.files import write_private
+from tracer.model import books
 from tracer.model.snapshot import Snapshot
 from tracer.probes import target as targets
 from tracer.probes.handles import HandleOptions
@@ -70,6 +71,8 @@ class ProcessFigures:
     handles: tuple[tuple[str, int], ...] = ()  # handle type, live
     contended_locks: int = 0
     lost: tuple[tuple[str, int], ...] = ()  # what the probes could not record, by kind
+    # the allocator's books, the RSS split and the verdict: (metric, labels, value)
+    memory: tuple[tuple[str, tuple[tuple[str, str], ...], float], ...] = ()
 
 
 Log = Callable[[str], None]
@@ -273,6 +276,11 @@ class Supervisor:
                           contended_locks=len(tri.locks.contended()) if tri.locks else 0)
             for kind, n in tri.triage_loss.items():
                 lost[kind] = lost.get(kind, 0) + n
+            if tri.memory is not None:
+                m = tri.memory
+                fig = replace(fig, memory=tuple(
+                    (name, tuple(sorted(labels.items())), value)
+                    for name, labels, value in books.metrics(m.books, m.split, m.verdict)))
         return replace(fig, lost=tuple(sorted(lost.items())))
 
     def close(self) -> None:
