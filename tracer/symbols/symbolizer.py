@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from tracer.model.frames import Frame
 from tracer.model.sites import Site
-from tracer.symbols.attribution import module_class
+from tracer.symbols.attribution import LANGUAGE_RUNTIME_MODULES, RUNTIME_MODULES, module_class
 from tracer.symbols.demangle import demangle
 from tracer.symbols.elfsyms import ElfSymbols
 from tracer.symbols.perfmap import PerfMap, perf_map_path
@@ -33,6 +33,12 @@ def jit_note(symbolizer: Symbolizer, sites: Iterable[Site]) -> list[str]:
     return [f"{anon:,} frames are in anonymous memory ([anon]): JIT code without names, as "
             f"{where} does not exist; start node with --perf-basic-prof (a JVM with "
             "perf-map-agent) to name them"]
+
+
+#: Modules whose frames get no file:line: the runtime's frames are only ever `via`, never
+#: charged, and decoding libc6-dbg's line programs for the libc frames CFI stacks reach
+#: cost ~15 s of CPU per process (a budgeted agent window ended on it).
+_NO_LINES = RUNTIME_MODULES | LANGUAGE_RUNTIME_MODULES
 
 
 class Symbolizer:
@@ -163,7 +169,7 @@ class Symbolizer:
             if self.demangle_names:
                 symbol = demangle(symbol)
         file, line = None, None
-        if self.lines and elf.has_debug_line:
+        if self.lines and cls not in _NO_LINES and elf.has_debug_line:
             where = elf.line_for(probe)
             if where is not None:
                 file, line = where
