@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -366,6 +367,7 @@ def test_growth_limit_opens_a_window_that_names_the_grower(tmp_path: Path) -> No
             proc.stdin.flush()
             agent.expect(rf"PID {proc.pid} .*: RSS grew .* in 2 s, over the limit "
                          r"8\.0 MiB/2 s: allocation tracing for")
+            time.sleep(1.0)  # let grow_heap (every 50 ms) allocate inside the window
             os.kill(agent.proc.pid, signal.SIGUSR1)
             report = agent.expect(rf"PID {proc.pid} .*window over.*; report (\S+),")[1]
         finally:

@@ -35,7 +35,7 @@ def test_the_agent_watches_the_motivating_case(e2e: Env, tmp_path: Path) -> None
             "--match", rf"^node {re.escape(app_js)}", "--rss-limit", "32M",
             "--window", "10m", "--listen", f"127.0.0.1:{port}", "--record-dir",
             str(tmp_path / "records"), "--json", "--interval", "0.2s",
-            "--push-interval", "5s", "--max-overhead", "100%") as agent:
+            "--push-interval", "1s", "--max-overhead", "100%") as agent:
         app = subprocess.Popen(["/bin/sh", "-c", f"exec {command}"],
                                env={**os.environ, "VAULT_ADDON": str(e2e.addon)},
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -68,12 +68,15 @@ class Budget:
 
     @contextmanager
     def setup(self) -> Iterator[None]:
-        """Compiling and attaching on this thread: CPU left out of the estimate."""
-        began = time.thread_time()
+        """Compiling and attaching: CPU left out of the estimate. The whole process's
+        CPU is counted, not this thread's: programs are verified on one loader thread per
+        CPU (the kernel verifier runs in the thread that loads), and the agent's loop
+        waits for them meanwhile."""
+        began = self._cpu()
         try:
             yield
         finally:
-            spent = time.thread_time() - began
+            spent = self._cpu() - began
             self.setup_cpu += spent
             self._setup_in_period += spent
 

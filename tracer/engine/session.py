@@ -66,6 +66,7 @@ class Session:
         self.triage = (TriageProbes(options.triage_probes, options.unwind) if options.triage
                        else None)
         self.handles = HandleProbes(options.handles, options.unwind)
+        self._call_sites: CallSites | None = None  # see _call_sites_for
         owner = self.probes if options.allocs else self.triage  # attached first
         for later in (self.triage, self.handles):
             if later is not None and later is not owner:
@@ -275,10 +276,18 @@ class Session:
         self.followed.append(old)
         os.kill(self.target.pid, signal.SIGCONT)
 
+    def _call_sites_for(self, maps: MapsHistory) -> CallSites:
+        """One symbolizer and call-site memo per address space, kept across snapshots:
+        top and the agent take one every second or so, and re-symbolizing every address
+        of every (CFI-deep) stack each time cost more than a CPU."""
+        if self._call_sites is None or self._call_sites.symbolizer.maps is not maps:
+            self._call_sites = CallSites(Symbolizer(maps, self.target.pid, lines=True))
+        return self._call_sites
+
     def snapshot(self) -> Snapshot:
         self._refresh_maps()
         maps = self.maps or MapsHistory.from_lines([], pid=self.target.pid)
-        call_sites = CallSites(Symbolizer(maps, self.target.pid, lines=True))
+        call_sites = self._call_sites_for(maps)
         aggregator = Aggregator(call_sites, self.options.charge_to, self._allocator_modules)
         mappings: list[tuple[Owner, int, int]] = []
         if not self.options.allocs:

@@ -71,11 +71,14 @@ class Symbolizer:
     # -- public ---------------------------------------------------------------------
 
     def frame(self, addr: int, return_address: bool = True) -> Frame:
-        """The named frame for one address (memoized)."""
+        """The named frame for one address (memoized once named: a JIT frame's perf-map
+        line or a library's mapping may arrive after a first look)."""
         key = (addr, return_address)
         got = self._memo.get(key)
         if got is None:
-            got = self._memo[key] = self._symbolize(addr, return_address)
+            got = self._symbolize(addr, return_address)
+            if got.symbol is not None:
+                self._memo[key] = got
         return got
 
     def frames(self, addrs: Iterable[int], return_addresses: bool = True) -> list[Frame]:
