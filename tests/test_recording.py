@@ -146,6 +146,52 @@ def test_at_picks_the_nearest_snapshot_and_says_which(tmp_path: Path) -> None:
     assert "+1,000" in proc.stdout
 
 
+def sampled_snap() -> Snapshot:
+    """An in-process sampled snapshot: leak_here's 2,000,000 B estimated from 4 samples
+    (mean 512 KiB), allocated 8,000,000 B from 16."""
+    sites = [Site("malloc", [LEAK, MAIN], 2_000_000, 2000, 8000, 8_000_000, samples=4,
+                  alloc_samples=16)]
+    return Snapshot(pid=42, command="app", taken_at=1_700_000_001.0, duration=1.0,
+                    sample_bytes=512 << 10, in_process=True, sites=sites)
+
+
+def test_sampled_sites_keep_their_sample_counts_and_older_schemas_still_read(
+        tmp_path: Path) -> None:
+    """Schema 3 stores each site's samples, so a report from the file shows the same
+    intervals as the live one (2,000,000 ± 1.96 · 2,000,000 / √4); a schema 2 or 1
+    file (the columns dropped) still reads, its estimates without intervals."""
+    path = write(tmp_path / "s.natrace", sampled_snap())
+    with Recording(str(path)) as rec:
+        assert rec.snapshot() == sampled_snap()
+    proc = natrace("report", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    site = json.loads(proc.stdout)["sites"][0]
+    assert (site["samples"], site["alloc_samples"]) == (4, 16)
+    assert site["bytes_interval"] == [40_000, 3_960_000]
+    assert site["alloc_bytes_interval"] == [4_080_000, 11_920_000]
+    older = {2: ["samples", "alloc_samples"],
+             1: ["samples", "alloc_samples", "temp_allocs", "temp_bytes", "first_at",
+                 "last_at"]}
+    for version, columns in older.items():
+        old = tmp_path / f"v{version}.natrace"
+        old.write_bytes(path.read_bytes())
+        with contextlib.closing(sqlite3.connect(old)) as db:
+            for column in columns:
+                db.execute(f"ALTER TABLE sites DROP COLUMN {column}")
+            if version == 1:
+                db.execute("ALTER TABLE snapshots DROP COLUMN peak_bytes")
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                       (str(version),))
+            db.commit()
+        with Recording(str(old)) as rec:
+            got = rec.snapshot().sites[0]
+        assert (got.bytes, got.alloc_bytes, got.samples, got.alloc_samples) == \
+            (2_000_000, 8_000_000, 0, 0), version
+        proc = natrace("report", str(old), "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["sites"][0]["bytes_interval"] is None, version
+
+
 @pytest.mark.parametrize("damage", ["missing", "empty", "truncated", "corrupted", "newer",
                                     "not-sqlite", "directory", "other-sqlite"])
 def test_bad_files_are_one_line_exit_2(tmp_path: Path, damage: str) -> None:

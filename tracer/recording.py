@@ -4,8 +4,8 @@ A recording holds a series of Snapshots with every stack already symbolized, so 
 opens on a machine that never saw the traced process. It is a plain SQLite database
 (stdlib sqlite3) that users may query; docs/recording.md has example queries.
 
-Schema, version 2 (`meta.schema_version`; a reader refuses a newer version and reads
-version 1, which lacks the columns marked v2):
+Schema, version 3 (`meta.schema_version`; a reader refuses a newer version and reads
+versions 1 and 2, which lack the columns marked v2 and v3):
 
   meta(key TEXT PRIMARY KEY, value TEXT)
       format='natrace-recording', schema_version, natrace_version, created_at (epoch s),
@@ -31,7 +31,7 @@ version 1, which lacks the columns marked v2):
   sites(snapshot_id, seq, kind ('malloc'|'mmap'|'brk'|'stack'), stack_id NULL,
         charge_index, bytes, blocks, allocs, alloc_bytes, allocator_internal,
         lost_stack NULL, via NULL, per_minute NULL, suspect, temp_allocs, temp_bytes,
-        first_at NULL, last_at NULL (the last four v2),
+        first_at NULL, last_at NULL (the last four v2), samples, alloc_samples (v3),
         PRIMARY KEY(snapshot_id, seq))
       every call site that allocated while traced or holds memory, at that snapshot:
       bytes/blocks outstanding (unfreed; 0 for a site whose blocks were all freed),
@@ -42,6 +42,9 @@ version 1, which lacks the columns marked v2):
       says why); via names the API of the charged module its caller called (PQexec);
       per_minute is the bytes' growth over the last minute traced (NULL: not known),
       suspect 1 when that growth is steady enough to call the site a leak suspect.
+      samples/alloc_samples: in a sampled session, the samples behind bytes/blocks and
+      behind allocs/alloc_bytes (what the sampling error is computed from; 0: exact, or
+      a v1/v2 file, whose reports then show no intervals).
       total_* in snapshots leave allocator_internal sites out, as reports do.
   counters(snapshot_id, grp ('loss'|'calls'), name, value, PRIMARY KEY(...))
       lost and untracked counts, probe call counts.
@@ -78,7 +81,7 @@ from tracer.model.sites import Site
 from tracer.model.snapshot import Snapshot
 
 FORMAT = "natrace-recording"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -106,6 +109,7 @@ CREATE TABLE sites(snapshot_id INTEGER NOT NULL REFERENCES snapshots, seq INTEGE
                    lost_stack TEXT, via TEXT, per_minute REAL, suspect INTEGER NOT NULL,
                    temp_allocs INTEGER NOT NULL, temp_bytes INTEGER NOT NULL,
                    first_at REAL, last_at REAL,
+                   samples INTEGER NOT NULL, alloc_samples INTEGER NOT NULL,
                    PRIMARY KEY(snapshot_id, seq)) WITHOUT ROWID;
 CREATE TABLE counters(snapshot_id INTEGER NOT NULL REFERENCES snapshots, grp TEXT NOT NULL,
                       name TEXT NOT NULL, value INTEGER NOT NULL,
@@ -154,11 +158,12 @@ class RecordingWriter:
             sid = cur.lastrowid
             assert sid is not None
             db.executemany(
-                "INSERT INTO sites VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO sites VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(sid, seq, s.kind, self._stack(s.frames) if s.frames else None,
                   s.charge_index, s.bytes, s.blocks, s.allocs, s.alloc_bytes,
                   int(s.allocator_internal), s.lost_stack, s.via, s.per_minute,
-                  int(s.suspect), s.temp_allocs, s.temp_bytes, s.first_at, s.last_at)
+                  int(s.suspect), s.temp_allocs, s.temp_bytes, s.first_at, s.last_at,
+                  s.samples, s.alloc_samples)
                  for seq, s in enumerate(snap.sites)])
             db.executemany("INSERT INTO counters VALUES (?,?,?,?)",
                            [(sid, grp, name, int(value))
@@ -341,10 +346,11 @@ class Recording:
         taken_at, duration, pid, command, sample_bytes, min_age, exited, exit_code, peak = row
         stacks = self._stacks(sid)
         sites = []
-        later = "temp_allocs, temp_bytes, first_at, last_at" if v2 else "0, 0, NULL, NULL"
+        later = ("temp_allocs, temp_bytes, first_at, last_at" if v2 else "0, 0, NULL, NULL") \
+            + (", samples, alloc_samples" if self.version >= 3 else ", 0, 0")
         for (kind, stack_id, charge, nbytes, blocks, allocs, alloc_bytes, internal,
              lost, via, per_minute, suspect, temp_allocs, temp_bytes, first_at,
-             last_at) in db.execute(
+             last_at, samples, alloc_samples) in db.execute(
                 "SELECT kind, stack_id, charge_index, bytes, blocks, allocs, alloc_bytes,"
                 " allocator_internal, lost_stack, via, per_minute, suspect, " + later +
                 " FROM sites WHERE snapshot_id=? ORDER BY seq", (sid,)):
@@ -355,7 +361,8 @@ class Recording:
                               per_minute=_opt(_num, per_minute),
                               suspect=bool(_int(suspect)), temp_allocs=_int(temp_allocs),
                               temp_bytes=_int(temp_bytes), first_at=_opt(_num, first_at),
-                              last_at=_opt(_num, last_at)))
+                              last_at=_opt(_num, last_at), samples=_int(samples),
+                              alloc_samples=_int(alloc_samples)))
         counters: dict[str, dict[str, int]] = {"loss": {}, "calls": {}}
         for grp, name, value in db.execute("SELECT grp, name, value FROM counters"
                                            " WHERE snapshot_id=?", (sid,)):
