@@ -1,9 +1,8 @@
 """`python -m bench.fastpath [--rounds N] [--size B]`: the in-process sampler's cost per
 call on its own (bench/workloads/alloc_fastpath.c: ns per malloc and per free of small
-blocks), bare against the sampler dormant and traced (natrace attached with --no-triage,
-512 KiB period),
-in paired rounds; Markdown on stdout. The OpenTelemetry design measured 10.4 ns per call
-dormant on x86 for its sampler."""
+blocks), bare against the sampler dormant and traced (natrace attached: production
+mode, 512 KiB period), in paired rounds; Markdown on stdout. The OpenTelemetry design
+measured 10.4 ns per call dormant on x86 for its sampler."""
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = Workload("fastpath", (str(build() / "alloc_fastpath"), str(args.batches),
                                  str(args.size)), "malloc or free")
     tools: list[Tool] = [Bare(), SamplerDormant(),
-                         Natrace("sampler traced", ["--no-triage"], reports_leaks=False,
+                         Natrace("sampler traced", [], reports_leaks=False,
                                  preload_sampler=True)]
     figures: dict[str, list[tuple[float, float]]] = {t.name: [] for t in tools}
     for r in range(args.rounds):

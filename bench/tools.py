@@ -292,9 +292,9 @@ def all_tools() -> list[Tool]:
         # Same, stacks by frame pointers only: what the CFI walk costs per call.
         Natrace("natrace full (fp stacks)", ["--unwind", "fp"], needs_option="--unwind"),
         Natrace("natrace sampled 512K", ["--sample", "512K"]),
-        # the sampler's own cost: triage tracepoints left out (measured as natrace triage)
-        Natrace("natrace in-process 512K", ["--no-triage"], preload_sampler=True),
-        Natrace("natrace in-process 512K (fp stacks)", ["--no-triage", "--unwind", "fp"],
+        # production mode: natrace leaves the triage tracepoints out by itself
+        Natrace("natrace in-process 512K", [], preload_sampler=True),
+        Natrace("natrace in-process 512K (fp stacks)", ["--unwind", "fp"],
                 preload_sampler=True),
         SamplerDormant(),
         Natrace("natrace triage", ["--no-allocs"], reports_leaks=False,

@@ -101,12 +101,25 @@ def _attached(argv: list[str | Path], library: Path, preload: list[Path],
 
 @pytest.mark.parametrize("under", ["glibc", "jemalloc"])
 def test_attached_to_a_dormant_process(built: Built, under: str) -> None:
+    """Production mode leaves the triage tracepoints out and says so; --triage (asked
+    here under jemalloc) puts them back."""
     allocator = [JEMALLOC] if under == "jemalloc" else []
-    report = _attached([built.family, "2"], built.library, allocator, "--sample", "1")
+    asked = ["--triage"] if under == "jemalloc" else []
+    report = _attached([built.family, "2"], built.library, allocator, "--sample", "1", *asked)
     assert report["counted"] == (1, 1)
     assert report["mode"] == "sampled (in-process, mean 1 B)"
     _exact(_site(report, "allocate_all"), FAMILY_LIVE)
     _exact(_site(report, "thread_body"), THREADS_LIVE)
+    production = [n for n in report["notes"] if n.startswith("production mode")]
+    if asked:
+        assert "locks" in report and "syscalls" in report
+        assert production == ["production mode (the process samples itself): the built-in "
+                              "handle pairs left out (--handles adds them)"]
+    else:
+        assert "locks" not in report and "syscalls" not in report
+        assert production == ["production mode (the process samples itself): triage "
+                              "tracepoints and the built-in handle pairs left out "
+                              "(--triage, --handles add them)"]
 
 
 @pytest.mark.parametrize("under", ["glibc", "jemalloc"])

@@ -68,9 +68,10 @@ _SESSION_OPTIONS = [
     click.option("--no-allocs", "no_allocs", is_flag=True,
                  help="Triage mode: no malloc probes, only tracepoints (locks, memory "
                       "syscalls, page faults); cheap enough for hours in production."),
-    click.option("--no-triage", "no_triage", is_flag=True,
-                 help="Leave out the triage tracepoints (locks, memory syscalls, page "
-                      "faults): with the in-process sampler, the cheapest allocation trace."),
+    click.option("--triage/--no-triage", "triage", default=None,
+                 help="Add (or leave out) the triage tracepoints: locks, memory syscalls, "
+                      "page faults. Default: on, except for a process with the in-process "
+                      "sampler loaded (production mode: only what was asked for)."),
     click.option("--lock-share", "lock_share", type=click.FloatRange(0, 100), default=5.0,
                  show_default=True,
                  help="Flag a lock whose waiters are blocked more than this percentage of "
@@ -82,9 +83,10 @@ _SESSION_OPTIONS = [
                  help="Also count live handles of this create/destroy pair (ARG: the destroy "
                       "function's argument holding the handle, default 1), e.g. "
                       "libssl:SSL_new:SSL_free. Repeatable."),
-    click.option("--no-handles", "no_handles", is_flag=True,
-                 help="Leave out the built-in handle pairs (libpq PGresult/PGconn, Node-API "
-                      "references)."),
+    click.option("--handles/--no-handles", "handles", default=None,
+                 help="Add (or leave out) the built-in handle pairs (libpq PGresult/PGconn, "
+                      "Node-API references). Default: on, except in production mode (the "
+                      "in-process sampler loaded)."),
 ]
 
 
@@ -115,9 +117,9 @@ def session_from_options(opts: dict[str, Any]) -> SessionOptions:
         raise UsageError(str(err)) from None
     return SessionOptions(alloc=alloc, charge_to=opts["charge_to"], unwind=opts["unwind"],
                           min_age=opts["min_age"] or 0.0, allocs=not opts["no_allocs"],
-                          triage=not opts["no_triage"], lock_share=opts["lock_share"] / 100,
+                          triage=opts["triage"], lock_share=opts["lock_share"] / 100,
                           lock_p99=opts["lock_p99"],
-                          handles=HandleOptions(pairs, presets=not opts["no_handles"]))
+                          handles=HandleOptions(pairs, presets=opts["handles"]))
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ def command(pid: int, rss_limit: str | None, growth: str | None, action_text: st
         common.check_privileges()
     target = targets.attach(pid)
     options = SessionOptions(alloc=AllocOptions(sample_bytes=sample_bytes),
-                             allocs=not no_trace, triage=not no_trace,
+                             allocs=not no_trace, triage=False if no_trace else None,
                              memory_interval=interval)
     session = Session(target, options)
     try:

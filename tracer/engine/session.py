@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any
 
@@ -41,13 +41,20 @@ from tracer.symbols.symbolizer import Symbolizer, jit_note
 
 POLL_SECONDS = 0.05
 GROWTH_SECONDS = 1.0  # how often each call site's bytes are sampled for leak suspects
+# Production mode (the process samples itself, hours at a time): natrace stays nearly idle.
+# Its probes fire a few times a second and its ring buffer holds seconds of mapping
+# events, so it polls rarely and samples growth and memory at a small share of a CPU.
+PRODUCTION_POLL_SECONDS = 0.5
+PRODUCTION_GROWTH_SECONDS = 5.0
 
 
 @dataclass
 class SessionOptions:
     alloc: AllocOptions = field(default_factory=AllocOptions)
     allocs: bool = True  # False: triage mode, no malloc-family probes
-    triage: bool = True  # futex, memory-syscall and page-fault tracepoints
+    # futex, memory-syscall and page-fault tracepoints; None: on, except in production
+    # mode (a process sampling itself), where only --triage (True) adds them
+    triage: bool | None = None
     triage_probes: TriageOptions = field(default_factory=TriageOptions)
     handles: HandleOptions = field(default_factory=HandleOptions)  # create/destroy pairs
     lock_share: float = 0.05  # a lock is contended above this share of traced time blocked
@@ -63,14 +70,14 @@ class Session:
         self.target = target
         self.options = options
         self.probes = AllocProbes(options.alloc, options.unwind)
-        self.triage = (TriageProbes(options.triage_probes, options.unwind) if options.triage
-                       else None)
+        self.triage = (TriageProbes(options.triage_probes, options.unwind)
+                       if options.triage is not False else None)
         self.handles = HandleProbes(options.handles, options.unwind)
         self._call_sites: CallSites | None = None  # see _call_sites_for
-        owner = self.probes if options.allocs else self.triage  # attached first
-        for later in (self.triage, self.handles):
-            if later is not None and later is not owner:
-                later.unwind_owner = owner  # one unwind table for the session
+        self._share_unwind_table()
+        self.production = False  # the process samples itself: see start()
+        self._poll_seconds = POLL_SECONDS
+        self._growth_seconds = GROWTH_SECONDS
         self.maps: MapsHistory | None = None
         self.started = 0.0
         self.stop_requested: str | None = None
@@ -98,6 +105,8 @@ class Session:
             with bpfprog.captured_stderr():
                 if self.options.allocs:
                     self.probes.attach(self.target)
+                    if self.probes.in_process:
+                        self._production()
                 if self.triage is not None:
                     self.triage.attach(self.target, stop_at_exit=not self.options.allocs)
                 self.handles.attach(self.target, stop_at_exit=not self.options.allocs and
@@ -112,6 +121,35 @@ class Session:
         if not self.target.launched:
             self.maps = MapsHistory(self.target.pid)
         self.target.release()
+
+    def _share_unwind_table(self) -> None:
+        owner = self.probes if self.options.allocs else self.triage  # attached first
+        for later in (self.triage, self.handles):
+            if later is not None and later is not owner:
+                later.unwind_owner = owner  # one unwind table for the session
+
+    def _production(self) -> None:
+        """The process samples itself: the tracer must cost ~nothing for hours. Only
+        what was asked for explicitly joins the sampled allocations; natrace polls
+        rarely and reads memory, regions and books at a small share of a CPU."""
+        self.production = True
+        left_out = []
+        if self.options.triage is None and self.triage is not None:
+            self.triage = None
+            left_out.append(("triage tracepoints", "--triage"))
+        if self.options.handles.presets is None:
+            self.handles = HandleProbes(replace(self.options.handles, presets=False),
+                                        self.options.unwind)
+            self._share_unwind_table()
+            left_out.append(("the built-in handle pairs", "--handles"))
+        if left_out:
+            what = " and ".join(w for w, _ in left_out)
+            flags = ", ".join(f for _, f in left_out)
+            self.notes.append(f"production mode (the process samples itself): {what} left "
+                              f"out ({flags} add{'s' if len(left_out) == 1 else ''} them)")
+        self._poll_seconds = PRODUCTION_POLL_SECONDS
+        self._growth_seconds = PRODUCTION_GROWTH_SECONDS
+        self.memory.production()
 
     def run(self, duration: float | None, interval: float | None = None,
             on_interval: Callable[[Session], None] | None = None) -> None:
@@ -129,7 +167,7 @@ class Session:
                 next_tick = now + interval
                 if on_interval is not None:
                     on_interval(self)
-            time.sleep(POLL_SECONDS)
+            time.sleep(self._poll_seconds)
         self._poll()
 
     def poll(self) -> bool:
@@ -170,7 +208,7 @@ class Session:
         now = time.monotonic()
         if not self.options.allocs or now < self._next_growth:
             return
-        self._next_growth = now + GROWTH_SECONDS
+        self._next_growth = now + self._growth_seconds
         raw = self.probes.sites()
         self.growth.observe(now, {r.stack_id: r.bytes for r in raw})
         self.peak_bytes = max(self.peak_bytes, sum(r.bytes for r in raw))

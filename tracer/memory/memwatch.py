@@ -27,6 +27,9 @@ from tracer.model.sites import Site
 # ~0.5 s, so regions are re-read at most once per this many times their last cost.
 REGIONS_COST_FACTOR = 20
 BOOKS_COST_FACTOR = 4  # the books are read at most once per this many times their cost
+# Production mode (a process sampling itself, traced for hours): regions and books at
+# most 1% of a CPU each.
+PRODUCTION_COST_FACTOR = 100
 MAX_READINGS = 512  # books readings kept for the leak verdict (then every other one)
 
 
@@ -44,6 +47,12 @@ class MemoryWatch:
         self._next_sample = 0.0
         self._next_regions = 0.0
         self._next_books = 0.0
+        self._regions_factor = REGIONS_COST_FACTOR
+        self._books_factor = BOOKS_COST_FACTOR
+
+    def production(self) -> None:
+        """Read regions and books at a small share of a CPU (production mode)."""
+        self._regions_factor = self._books_factor = PRODUCTION_COST_FACTOR
 
     def tick(self) -> MemorySample | None:
         """Sample if an interval has passed; re-read regions if their cost allows."""
@@ -73,7 +82,7 @@ class MemoryWatch:
         self.node = any(os.path.basename(r.path).startswith(("node", "libnode"))
                         for r in found if r.backing == "file")
         cost = time.monotonic() - began
-        self._next_regions = time.monotonic() + max(self.interval, REGIONS_COST_FACTOR * cost)
+        self._next_regions = time.monotonic() + max(self.interval, self._regions_factor * cost)
         if books or time.monotonic() >= self._next_books:
             self._read_books(found, arenas)
         return True
@@ -88,7 +97,7 @@ class MemoryWatch:
             if len(self.readings) > MAX_READINGS:
                 self.readings = self.readings[::2]
         cost = time.monotonic() - began
-        self._next_books = time.monotonic() + max(self.interval, BOOKS_COST_FACTOR * cost)
+        self._next_books = time.monotonic() + max(self.interval, self._books_factor * cost)
 
     def report(self, sites: Sequence[Site], traced: bool, from_start: bool,
                v8_ranges: Sequence[tuple[int, int]] | None = None,

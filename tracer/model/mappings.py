@@ -92,13 +92,18 @@ class MappingTracker:
             yield r.start, r.end, r.owner
 
     def _overlapping(self, start: int, end: int) -> list[_Range]:
-        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
-        found = []
-        while i < len(self._ranges) and self._ranges[i].start < end:
-            if self._ranges[i].end > start:
-                found.append(self._ranges[i])
-            i += 1
-        return found
+        lo, hi = self._span(start, end)
+        return self._ranges[lo:hi]
+
+    def _span(self, start: int, end: int) -> tuple[int, int]:
+        """Indices [lo, hi) of the ranges overlapping [start, end): contiguous, as the
+        ranges are sorted and never overlap. Logarithmic: node's heap moves its break
+        thousands of times a second."""
+        lo = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        if lo < len(self._ranges) and self._ranges[lo].end <= start:
+            lo += 1
+        hi = bisect.bisect_left(self._starts, end, lo)
+        return lo, hi
 
     def _insert(self, r: _Range) -> None:
         i = bisect.bisect_left(self._starts, r.start)
@@ -106,11 +111,11 @@ class MappingTracker:
         self._ranges.insert(i, r)
 
     def _remove(self, start: int, end: int) -> None:
-        for r in self._overlapping(start, end):
-            i = self._ranges.index(r)
-            del self._ranges[i]
-            del self._starts[i]
-            if r.start < start:
-                self._insert(_Range(r.start, start, r.owner))
-            if r.end > end:
-                self._insert(_Range(end, r.end, r.owner))
+        lo, hi = self._span(start, end)
+        if lo >= hi:
+            return
+        first, last = self._ranges[lo], self._ranges[hi - 1]
+        kept = ([_Range(first.start, start, first.owner)] if first.start < start else []) + \
+            ([_Range(end, last.end, last.owner)] if last.end > end else [])
+        self._ranges[lo:hi] = kept
+        self._starts[lo:hi] = [r.start for r in kept]

@@ -126,7 +126,9 @@ def find_library(library: str, files: Sequence[str]) -> str | None:
 @dataclass(frozen=True)
 class HandleOptions:
     pairs: tuple[HandlePair, ...] = ()  # user-defined (--handle)
-    presets: bool = True  # trace PRESETS whose library the target maps
+    # trace PRESETS whose library the target maps; None: yes, except in production mode
+    # (a process sampling itself: tracer/engine/session.py), where only True does
+    presets: bool | None = None
     max_handles: int = 1 << 18
     stack_map_size: int = 1 << 14
 
@@ -184,7 +186,8 @@ class HandleProbes(ProbeSet):
             files = [exe, *files]
         late = bool(chosen)  # mapped mid-session: skip what does not fit, never fail
         chosen = list(chosen)
-        wanted = [p for p in PRESETS if self.options.presets] + list(self.options.pairs)
+        presets = PRESETS if self.options.presets is not False else ()
+        wanted = [*presets, *self.options.pairs]
         for pair in wanted:
             path = find_library(pair.library, files)
             ahead = path is None and pair.library != "node"  # node's N-API: its executable
