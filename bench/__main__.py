@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--workloads a,b] [--tools a,b] [--rounds N] [--no-throughput]`
+"""`python -m bench [--quick] [--workloads a,b] [--tools a,b] [--rounds N] [--scale K]
+[--no-throughput]`
 
 Builds the workloads, runs every tool in paired rounds, prints Markdown (the machine,
 the load before and after, one table per workload, the targets, the throughput
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                              "show (e.g. 'natrace full,empty-probe floor')")
     parser.add_argument("--rounds", type=int, default=None,
                         help="paired rounds per tool (default 3, 1 with --quick)")
+    parser.add_argument("--scale", type=int, default=1,
+                        help="multiply each workload's hot phase by K (a longer hot phase "
+                             "measures a steady cost; default 1)")
     parser.add_argument("--no-throughput", action="store_true",
                         help="skip the event-pipeline throughput ladder")
     args = parser.parse_args(argv)
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m bench: needs root (BPF tools)", file=sys.stderr)
         return 2
 
-    available = workloads(args.quick)
+    available = workloads(args.quick, max(args.scale, 1))
     names = args.workloads.split(",") if args.workloads else list(available)
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -86,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         f"- date: {started.strftime('%Y-%m-%d %H:%M %Z')}; rounds: {rounds}",
         f"- machine: {os.cpu_count()} CPUs ({_cpu_model()}), Linux {os.uname().release}",
         f"- loadavg (1/5/15 min) before: {load_before}; after: {load_after}",
-        "- slowdown: median over rounds of (tool's hot phase / the bare run right before it);"
-        " ns/call: (tool - bare) / calls, median; attach: tool start to probes in place"
-        " (launching tools: start to the workload's gate); † = tool and target together",
+        "- slowdown: median over rounds of (tool's hot phase / the bare run right before it),"
+        " and the paired ratios' geometric mean with its 95% interval (t over the log"
+        " ratios); ns/call: (tool - bare) / calls, median; attach: tool start to probes in"
+        " place (launching tools: start to the workload's gate); settle: then until natrace"
+        " uses ≤ 2% of a CPU over 0.5 s (production-mode tools only: the hot phase measures"
+        " the steady cost); tool CPU while hot: the tool's own CPU during the hot phase, as"
+        " a share of one CPU; † = tool and target together",
         "",
     ]
     for spec in specs:

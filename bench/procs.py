@@ -111,6 +111,33 @@ class Proc:
         self.popen.returncode = os.waitstatus_to_exitcode(status)
         return Usage(ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024, self.popen.returncode)
 
+    def cpu_s(self) -> float:
+        """CPU the process has used so far, all its threads (schedstat: ns precision,
+        where /proc/PID/stat counts 10 ms ticks); 0 once it has gone."""
+        total = 0
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{self.pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError), \
+                        open(f"/proc/{self.pid}/task/{task}/schedstat") as fh:
+                    total += int(fh.read().split()[0])
+        return total / 1e9
+
+    def wait_idle(self, share: float, window: float, timeout: float) -> float:
+        """Wait until the process uses at most `share` of a CPU over `window` seconds
+        (a tracer done with its attach-time work); the seconds waited. A process that
+        never settles within `timeout` is a BenchError: its cost is no steady cost."""
+        began = time.monotonic()
+        last = self.cpu_s()
+        while True:
+            time.sleep(window)
+            now = self.cpu_s()
+            if now - last <= share * window:
+                return time.monotonic() - began
+            if time.monotonic() - began > timeout:
+                raise BenchError(f"still using {(now - last) / window:.0%} of a CPU "
+                                 f"{timeout:g} s after attaching")
+            last = now
+
     def kill(self) -> None:
         """Make sure the process is gone (cleanup after a failed run)."""
         if self.popen.returncode is None:

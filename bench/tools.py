@@ -25,6 +25,10 @@ NATRACE = str(Path(sys.executable).with_name("natrace"))
 REPO = Path(__file__).resolve().parent.parent
 HOT_TIMEOUT = 1800.0  # memleak and valgrind are slow: tens of seconds per run
 MEMLEAK_INTERVAL = 2  # seconds between memleak's reports (its default is 5)
+# natrace is settled once it uses at most 2% of a CPU over half a second
+SETTLED_SHARE = 0.02
+SETTLE_WINDOW = 0.5
+SETTLE_TIMEOUT = 60.0
 
 
 @dataclass
@@ -34,6 +38,8 @@ class Run:
     hot_ns: int
     calls: int
     attach_s: float | None = None
+    settle_s: float | None = None  # attached tools: from probes in place to the tool idle
+    hot_cpu_s: float | None = None  # attached tools: the tool's own CPU during the hot phase
     usage: Usage | None = None
     usage_is_tree: bool = False  # launching tools: the tool and the target together
     leak: leaks.Figure | None = None
@@ -78,9 +84,13 @@ class Bare(Tool):
 
 
 class Attaching(Tool):
-    """A tool started on the PID of a workload held at its gate."""
+    """A tool started on the PID of a workload held at its gate. With `settle`, the
+    workload is released only once the tool is idle (its attach-time work done): the
+    hot phase then measures the steady cost of being traced, the settling is reported
+    apart."""
 
     env: dict[str, str] = {}
+    settle = False
 
     def command(self, pid: int, scratch: Path) -> list[str]:
         raise NotImplementedError
@@ -102,9 +112,13 @@ class Attaching(Tool):
             t0 = time.monotonic()
             tracer = Proc(self.command(pid, scratch), env=self.env)
             attach_s = self.attached(tracer) - t0
+            settle_s = (tracer.wait_idle(SETTLED_SHARE, SETTLE_WINDOW, SETTLE_TIMEOUT)
+                        if self.settle else None)
+            cpu0 = tracer.cpu_s()
             wp.go()
             hot_ns, calls = wp.hot(HOT_TIMEOUT)
-            run = Run(hot_ns, calls, attach_s=attach_s, fields=wp.hot_fields)
+            run = Run(hot_ns, calls, attach_s=attach_s, settle_s=settle_s,
+                      hot_cpu_s=tracer.cpu_s() - cpu0, fields=wp.hot_fields)
             self.collect(tracer, spec, scratch, time.monotonic(), run)
             _check_exit(wp.finish(), wp)
             return run
@@ -115,7 +129,9 @@ class Attaching(Tool):
 
 
 class Natrace(Attaching):
-    """`natrace snapshot -p PID`, stopped by SIGINT once the hot phase is over."""
+    """`natrace snapshot -p PID`, stopped by SIGINT once the hot phase is over. On a
+    process with the sampler preloaded (production mode, meant to stay attached for
+    hours) the workload is released once natrace has settled."""
 
     def __init__(self, name: str, args: list[str], reports_leaks: bool = True,
                  needs_option: str | None = None, preload_sampler: bool = False) -> None:
@@ -124,6 +140,7 @@ class Natrace(Attaching):
         self.reports_leaks = reports_leaks
         self.needs_option = needs_option
         self.preload_sampler = preload_sampler  # natrace then attaches to its probes
+        self.settle = preload_sampler
 
     def unavailable(self) -> str | None:
         if self.needs_option and self.needs_option not in _snapshot_help():

@@ -57,14 +57,16 @@ def build() -> Path:
     return BUILD
 
 
-def workloads(quick: bool) -> dict[str, Workload]:
-    """Every workload by name, sized for a full run or a --quick smoke run."""
+def workloads(quick: bool, scale: int = 1) -> dict[str, Workload]:
+    """Every workload by name, sized for a full run or a --quick smoke run; `scale`
+    multiplies each hot phase's work (the leak stays the same)."""
     b = str(BUILD)
     pairs, leaks = (100_000, 1_000) if quick else (2_000_000, 10_000)
-    futex_iters = 50_000 if quick else 1_000_000
-    mmap_iters = 5_000 if quick else 50_000
-    node_iters = 10_000 if quick else 200_000
-    sqlite_iters = 300 if quick else 3_000
+    pairs *= scale
+    futex_iters = (50_000 if quick else 1_000_000) * scale
+    mmap_iters = (5_000 if quick else 50_000) * scale
+    node_iters = (10_000 if quick else 200_000) * scale
+    sqlite_iters = (300 if quick else 3_000) * scale
 
     def malloc(threads: int) -> Workload:
         suffix = "" if threads == 1 else f"-{threads}t"
@@ -82,7 +84,7 @@ def workloads(quick: bool) -> dict[str, Workload]:
                           str(node_iters)), "Buffer or addon call"),
         Workload("sqlite", (f"{b}/sqlite_mix", str(sqlite_iters)), "SQL statement"),
     ]
-    deep_pairs = 20_000 if quick else 200_000
+    deep_pairs = (20_000 if quick else 200_000) * scale
     found += [Workload(f"deep-{fp}-{depth}", (f"{b}/deep_stack_{fp}", str(depth),
                                                str(deep_pairs)), "malloc or free")
               for fp in ("fp", "nofp") for depth in (4, 32, 100)]

@@ -1,0 +1,40 @@
+"""The benchmark's statistics (bench/stats.py, bench/report.py): the paired ratios'
+geometric mean and 95% interval, and a target judged on that interval."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.report import _interval_check
+from bench.stats import Pair, ratio_interval, summarize
+from bench.tools import Run
+
+
+def test_ratio_interval_is_t_over_the_log_ratios() -> None:
+    mean, interval = ratio_interval([1.0, 1.02, 1.04])
+    logs = [math.log(x) for x in (1.0, 1.02, 1.04)]
+    m = sum(logs) / 3
+    sd = math.sqrt(sum((x - m) ** 2 for x in logs) / 2)
+    assert mean == pytest.approx(math.exp(m))
+    assert interval == pytest.approx((math.exp(m - 4.303 * sd / math.sqrt(3)),
+                                      math.exp(m + 4.303 * sd / math.sqrt(3))))
+    assert ratio_interval([1.5]) == (1.5, None)
+    assert ratio_interval([]) == (None, None)
+
+
+def _pairs(ratios: list[float]) -> list[Pair]:
+    return [Pair(Run(1_000_000_000, 10), Run(round(r * 1e9), 10)) for r in ratios]
+
+
+@pytest.mark.parametrize("ratios, verdict", [
+    ([1.001, 1.003, 0.999, 1.002, 1.000, 1.001], "met"),
+    ([1.05, 1.06, 1.04, 1.05, 1.07], "missed by 1.04×"),
+    ([0.97, 1.05, 0.99, 1.04], "not resolved: the interval straddles the limit"),
+])
+def test_a_target_is_met_missed_or_unresolved_by_its_interval(ratios: list[float],
+                                                              verdict: str) -> None:
+    row = _interval_check("node: sampler dormant", summarize(_pairs(ratios)), 1.01)
+    assert row.endswith(f"| 1.010× | {verdict} |"), row
+    assert f"{len(ratios)} rounds" in row
