@@ -81,6 +81,7 @@ class NoFp:
     containers: Path  # std::map / std::string leaks through libstdc++, -O2, no FP
     libnofp: Path   # -O2 -fomit-frame-pointer library
     libfp: Path     # a library with frame pointers calling back into chain
+    nesting: Path   # leaks from functions inlined into their callers (test_inlined.py)
 
 
 @functools.cache
@@ -96,4 +97,5 @@ def build_nofp() -> NoFp:
     _run("gcc", *nofp, "-o", b / "chain", src / "chain.c", f"-L{b}", "-lnofp", "-lfp",
          f"-Wl,-rpath,{b}")
     _run("g++", *nofp, "-o", b / "containers", src / "containers.cpp")
-    return NoFp(b / "chain", b / "containers", b / "libnofp.so", b / "libfp.so")
+    _run("g++", *nofp, "-o", b / "nesting", src / "nesting.cpp")
+    return NoFp(b / "chain", b / "containers", b / "libnofp.so", b / "libfp.so", b / "nesting")

@@ -82,8 +82,11 @@ def run_json(tmp_path: Path, *argv: str) -> dict[str, Any]:
 @pytest.mark.parametrize("mangling", ["legacy", "v0"])
 def test_a_rust_program_is_demangled(tmp_path: Path, mangling: str) -> None:
     report = run_json(tmp_path, str(rust_fixture(mangling)))
-    stow = [s for s in report["sites"] if s["function"] == "tinyrs::stow_crates"]
-    assert [(s["bytes"], s["blocks"]) for s in stow] == [(1080, 11)], \
+    closure = "{{closure}}" if mangling == "legacy" else "{closure#0}"
+    stow = {s["function"]: (s["bytes"], s["blocks"], s["stack"][s["charge_index"]]["inlined"])
+            for s in report["sites"] if s["function"].startswith("tinyrs::stow_crates")}
+    assert stow == {"tinyrs::stow_crates": (80, 1, False),
+                    f"tinyrs::stow_crates::{closure}": (1_000, 10, True)}, \
         [s["label"] for s in report["sites"]]
     names = [f["symbol"] for s in report["sites"] for f in s["stack"] if f["symbol"]]
     assert not [n for n in names if n.startswith(("_ZN", "_R"))], names

@@ -4,8 +4,8 @@ A recording holds a series of Snapshots with every stack already symbolized, so 
 opens on a machine that never saw the traced process. It is a plain SQLite database
 (stdlib sqlite3) that users may query; docs/recording.md has example queries.
 
-Schema, version 3 (`meta.schema_version`; a reader refuses a newer version and reads
-versions 1 and 2, which lack the columns marked v2 and v3):
+Schema, version 4 (`meta.schema_version`; a reader refuses a newer version and reads
+versions 1 to 3, which lack the columns marked v2, v3 and v4):
 
   meta(key TEXT PRIMARY KEY, value TEXT)
       format='natrace-recording', schema_version, natrace_version, created_at (epoch s),
@@ -14,10 +14,11 @@ versions 1 and 2, which lack the columns marked v2 and v3):
       every mapped file a frame points into ('' = no known mapping), its attribution
       class (libpq, addon:NAME, node, js, libc, ...) and GNU build id (hex) when read.
   frames(id INTEGER PRIMARY KEY, module_id, address, module_offset, symbol NULL,
-         symbol_offset, file NULL, line NULL)
+         symbol_offset, file NULL, line NULL, inlined (v4))
       each distinct symbolized frame, stored once. address and module_offset are
       unsigned 64-bit values stored as SQLite's signed INTEGER (two's complement: add
-      2**64 to a negative value).
+      2**64 to a negative value). inlined 1: a function inlined into the next frame of
+      the stack (same address), expanded from DWARF.
   stacks(id INTEGER PRIMARY KEY, depth)
   stack_frames(stack_id, position, frame_id, PRIMARY KEY(stack_id, position))
       position 0 is the innermost frame (the allocator's caller); each distinct stack
@@ -81,7 +82,7 @@ from tracer.model.sites import Site
 from tracer.model.snapshot import Snapshot
 
 FORMAT = "natrace-recording"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,7 +90,8 @@ CREATE TABLE modules(id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, class TE
                      build_id TEXT);
 CREATE TABLE frames(id INTEGER PRIMARY KEY, module_id INTEGER NOT NULL REFERENCES modules,
                     address INTEGER NOT NULL, module_offset INTEGER NOT NULL, symbol TEXT,
-                    symbol_offset INTEGER NOT NULL, file TEXT, line INTEGER);
+                    symbol_offset INTEGER NOT NULL, file TEXT, line INTEGER,
+                    inlined INTEGER NOT NULL);
 CREATE TABLE stacks(id INTEGER PRIMARY KEY, depth INTEGER NOT NULL);
 CREATE TABLE stack_frames(stack_id INTEGER NOT NULL REFERENCES stacks,
                           position INTEGER NOT NULL,
@@ -202,9 +204,10 @@ class RecordingWriter:
         if fid is None:
             cur = self._db.execute(
                 "INSERT INTO frames(module_id, address, module_offset, symbol, symbol_offset,"
-                " file, line) VALUES (?,?,?,?,?,?,?)",
+                " file, line, inlined) VALUES (?,?,?,?,?,?,?,?)",
                 (self._module(f.module, f.module_class), _signed64(f.address),
-                 _signed64(f.module_offset), f.symbol, f.symbol_offset, f.file, f.line))
+                 _signed64(f.module_offset), f.symbol, f.symbol_offset, f.file, f.line,
+                 int(f.inlined)))
             fid = self._frames[f] = int(cur.lastrowid or 0)
         return fid
 
@@ -384,18 +387,19 @@ class Recording:
         stacks: dict[int, list[Frame]] = {}
         rows = self._db.execute(
             "SELECT sf.stack_id, sf.position, f.id, f.address, f.module_offset, f.symbol,"
-            " f.symbol_offset, f.file, f.line, m.path, m.class"
+            " f.symbol_offset, f.file, f.line, m.path, m.class, " +
+            ("f.inlined" if self.version >= 4 else "0") +
             " FROM stack_frames sf JOIN frames f ON f.id = sf.frame_id"
             " JOIN modules m ON m.id = f.module_id"
             " WHERE sf.stack_id IN (SELECT stack_id FROM sites WHERE snapshot_id=?)"
             " ORDER BY sf.stack_id, sf.position", (sid,))
-        for stack_id, _pos, fid, addr, off, sym, sym_off, file, line, path, cls in rows:
+        for stack_id, _pos, fid, addr, off, sym, sym_off, file, line, path, cls, inl in rows:
             frame = self._frames.get(fid)
             if frame is None:
                 frame = self._frames[fid] = Frame(
                     _int(addr) % 2**64, _str(path), _int(off) % 2**64, _opt(_str, sym),
                     _int(sym_off),
-                    _opt(_str, file), _opt(_int, line), _str(cls))
+                    _opt(_str, file), _opt(_int, line), _str(cls), bool(_int(inl)))
             stacks.setdefault(stack_id, []).append(frame)
         return stacks
 

@@ -13,6 +13,9 @@ class Frame:
 
     `module` is the mapped file's path ("" when the address is in no known mapping);
     `module_class` is its attribution class (libpq, addon:<name>, node, js, libc, ...).
+    `inlined`: a function the compiler inlined into the next frame out, which has the
+    same address (DWARF's inlined_subroutine); its file:line is where it is, the next
+    frame's is where that one called it.
     """
 
     address: int
@@ -23,6 +26,7 @@ class Frame:
     file: str | None = None
     line: int | None = None
     module_class: str = "unknown"
+    inlined: bool = False
 
     @property
     def module_name(self) -> str:
@@ -39,9 +43,11 @@ class Frame:
             text = f"{self.module_name}+{self.module_offset:#x}"
         else:
             text = f"[unknown {self.address:#x}]"
-        if self.file and self.line:
-            text += f" ({self.file.rsplit('/', 1)[-1]}:{self.line})"
-        return text
+        where = f"{self.file.rsplit('/', 1)[-1]}:{self.line}" if self.file and self.line \
+            else ""
+        if self.inlined:
+            where = f"{where}, inlined" if where else "inlined"
+        return f"{text} ({where})" if where else text
 
 
 def charged(frames: list[Frame], charge_index: int) -> Frame | None:

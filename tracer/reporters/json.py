@@ -20,7 +20,7 @@ from tracer.model.sites import Site
 from tracer.model.snapshot import Snapshot
 from tracer.reporters import triage as triage_report
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def to_dict(snap: Snapshot) -> dict[str, Any]:
@@ -173,7 +173,7 @@ def _frame(f: Frame) -> dict[str, Any]:
     return {"address": f.address, "module": f.module, "module_offset": f.module_offset,
             "module_class": f.module_class, "symbol": f.symbol,
             "symbol_offset": f.symbol_offset, "file": f.file, "line": f.line,
-            "label": f.label()}
+            "inlined": f.inlined, "label": f.label()}
 
 
 def render(snap: Snapshot) -> str:

@@ -6,8 +6,10 @@ per user site (those whose blocks were all freed included) with six values:
 inuse_space/bytes, inuse_objects/count, alloc_space/bytes, alloc_objects/count,
 temp_space/bytes, temp_objects/count (temporary allocations: freed by the thread
 before its next allocation); `--metric` picks the default sample type.
-Locations are the distinct frames (address, mapping, function:line); mappings are
-the modules with their GNU build ids, so a symbol server can re-symbolize.
+Locations are the distinct addresses of the stacks (address, mapping, function:line),
+a function inlined there one more Line before its caller's, innermost first, as
+profile.proto has it; mappings are the modules with their GNU build ids, so a symbol
+server can re-symbolize.
 
 Field numbers used (profile.proto):
   Profile: 1 sample_type, 2 sample, 3 mapping, 4 location, 5 function, 6 string_table,
@@ -78,6 +80,20 @@ class _Strings:
         return self.index[s]
 
 
+def _by_address(frames: list[Frame]) -> list[tuple[Frame, ...]]:
+    """Frames grouped per address: each inlined frame with the frame it is inlined in."""
+    groups: list[tuple[Frame, ...]] = []
+    pending: list[Frame] = []
+    for f in frames:
+        pending.append(f)
+        if not f.inlined:
+            groups.append(tuple(pending))
+            pending = []
+    if pending:
+        groups.append(tuple(pending))
+    return groups
+
+
 def render(snap: Snapshot, options: ExportOptions) -> bytes:
     if options.metric.name not in _DEFAULT_TYPE:
         raise UsageError(f"pprof exports carry allocation metrics only, not "
@@ -90,33 +106,38 @@ def render(snap: Snapshot, options: ExportOptions) -> bytes:
     mappings: dict[str, int] = {}
     bounds: dict[str, list[int]] = {}
     functions: dict[tuple[str, str, str], int] = {}
-    locations: dict[Frame, int] = {}
+    locations: dict[tuple[Frame, ...], int] = {}
     with_files: set[str] = set()
     with_lines: set[str] = set()
     body_functions = bytearray()
     body_locations = bytearray()
 
-    def location(f: Frame) -> int:
-        if f in locations:
-            return locations[f]
-        mid = mappings.setdefault(f.module, len(mappings) + 1)
-        lo_hi = bounds.setdefault(f.module, [f.address - f.module_offset, f.address + 1])
-        lo_hi[0] = min(lo_hi[0], f.address - f.module_offset)
-        lo_hi[1] = max(lo_hi[1], f.address + 1)
+    def function(f: Frame) -> int:
         key = (function_name(f), f.module, f.file or "")
         fid = functions.get(key)
         if fid is None:
             fid = functions[key] = len(functions) + 1
             body_functions.extend(_bytes(5, _int(1, fid) + _int(2, s(key[0])) +
                                          _int(3, s(f.symbol or key[0])) + _int(4, s(key[2]))))
-        lid = locations[f] = len(locations) + 1
         if f.file:
             with_files.add(f.module)
         if f.line:
             with_lines.add(f.module)
-        line = _int(1, fid) + _int(2, f.line or 0)
+        return fid
+
+    def location(group: tuple[Frame, ...]) -> int:
+        """One address: its inlined frames (innermost first), then the frame holding it."""
+        if group in locations:
+            return locations[group]
+        f = group[-1]
+        mid = mappings.setdefault(f.module, len(mappings) + 1)
+        lo_hi = bounds.setdefault(f.module, [f.address - f.module_offset, f.address + 1])
+        lo_hi[0] = min(lo_hi[0], f.address - f.module_offset)
+        lo_hi[1] = max(lo_hi[1], f.address + 1)
+        lid = locations[group] = len(locations) + 1
+        lines = b"".join(_bytes(4, _int(1, function(g)) + _int(2, g.line or 0)) for g in group)
         body_locations.extend(_bytes(4, _int(1, lid) + _int(2, mid) + _int(3, f.address) +
-                                     _bytes(4, line)))
+                                     lines))
         return lid
 
     for site in snap.user_sites():
@@ -124,7 +145,7 @@ def render(snap: Snapshot, options: ExportOptions) -> bytes:
                   site.temp_allocs]
         if not any(values):
             continue
-        ids = [location(f) for f in site_frames(site)]  # leaf first, as pprof wants
+        ids = [location(g) for g in _by_address(site_frames(site))]  # leaf first
         label = _bytes(3, _int(1, s("kind")) + _int(2, s(site.kind)))
         out += _bytes(2, _packed(1, ids) + _packed(2, values) + label)
 

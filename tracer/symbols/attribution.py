@@ -207,9 +207,14 @@ def _module_matches(frame: Frame, name: str) -> bool:
         frame.module_class == "addon:" + name)
 
 
+#: The class of Rust's standard library code inlined into a program (the symbolizer
+#: tells it by its source path, /rustc/HASH/library/...).
+RUST_STD_CLASS = "rust-std"
+
 #: Language runtimes an allocation is made *for*, never *by*: `--charge-to first` passes
 #: over their frames to the code that called them (std::map's node, not _Rb_tree's).
-LANGUAGE_RUNTIME_MODULES: frozenset[str] = frozenset({"libc", "libstdc++", "libgcc_s.so"})
+LANGUAGE_RUNTIME_MODULES: frozenset[str] = frozenset({"libc", "libstdc++", "libgcc_s.so",
+                                                      RUST_STD_CLASS})
 
 #: CPython's allocator functions (in python3.X or libpython3.X.so): the object
 #: constructor that called them is charged.

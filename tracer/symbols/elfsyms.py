@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+from elftools.dwarf.ranges import BaseAddressEntry
 from elftools.elf.elffile import ELFFile
 
 DEFAULT_DEBUG_DIRS: tuple[str, ...] = ("/usr/lib/debug",)
@@ -138,15 +139,30 @@ class ElfSymbols:
 
     def line_for(self, vaddr: int) -> tuple[str, int] | None:
         """(source file, line) of `vaddr` from .debug_line; decoded on first use only."""
-        if self._line_file is None:
-            return None
         try:
-            if self._lines is None:
-                self._lines = _line_table(self._line_file)
-            return self._lines.lookup(vaddr)
+            table = self._dwarf_table()
+            return table.lookup(vaddr) if table is not None else None
         except Exception:  # broken DWARF: no line info, never an exception
             self._line_file = None
             return None
+
+    def inlined_at(self, vaddr: int) -> list[Inlined]:
+        """The functions inlined at `vaddr`, innermost first, from .debug_info (the file
+        holding .debug_line: this one or its debug file); decoded per function on first
+        use, kept for the process."""
+        try:
+            table = self._dwarf_table()
+            return table.inlined(vaddr) if table is not None else []
+        except Exception:  # broken DWARF: no inlined frames, never an exception
+            self._line_file = None
+            return []
+
+    def _dwarf_table(self) -> _LineTable | None:
+        if self._line_file is None:
+            return None
+        if self._lines is None:
+            self._lines = _line_table(self._line_file)
+        return self._lines
 
     # -- loading --------------------------------------------------------------------
 
@@ -448,7 +464,7 @@ _LINE_TABLES: dict[tuple[str, int, int, int], _LineTable] = {}
 
 
 def _line_table(path: str) -> _LineTable:
-    """One decoded line table per file for the whole process: each snapshot makes a new
+    """One decoded DWARF reader per file for the whole process: each snapshot makes a new
     symbolizer, and decoding a compile unit's line program takes up to a second."""
     st = os.stat(path)
     key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -458,8 +474,24 @@ def _line_table(path: str) -> _LineTable:
     return table
 
 
+@dataclass(frozen=True)
+class Inlined:
+    """One function inlined at an address: its name (linkage name when DWARF has one, as
+    .symtab names it) and the file:line its caller called it from."""
+
+    name: str
+    call_file: str | None
+    call_line: int | None
+
+
+#: DIEs whose children may hold a function's code (GCC nests namespace functions).
+_SCOPES = frozenset({"DW_TAG_namespace", "DW_TAG_module"})
+_Ranges = tuple[tuple[int, int], ...]
+
+
 class _LineTable:
-    """Address -> (file, line) from .debug_line, decoded one compile unit at a time."""
+    """Address -> (file, line) from .debug_line, and address -> the chain of inlined
+    functions from .debug_info, decoded one compile unit (one function) at a time."""
 
     def __init__(self, path: str) -> None:
         self._file = open(path, "rb")  # noqa: SIM115 - kept open for lazy decoding
@@ -471,6 +503,11 @@ class _LineTable:
             self._aranges = None
         self._per_cu: dict[int, tuple[list[tuple[int, int]], list[tuple[str, int] | None]]] = {}
         self._all: tuple[list[tuple[int, int]], list[tuple[str, int] | None]] | None = None
+        self._cu_index: tuple[list[int], list[tuple[int, int]]] | None = None
+        self._functions: dict[int, tuple[list[int], list[tuple[int, int, Any]]]] = {}
+        self._inlines: dict[int, list[tuple[_Ranges, int, Inlined]]] = {}
+        self._names: dict[int, str | None] = {}
+        self._files: dict[int, _FileTable | None] = {}
 
     def lookup(self, vaddr: int) -> tuple[str, int] | None:
         table = None
@@ -492,6 +529,143 @@ class _LineTable:
         i = bisect.bisect_right(keys, (vaddr, 2)) - 1
         return rows[i] if i >= 0 else None
 
+    def inlined(self, vaddr: int) -> list[Inlined]:
+        """The functions inlined at `vaddr`, innermost first ([] when none): what
+        `addr2line -i` prints above the function that holds the code."""
+        cu_off = self._cu_offset(vaddr)
+        if cu_off is None:
+            return []
+        fn = self._function_at(cu_off, vaddr)
+        if fn is None:
+            return []
+        nodes = self._inlines.get(fn.offset)
+        if nodes is None:
+            nodes = self._inlines[fn.offset] = self._inline_nodes(fn)
+        hits = [(depth, inl) for ranges, depth, inl in nodes
+                if any(lo <= vaddr < hi for lo, hi in ranges)]
+        return [inl for _, inl in sorted(hits, key=lambda h: -h[0])]
+
+    # -- compile units and functions -------------------------------------------------
+
+    def _cu_offset(self, vaddr: int) -> int | None:
+        if self._aranges is not None:
+            off = self._aranges.cu_offset_at_addr(vaddr)
+            if off is not None:
+                return int(off)
+        if self._cu_index is None:
+            rows = []
+            for cu in self._dwarf.iter_CUs():
+                for lo, hi in self._ranges(cu.get_top_DIE(), cu):
+                    rows.append((lo, hi, cu.cu_offset))
+            rows.sort()
+            self._cu_index = ([r[0] for r in rows], [(r[1], r[2]) for r in rows])
+        starts, ends = self._cu_index
+        i = bisect.bisect_right(starts, vaddr) - 1
+        return ends[i][1] if i >= 0 and vaddr < ends[i][0] else None
+
+    def _function_at(self, cu_off: int, vaddr: int) -> Any:
+        table = self._functions.get(cu_off)
+        if table is None:
+            cu = self._dwarf.get_CU_at(cu_off)
+            rows: list[tuple[int, int, Any]] = []
+            todo = [cu.get_top_DIE()]
+            while todo:
+                for die in todo.pop().iter_children():
+                    if die.tag == "DW_TAG_subprogram":
+                        rows.extend((lo, hi, die) for lo, hi in self._ranges(die, cu))
+                    elif die.tag in _SCOPES:
+                        todo.append(die)
+            rows.sort(key=lambda r: r[0])
+            table = self._functions[cu_off] = ([r[0] for r in rows], rows)
+        starts, rows = table
+        i = bisect.bisect_right(starts, vaddr) - 1
+        return rows[i][2] if i >= 0 and vaddr < rows[i][1] else None
+
+    def _inline_nodes(self, fn: Any) -> list[tuple[_Ranges, int, Inlined]]:
+        """Every inlined call in a function's body: its ranges, nesting depth, name and
+        call site."""
+        cu = fn.cu
+        out: list[tuple[_Ranges, int, Inlined]] = []
+        todo = [(fn, 0)]
+        while todo:
+            parent, depth = todo.pop()
+            for die in parent.iter_children():
+                if die.tag == "DW_TAG_inlined_subroutine":
+                    name = self._name(die)
+                    ranges = self._ranges(die, cu)
+                    if name is not None and ranges:
+                        attrs = die.attributes
+                        file = attrs.get("DW_AT_call_file")
+                        line = attrs.get("DW_AT_call_line")
+                        out.append((ranges, depth + 1, Inlined(
+                            name, self._file_of(cu, file.value) if file else None,
+                            line.value if line else None)))
+                    todo.append((die, depth + 1))
+                elif die.tag == "DW_TAG_lexical_block":
+                    todo.append((die, depth))
+        return out
+
+    def _ranges(self, die: Any, cu: Any) -> _Ranges:
+        """A DIE's code ranges: low_pc/high_pc, else DW_AT_ranges (v4 or v5 lists)."""
+        attrs = die.attributes
+        low = attrs.get("DW_AT_low_pc")
+        high = attrs.get("DW_AT_high_pc")
+        if low is not None and high is not None:
+            end = high.value if high.form == "DW_FORM_addr" else low.value + high.value
+            return ((low.value, end),) if end > low.value else ()
+        rng = attrs.get("DW_AT_ranges")
+        if rng is None:
+            return ()
+        lists = self._dwarf.range_lists()
+        if lists is None:
+            return ()
+        top = cu.get_top_DIE().attributes.get("DW_AT_low_pc")
+        base = top.value if top is not None else 0
+        out = []
+        for ent in lists.get_range_list_at_offset(rng.value, cu=cu):
+            if isinstance(ent, BaseAddressEntry):
+                base = ent.base_address
+            elif ent.is_absolute:
+                out.append((ent.begin_offset, ent.end_offset))
+            else:
+                out.append((base + ent.begin_offset, base + ent.end_offset))
+        return tuple((lo, hi) for lo, hi in out if hi > lo)
+
+    def _name(self, die: Any) -> str | None:
+        """The inlined function's name: the linkage name along abstract_origin and
+        specification (demangled later, like .symtab's), else DW_AT_name."""
+        key = die.offset
+        if key in self._names:
+            return self._names[key]
+        name = None
+        plain = None
+        seen = 0
+        while die is not None and seen < 8 and name is None:
+            seen += 1
+            attrs = die.attributes
+            for attr in ("DW_AT_linkage_name", "DW_AT_MIPS_linkage_name"):
+                if attr in attrs:
+                    name = _text(attrs[attr].value)
+                    break
+            if plain is None and "DW_AT_name" in attrs:
+                plain = _text(attrs["DW_AT_name"].value)
+            ref = next((a for a in ("DW_AT_abstract_origin", "DW_AT_specification")
+                        if a in attrs), None)
+            die = die.get_DIE_from_attribute(ref) if ref is not None else None
+        self._names[key] = name = name or plain
+        return name
+
+    def _file_of(self, cu: Any, index: int) -> str:
+        if cu.cu_offset not in self._files:
+            lp = self._dwarf.line_program_for_CU(cu)
+            self._files[cu.cu_offset] = _FileTable(lp, cu) if lp is not None else None
+        table = self._files[cu.cu_offset]
+        return table.name(index) if table is not None else "?"
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
 
 def _decode(cus: list[Any], dwarf: Any) -> tuple[list[tuple[int, int]],
                                                  list[tuple[str, int] | None]]:
@@ -500,9 +674,7 @@ def _decode(cus: list[Any], dwarf: Any) -> tuple[list[tuple[int, int]],
         lp = dwarf.line_program_for_CU(cu)
         if lp is None:
             continue
-        header = lp.header
-        version = header["version"]
-        files, dirs = header["file_entry"], header["include_directory"]
+        table = _FileTable(lp, cu)
         names: dict[int, str] = {}
         for ent in lp.get_entries():
             state = ent.state
@@ -513,24 +685,34 @@ def _decode(cus: list[Any], dwarf: Any) -> tuple[list[tuple[int, int]],
                 continue
             fname = names.get(state.file)
             if fname is None:
-                fname = names[state.file] = _file_name(files, dirs, state.file, version)
+                fname = names[state.file] = table.name(state.file)
             entries.append(((state.address, 1), (fname, state.line)))
     entries.sort(key=lambda e: e[0])
     return [e[0] for e in entries], [e[1] for e in entries]
 
 
-def _file_name(files: Any, dirs: Any, index: int, version: int) -> str:
-    i = index if version >= 5 else index - 1
-    if not 0 <= i < len(files):
-        return "?"
-    entry = files[i]
-    name = entry.name.decode("utf-8", "replace") if isinstance(entry.name, bytes) else str(
-        entry.name)
-    if name.startswith("/"):
-        return name
-    d = entry.dir_index if version >= 5 else entry.dir_index - 1
-    if 0 <= d < len(dirs):
-        dname = dirs[d]
-        dname = dname.decode("utf-8", "replace") if isinstance(dname, bytes) else str(dname)
-        return os.path.join(dname, name)
-    return name
+class _FileTable:
+    """A compile unit's file names (its line program's table), as absolute paths where
+    DWARF allows: relative directories are relative to the unit's compilation
+    directory (rustc's std is compiled in /rustc/HASH with `library/...` dirs)."""
+
+    def __init__(self, lp: Any, cu: Any) -> None:
+        header = lp.header
+        self._version = header["version"]
+        self._files, self._dirs = header["file_entry"], header["include_directory"]
+        comp = cu.get_top_DIE().attributes.get("DW_AT_comp_dir")
+        self._comp_dir = _text(comp.value) if comp is not None else ""
+
+    def name(self, index: int) -> str:
+        version, files, dirs = self._version, self._files, self._dirs
+        i = index if version >= 5 else index - 1
+        if not 0 <= i < len(files):
+            return "?"
+        entry = files[i]
+        name = _text(entry.name)
+        if name.startswith("/"):
+            return name
+        d = entry.dir_index if version >= 5 else entry.dir_index - 1
+        if 0 <= d < len(dirs):
+            name = os.path.join(_text(dirs[d]), name)
+        return os.path.join(self._comp_dir, name) if self._comp_dir else name

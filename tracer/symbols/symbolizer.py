@@ -8,12 +8,18 @@ most once per symbolizer (and once per build-id across runs, through the disk ca
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 
 from tracer.model.frames import Frame
 from tracer.model.sites import Site
-from tracer.symbols.attribution import LANGUAGE_RUNTIME_MODULES, RUNTIME_MODULES, module_class
+from tracer.symbols.attribution import (
+    LANGUAGE_RUNTIME_MODULES,
+    RUNTIME_MODULES,
+    RUST_STD_CLASS,
+    module_class,
+)
 from tracer.symbols.demangle import demangle
 from tracer.symbols.elfsyms import ElfSymbols
 from tracer.symbols.perfmap import PerfMap, perf_map_path
@@ -40,6 +46,25 @@ def jit_note(symbolizer: Symbolizer, sites: Iterable[Site]) -> list[str]:
 #: cost ~15 s of CPU per process (a budgeted agent window ended on it).
 _NO_LINES = RUNTIME_MODULES | LANGUAGE_RUNTIME_MODULES
 
+#: Sources whose inlined functions are the language runtime's code compiled into the
+#: program (std::map's node allocation inside cache_insert, glibc's fortify wrappers,
+#: Rust's alloc/core/std and the crates std vendors): their frames get the runtime's
+#: class, so charging passes over them as it does over the runtime's own frames.
+_RUNTIME_SOURCES: tuple[tuple[str, str], ...] = (
+    ("/usr/include/c++/", "libstdc++"),
+    ("/usr/include/x86_64-linux-gnu/bits/", "libc"),
+    ("/usr/include/bits/", "libc"),
+    ("/rustc/", RUST_STD_CLASS),
+    ("/rust/deps/", RUST_STD_CLASS),
+)
+
+
+def _inlined_class(file: str | None, cls: str) -> str:
+    for prefix, runtime in _RUNTIME_SOURCES:
+        if file is not None and file.startswith(prefix):
+            return runtime
+    return cls
+
 
 class Symbolizer:
     """Names addresses of the process described by `maps`.
@@ -48,7 +73,8 @@ class Symbolizer:
     symbol and source line are looked up at addr-1, the call instruction, so a call at
     the very end of a function is not charged to the next one. `symbol_offset` is still
     reported from the address itself, as perf and gdb do.
-    `lines=True` adds DWARF file:line where a file has .debug_line (slower).
+    `lines=True` adds DWARF file:line where a file has .debug_line (slower), and
+    expands a stack's addresses into the functions inlined there (`frames`).
     """
 
     def __init__(self, maps: MapsHistory, pid: int | None = None,
@@ -63,6 +89,7 @@ class Symbolizer:
         self.demangle_names = demangle_names
         self._elves: dict[tuple[str, int, str], ElfSymbols | None] = {}
         self._memo: dict[tuple[int, bool], Frame] = {}
+        self._chains: dict[tuple[int, bool], tuple[Frame, ...]] = {}
         self._perf: PerfMap | None = perf_map if isinstance(perf_map, PerfMap) else None
         self._perf_path: str | None = perf_map if isinstance(perf_map, str) else None
         if self._perf is None and self._perf_path is None and self.pid is not None:
@@ -82,8 +109,24 @@ class Symbolizer:
         return got
 
     def frames(self, addrs: Iterable[int], return_addresses: bool = True) -> list[Frame]:
-        """Frames for a stack, innermost first."""
-        return [self.frame(a, return_addresses) for a in addrs]
+        """Frames for a stack, innermost first; with `lines`, each function inlined at
+        an address is a frame of its own before the one holding the code (see `chain`)."""
+        return [f for a in addrs for f in self.chain(a, return_addresses)]
+
+    def chain(self, addr: int, return_address: bool = True) -> tuple[Frame, ...]:
+        """The frames one address stands for, innermost first, as `addr2line -i` names
+        them: each inlined function (marked `inlined`) at its own file:line, then the
+        function holding the code at the line it called the outermost of them from.
+        Just `frame(addr)` without `lines`, DWARF, or inlining there; runtime modules
+        are never expanded (their DWARF is the costly libc6-dbg kind)."""
+        key = (addr, return_address)
+        got = self._chains.get(key)
+        if got is None:
+            frame = self.frame(addr, return_address)
+            got = self._expand(frame, return_address)
+            if frame.symbol is not None:
+                self._chains[key] = got
+        return got
 
     def preload(self) -> int:
         """Index every executable file mapped now; returns how many were opened.
@@ -120,6 +163,29 @@ class Symbolizer:
         return self._perf
 
     # -- work -----------------------------------------------------------------------
+
+    def _expand(self, frame: Frame, return_address: bool) -> tuple[Frame, ...]:
+        if not self.lines or frame.file is None or frame.module_class in _NO_LINES:
+            return (frame,)
+        m = self.maps.find(frame.address)
+        elf = self.elf_for(m) if m is not None and m.file_backed else None
+        if elf is None:
+            return (frame,)
+        vaddr = frame.module_offset
+        inlined = elf.inlined_at(vaddr - 1 if return_address and vaddr > 0 else vaddr)
+        if not inlined:
+            return (frame,)
+        out = []
+        file: str | None = frame.file
+        line = frame.line
+        for inl in inlined:
+            name = demangle(inl.name) if self.demangle_names else inl.name
+            out.append(dataclasses.replace(
+                frame, symbol=name, symbol_offset=0, file=file, line=line, inlined=True,
+                module_class=_inlined_class(file, frame.module_class)))
+            file, line = inl.call_file, inl.call_line
+        out.append(dataclasses.replace(frame, file=file, line=line))
+        return tuple(out)
 
     def _symbolize(self, addr: int, return_address: bool) -> Frame:
         m = self.maps.find(addr)
