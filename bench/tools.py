@@ -134,13 +134,18 @@ class Natrace(Attaching):
     hours) the workload is released once natrace has settled."""
 
     def __init__(self, name: str, args: list[str], reports_leaks: bool = True,
-                 needs_option: str | None = None, preload_sampler: bool = False) -> None:
+                 needs_option: str | None = None, preload_sampler: bool = False,
+                 only: str | None = None) -> None:
         self.name = name
         self.args = args
         self.reports_leaks = reports_leaks
         self.needs_option = needs_option
         self.preload_sampler = preload_sampler  # natrace then attaches to its probes
         self.settle = preload_sampler
+        self.only = only  # run on the workloads whose name starts with this only
+
+    def applies(self, spec: Spec) -> bool:
+        return self.only is None or spec.name.startswith(self.only)
 
     def unavailable(self) -> str | None:
         if self.needs_option and self.needs_option not in _snapshot_help():
@@ -313,6 +318,13 @@ def all_tools() -> list[Tool]:
         Natrace("natrace in-process 512K", [], preload_sampler=True),
         Natrace("natrace in-process 512K (fp stacks)", ["--unwind", "fp"],
                 preload_sampler=True),
+        # every allocation sampled (period 1) on the deep-stack workloads: what natrace's
+        # capture at the probe costs per sampled call, CFI walk against frame pointers
+        Natrace("natrace in-process every call", ["--sample", "1"], preload_sampler=True,
+                only="deep-"),
+        Natrace("natrace in-process every call (fp stacks)", ["--sample", "1", "--unwind",
+                                                               "fp"],
+                preload_sampler=True, only="deep-"),
         SamplerDormant(),
         Natrace("natrace triage", ["--no-allocs"], reports_leaks=False,
                 needs_option="--no-allocs"),
