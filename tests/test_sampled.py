@@ -160,3 +160,27 @@ def test_estimates_within_ten_percent(threads: int, tmp_path: Path) -> None:
     assert abs(site["blocks"] - 10_000) <= 1_000, site["blocks"]
     low, high = site["bytes_interval"]
     assert low < 10_000_000 < high
+
+
+def test_sampled_stacks_are_true_without_frame_pointers(built: Built, tmp_path: Path) -> None:
+    """The stacks of sampled calls are natrace's own capture at the probe (the CFI walk):
+    through tests/fixtures/src/nofp's chain, built -O2 without frame pointers, every
+    frame from the sampler's caller up to main, the same exact figures as the uprobes
+    give (period 1); before it only the sampler's own frames (return addresses: the
+    probe's pc is left out), charged past."""
+    from allocfixtures import build_nofp
+    from test_unwinding import TRUTH
+
+    report = _run(tmp_path / "r.json", "--sampled", "--sample", "1", "--",
+                  build_nofp().chain)
+    assert report["mode"] == "sampled (in-process, mean 1 B)"
+    for function, (figures, frames) in TRUTH.items():
+        site = _site(report, function)
+        assert (site["bytes"], site["blocks"]) == figures
+        stack, charged = site["stack"], site["charge_index"]
+        assert [f["symbol"] for f in stack[charged:charged + len(frames)]] == frames, stack
+        # gcc 12 -O2: traced_malloc.cold (sample() tail-calls fire_alloc)
+        assert charged >= 1 and all(f["symbol"].startswith(("traced_malloc", "sample"))
+                                    for f in stack[:charged]), stack
+        assert {f["module_class"] for f in stack[:charged]} == {"natrace-sampler"}
+    assert not any(report["loss"].values()), report["loss"]

@@ -336,7 +336,7 @@ class Session:
             raw = self.probes.sites()
             mappings = list(self.probes.mappings.totals())
         loss, calls = self.probes.counters() if self.options.allocs else ({}, {})
-        sites = aggregator.sites(raw, self.probes.stack, mappings,
+        sites = aggregator.sites(raw, self.probes.site_stack, mappings,
                                  origin_ns=int(self.started * 1e9))
         for site in sites:
             if site.stack_ids:

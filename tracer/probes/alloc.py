@@ -224,6 +224,14 @@ class AllocProbes(ProbeSet):
             owner = Owner(self._syscall_stack(ev.stack_id, ev.caller), "brk", internal)
             self.mappings.brk(ev.addr, owner)
 
+    def site_stack(self, stack_id: int) -> tuple[int, ...]:
+        """The stack of an allocation site, frame 0 a return address as the symbolizer
+        expects. In-process, the capture at the otel_memory:alloc probe starts at the
+        probe's own pc (the provider's probe site, e.g. the sampler's fire_alloc), which
+        is no return address: it is left out, the provider's callers stay (charged past)."""
+        stack = self.stack(stack_id)
+        return stack[1:] if self.in_process else stack
+
     def _syscall_stack(self, stack_id: int, caller: int) -> tuple[int, ...]:
         """The stack of a syscall, with the wrapper's caller put back in: the
         frame-pointer walk from inside a libc wrapper skips it."""
