@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from elftools.elf.elffile import ELFFile
 
 from tracer.symbols.elfsyms import default_cache_dir, read_build_id
+from tracer.symbols.leb128 import sleb as _sleb
+from tracer.symbols.leb128 import uleb as _uleb
 
 CACHE_VERSION = 1
 _MAGIC = b"NATCFI1\0"
@@ -175,30 +177,6 @@ class _Cie:
         self.has_aug = False
         self.initial = b""
         self.signal = False
-
-
-def _uleb(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = data[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _sleb(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = data[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            if b & 0x40:
-                result -= 1 << shift
-            return result, pos
 
 
 _FIXED = {0x02: "<H", 0x03: "<I", 0x04: "<Q", 0x0A: "<h", 0x0B: "<i", 0x0C: "<q", 0x00: "<Q"}

@@ -22,10 +22,12 @@ import struct
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from elftools.dwarf.ranges import BaseAddressEntry
 from elftools.elf.elffile import ELFFile
+
+from tracer.symbols.leb128 import sleb, uleb
 
 DEFAULT_DEBUG_DIRS: tuple[str, ...] = ("/usr/lib/debug",)
 CACHE_VERSION = 1
@@ -501,8 +503,8 @@ class _LineTable:
             self._aranges = self._dwarf.get_aranges()
         except Exception:
             self._aranges = None
-        self._per_cu: dict[int, tuple[list[tuple[int, int]], list[tuple[str, int] | None]]] = {}
-        self._all: tuple[list[tuple[int, int]], list[tuple[str, int] | None]] | None = None
+        self._per_cu: dict[int, _Rows] = {}
+        self._all: _Rows | None = None
         self._cu_index: tuple[list[int], list[tuple[int, int]]] | None = None
         self._functions: dict[int, tuple[list[int], list[tuple[int, int, Any]]]] = {}
         self._inlines: dict[int, list[tuple[_Ranges, int, Inlined]]] = {}
@@ -525,9 +527,7 @@ class _LineTable:
                     return None
                 self._all = _decode(list(self._dwarf.iter_CUs()), self._dwarf)
             table = self._all
-        keys, rows = table
-        i = bisect.bisect_right(keys, (vaddr, 2)) - 1
-        return rows[i] if i >= 0 else None
+        return table.lookup(vaddr)
 
     def inlined(self, vaddr: int) -> list[Inlined]:
         """The functions inlined at `vaddr`, innermost first ([] when none): what
@@ -667,28 +667,108 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _decode(cus: list[Any], dwarf: Any) -> tuple[list[tuple[int, int]],
-                                                 list[tuple[str, int] | None]]:
-    entries: list[tuple[tuple[int, int], tuple[str, int] | None]] = []
+class _Rows:
+    """A line table in three flat arrays, by address: key (address*2, +1 for a row,
+    +0 for the end of a sequence), file number (into `names`) and line. ~20 bytes a
+    row where pyelftools' LineState objects take ~500 (a one-unit build such as
+    lua's onelua.c has 137,000 rows)."""
+
+    def __init__(self) -> None:
+        self.keys: array.array[int] = array.array("Q")
+        self.files: array.array[int] = array.array("I")
+        self.lines: array.array[int] = array.array("I")
+        self.names: list[str] = []
+
+    def lookup(self, vaddr: int) -> tuple[str, int] | None:
+        i = bisect.bisect_right(self.keys, vaddr * 2 + 1) - 1
+        if i < 0 or not self.keys[i] & 1:
+            return None
+        return self.names[self.files[i]], self.lines[i]
+
+
+def _decode(cus: list[Any], dwarf: Any) -> _Rows:
+    """The line tables of some compile units, decoded by `_line_rows` (pyelftools'
+    own decoding keeps an object per row and state: ~70 MiB for one big unit)."""
+    keys: array.array[int] = array.array("Q")
+    files: array.array[int] = array.array("I")
+    lines: array.array[int] = array.array("I")
+    out = _Rows()
+    little = dwarf.config.little_endian
     for cu in cus:
         lp = dwarf.line_program_for_CU(cu)
         if lp is None:
             continue
         table = _FileTable(lp, cu)
-        names: dict[int, str] = {}
-        for ent in lp.get_entries():
-            state = ent.state
-            if state is None:
+        ids: dict[int, int] = {}
+        for address, file, line in _line_rows(lp, little):
+            if file < 0:
+                keys.append(address * 2)
+                files.append(0)
+                lines.append(0)
                 continue
-            if state.end_sequence:
-                entries.append(((state.address, 0), None))
-                continue
-            fname = names.get(state.file)
-            if fname is None:
-                fname = names[state.file] = table.name(state.file)
-            entries.append(((state.address, 1), (fname, state.line)))
-    entries.sort(key=lambda e: e[0])
-    return [e[0] for e in entries], [e[1] for e in entries]
+            fid = ids.get(file)
+            if fid is None:
+                fid = ids[file] = len(out.names)
+                out.names.append(table.name(file))
+            keys.append(address * 2 + 1)
+            files.append(fid)
+            lines.append(min(line, 0xFFFFFFFF))
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    out.keys = array.array("Q", (keys[i] for i in order))
+    out.files = array.array("I", (files[i] for i in order))
+    out.lines = array.array("I", (lines[i] for i in order))
+    return out
+
+
+def _line_rows(lp: Any, little: bool) -> Iterator[tuple[int, int, int]]:
+    """(address, file, line) of each row of one line program, (address, -1, 0) at the
+    end of a sequence: the DWARF 2-5 line state machine over the raw bytes (one
+    operation per instruction, as on x86), header from pyelftools."""
+    h = lp.header
+    lp.stream.seek(lp.program_start_offset)
+    data = lp.stream.read(lp.program_end_offset - lp.program_start_offset)
+    min_len, base, span = h["minimum_instruction_length"], h["line_base"], h["line_range"]
+    opcode_base, lengths = h["opcode_base"], list(h["standard_opcode_lengths"])
+    order: Literal["little", "big"] = "little" if little else "big"
+    const_add = ((255 - opcode_base) // span) * min_len if span else 0
+    address, file, line = 0, 1, 1
+    pos, n = 0, len(data)
+    while pos < n:
+        op = data[pos]
+        pos += 1
+        if op >= opcode_base:
+            adj = op - opcode_base
+            address += (adj // span) * min_len
+            line += base + adj % span
+            yield address, file, line
+        elif op == 0:  # extended: length, sub-opcode, operands
+            length, pos = uleb(data, pos)
+            end = pos + length
+            sub = data[pos] if pos < n else 0
+            if sub == 1:  # DW_LNE_end_sequence
+                yield address, -1, 0
+                address, file, line = 0, 1, 1
+            elif sub == 2:  # DW_LNE_set_address
+                address = int.from_bytes(data[pos + 1:end], order)
+            pos = end
+        elif op == 1:  # DW_LNS_copy
+            yield address, file, line
+        elif op == 2:  # DW_LNS_advance_pc
+            value, pos = uleb(data, pos)
+            address += value * min_len
+        elif op == 3:  # DW_LNS_advance_line
+            value, pos = sleb(data, pos)
+            line += value
+        elif op == 4:  # DW_LNS_set_file
+            file, pos = uleb(data, pos)
+        elif op == 8:  # DW_LNS_const_add_pc
+            address += const_add
+        elif op == 9:  # DW_LNS_fixed_advance_pc
+            address += int.from_bytes(data[pos:pos + 2], order)
+            pos += 2
+        else:  # set_column, negate_stmt, prologue_end, ...: skip their ULEB operands
+            for _ in range(lengths[op - 1] if op - 1 < len(lengths) else 0):
+                _, pos = uleb(data, pos)
 
 
 class _FileTable:
