@@ -21,6 +21,7 @@ class Built:
     family: Path  # every C entry point; prints its live/freed blocks
     family_cpp: Path  # every operator new/delete variant
     leaker: Path  # leaker.node: leak(n, size) keeps n blocks from leak_blocks()
+    signals: Path  # allocates from signal handlers, raised and asynchronous
 
 
 def _run(*cmd: str | Path) -> None:
@@ -35,8 +36,9 @@ def build() -> Built:
     _run("g++", *CFLAGS, "-std=c++17", "-o", BUILD / "family_cpp", SRC / "family.cpp")
     _run("gcc", *CFLAGS, "-shared", "-fPIC", "-I/usr/include/node", "-o",
          BUILD / "leaker.node", SRC / "leaker.c")
+    _run("gcc", *CFLAGS, "-o", BUILD / "signals", SRC / "signals.c")
     return Built(ROOT / "sampler" / "build" / "libnatrace_sampler.so", BUILD / "family",
-                 BUILD / "family_cpp", BUILD / "leaker.node")
+                 BUILD / "family_cpp", BUILD / "leaker.node", BUILD / "signals")
 
 
 def semaphores(pid: int, library: Path) -> tuple[int, int]:

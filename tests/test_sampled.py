@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -184,3 +185,30 @@ def test_sampled_stacks_are_true_without_frame_pointers(built: Built, tmp_path: 
         assert "traced_malloc.cold" in ours and "_init" not in ours, ours
         assert {f["module_class"] for f in stack[:charged]} == {"natrace-sampler"}
     assert not any(report["loss"].values()), report["loss"]
+
+
+def test_allocation_from_signal_handlers(built: Built, tmp_path: Path) -> None:
+    """signals.c: 200 blocks of 100 B kept by a SIGUSR1 handler (raised: exact, charged
+    to in_handler called from the handler), while SIGPROF handlers that allocate and
+    free interrupt 300,000 malloc/free pairs, the sampler's slow path included (there
+    the reentrant call only counts down): nothing lost, nothing left, no hang."""
+    out = tmp_path / "r.json"
+    proc = subprocess.run([tracing.NATRACE, "run", "--sampled", "--sample", "1", "--json",
+                           "-o", str(out), "--", str(built.signals)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    said = re.search(r"alarms (\d+) kept 200", proc.stderr)
+    assert said and int(said.group(1)) > 0, proc.stderr
+    alarms = int(said.group(1))
+    report = json.loads(out.read_text())
+    site = _site(report, "in_handler")
+    _exact(site, (20_000, 200))
+    charged = site["charge_index"]
+    assert [f["symbol"] for f in site["stack"][charged:charged + 2]] == ["in_handler",
+                                                                          "on_usr1"]
+    main = _site(report, "main")
+    assert (main["bytes"], main["allocs"]) == (0, 300_000)
+    prof = [s for s in report["sites"] if s["function"] == "on_prof"]
+    assert all(s["bytes"] == 0 for s in prof) and sum(s["allocs"] for s in prof) <= alarms
+    assert not any(report["loss"].values()), report["loss"]
+    assert report["calls"]["sampler_fired"] == report["calls"]["allocs"]
