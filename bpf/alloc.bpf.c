@@ -20,6 +20,16 @@
 #include <uapi/linux/ptrace.h>
 #include "natrace.h"
 #include "target.bpf.h"
+
+/* What the continuations of a stack capture (stacks.bpf.h) need of their event. */
+struct capture_event {
+    u64 addr, size, ts_ns, weight;   /* record(): the block */
+    struct mem_event mem;            /* syscall_exit(): the event, its stack to come */
+};
+#define STACKS_KP 1       /* allocations, from uprobes: tail_kp */
+#define STACKS_TP 1       /* mmap and brk, from syscall tracepoints: tail_tp */
+#define CONT_RECORD 1     /* tail_kp__1__record_block */
+#define CONT_MEM_EVENT 1  /* tail_tp__1__mem_event */
 #include "stacks.bpf.h"
 
 BPF_HASH(allocs, u64, struct alloc_info, MAX_ALLOCS);
@@ -44,10 +54,11 @@ static __always_inline void count(u32 which, u64 n) {
         *c += n;   /* per-CPU slot: no atomic needed */
 }
 
-static __always_inline s32 capture_stack(void *ctx, u64 caller) {
-    s32 id = user_stack_id(ctx, caller);
+/* A failed stack capture's -errno, counted; the event keeps it as its own bucket,
+ * never a fake stack. */
+static __always_inline void count_stack_error(s32 id) {
     if (id >= 0)
-        return id;
+        return;
     if (id == -EFAULT)
         count(NATRACE_CNT_STACK_EFAULT, 1);
     else if (id == -ENOSPC)
@@ -56,7 +67,6 @@ static __always_inline s32 capture_stack(void *ctx, u64 caller) {
         count(NATRACE_CNT_STACK_ENOMEM, 1);
     else
         count(NATRACE_CNT_STACK_OTHER, 1);
-    return id;   /* kept as its own bucket: -errno, never a fake stack */
 }
 
 /* Weights of one recorded block: exact in unsampled mode; in sampled mode a
@@ -115,10 +125,10 @@ static __always_inline void release(u64 addr, struct entry_state *st) {
     count(NATRACE_CNT_FREE_CALLS, 1);
 }
 
-/* `weight`: the process's own estimate (USDT_SAMPLED), else unused. `st`: the
- * thread's entry state (NULL: none), which remembers this block as its latest. */
-static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u64 weight,
-                                   struct entry_state *st) {
+/* `weight`: the process's own estimate (USDT_SAMPLED), else unused. The block is
+ * recorded by record_block once its stack is taken (stacks.bpf.h). */
+static __always_inline void record(struct pt_regs *ctx, u64 addr, u64 size, u64 caller,
+                                   u64 weight) {
     count(NATRACE_CNT_ALLOC_CALLS, 1);
 #if SAMPLE_BYTES > 0
     if (size < SAMPLE_BYTES && (bpf_get_prandom_u32() % SAMPLE_BYTES) >= size) {
@@ -126,12 +136,31 @@ static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u6
         return;
     }
 #endif
+    struct stack_capture *cap = capture_begin(CONT_RECORD, caller);
+    if (cap) {
+        cap->ev.addr = addr;
+        cap->ev.size = size;
+        cap->ev.ts_ns = bpf_ktime_get_ns();
+        cap->ev.weight = weight;
+        tail_kp.call(ctx, STACK_WALK);
+        stack_drop();
+    }
+    count(NATRACE_CNT_UNTRACKED, 1);
+    count(NATRACE_CNT_UNTRACKED_BYTES, size);
+}
+
+int tail_kp__1__record_block(struct pt_regs *ctx) {
+    struct stack_capture *cap = capture_resume();
+    if (!cap)
+        return 0;
+    u64 addr = cap->ev.addr, size = cap->ev.size;
     struct alloc_info info = {};
     info.size = size;
-    info.ts_ns = bpf_ktime_get_ns();
-    info.stack_id = capture_stack(ctx, caller);
+    info.ts_ns = cap->ev.ts_ns;
+    info.stack_id = cap->stack_id;
+    count_stack_error(info.stack_id);
 #ifdef USDT_SAMPLED
-    info.weight = weight;
+    info.weight = cap->ev.weight;
 #endif
 
     struct site_stats *s = sites.lookup(&info.stack_id);
@@ -142,7 +171,7 @@ static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u6
         if (!s) {
             count(NATRACE_CNT_SITES_FULL, 1);
             count(NATRACE_CNT_UNTRACKED_BYTES, size);
-            return;
+            return 0;
         }
     }
     /* Insert-if-absent spares a lookup on every allocation; an address already
@@ -156,7 +185,7 @@ static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u6
     if (err != 0) {
         count(NATRACE_CNT_UNTRACKED, 1);
         count(NATRACE_CNT_UNTRACKED_BYTES, size);
-        return;
+        return 0;
     }
     u64 wb = weight_bytes(&info), wn = weight_blocks_fp(&info);
     s->bytes += (s64)wb;   /* this CPU's copy: no atomic */
@@ -173,8 +202,7 @@ static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u6
         s->alloc_samples += 1;
     }
 #endif
-    if (st)
-        st->last = addr;
+    return 0;
 }
 
 #ifdef USDT_SAMPLED
@@ -187,7 +215,7 @@ static __always_inline void record(void *ctx, u64 addr, u64 size, u64 caller, u6
 int otel_alloc(struct pt_regs *ctx) {
     u64 ptr = PT_REGS_PARM1(ctx), size = PT_REGS_PARM2(ctx), weight = PT_REGS_PARM3(ctx);
     if (is_armed() && ptr && weight)
-        record(ctx, ptr, size, 0, weight, NULL);
+        record(ctx, ptr, size, 0, weight);
     return 0;
 }
 #endif
@@ -365,9 +393,10 @@ int alloc_return(struct pt_regs *ctx) {
     default:
         block = ret;
     }
-    /* one call site of record(): the stack walk it inlines is verified once */
-    if (block)
-        record(ctx, block, size, caller, 0, st);
+    if (block) {
+        st->last = block;   /* a free of it before it is recorded finds nothing */
+        record(ctx, block, size, caller, 0);
+    }
     return 0;
 }
 
@@ -432,6 +461,16 @@ static __always_inline int syscall_enter(u64 a0, u64 a1, u64 a2, u64 a3, u32 fla
     return 0;
 }
 
+static __always_inline void emit_mem_event(const struct mem_event *e) {
+    struct mem_event *ev = mem_events.ringbuf_reserve(sizeof(struct mem_event));
+    if (!ev) {
+        count(NATRACE_CNT_EVENTS_LOST, 1);
+        return;
+    }
+    *ev = *e;
+    mem_events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
+}
+
 static __always_inline int syscall_exit(void *ctx, u32 kind, long ret) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!is_target(pid_tgid))
@@ -445,44 +484,59 @@ static __always_inline int syscall_exit(void *ctx, u32 kind, long ret) {
     if (ret < 0 && ret > -4096)
         return 0;   /* failed calls change no mapping */
 
-    struct mem_event *ev = mem_events.ringbuf_reserve(sizeof(struct mem_event));
-    if (!ev) {
-        count(NATRACE_CNT_EVENTS_LOST, 1);
-        return 0;
-    }
-    ev->ts_ns = bpf_ktime_get_ns();
-    ev->kind = kind;
-    ev->flags = a.flags;
-    ev->tid = tid;
-    ev->new_addr = 0;
-    ev->new_len = 0;
-    ev->caller = a.caller;
-    ev->stack_id = 0;
+    struct mem_event e = {};
+    e.ts_ns = bpf_ktime_get_ns();
+    e.kind = kind;
+    e.flags = a.flags;
+    e.tid = tid;
+    e.caller = a.caller;
+    int stack = 0;
     switch (kind) {
     case NATRACE_EV_MMAP:
-        ev->addr = ret;
-        ev->len = a.a1;
-        ev->stack_id = (a.flags & NATRACE_EVF_ANON) ? capture_stack(ctx, 0) : 0;
+        e.addr = ret;
+        e.len = a.a1;
+        stack = a.flags & NATRACE_EVF_ANON;
         if ((a.flags & NATRACE_EVF_EXEC) && !(a.flags & NATRACE_EVF_ANON))
             stop_for_unwind_rows();
         break;
     case NATRACE_EV_MUNMAP:
-        ev->addr = a.a0;
-        ev->len = a.a1;
+        e.addr = a.a0;
+        e.len = a.a1;
         break;
     case NATRACE_EV_MREMAP:
-        ev->addr = a.a0;
-        ev->len = a.a1;
-        ev->new_len = a.a2;
-        ev->new_addr = ret;
+        e.addr = a.a0;
+        e.len = a.a1;
+        e.new_len = a.a2;
+        e.new_addr = ret;
         break;
     case NATRACE_EV_BRK:
-        ev->addr = ret;
-        ev->len = 0;
-        ev->stack_id = capture_stack(ctx, 0);
+        e.addr = ret;
+        stack = 1;
         break;
     }
-    mem_events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
+    if (stack) {
+        struct stack_capture *cap = capture_begin(CONT_MEM_EVENT, 0);
+        if (cap) {
+            cap->ev.mem = e;
+            tail_tp.call(ctx, STACK_WALK);
+            stack_drop();
+        }
+        e.stack_id = -ENOEXEC;   /* no walk program: natrace is detaching */
+        count_stack_error(e.stack_id);
+    }
+    emit_mem_event(&e);
+    return 0;
+}
+
+/* An mmap or brk event once its stack is taken. */
+int tail_tp__1__mem_event(void *ctx) {
+    struct stack_capture *cap = capture_resume();
+    if (!cap)
+        return 0;
+    struct mem_event e = cap->ev.mem;
+    e.stack_id = cap->stack_id;
+    count_stack_error(e.stack_id);
+    emit_mem_event(&e);
     return 0;
 }
 

@@ -15,6 +15,14 @@
 #include <uapi/linux/ptrace.h>
 #include "natrace.h"
 #include "target.bpf.h"
+
+/* What the continuation of a stack capture (stacks.bpf.h) needs of its handle. */
+struct capture_event {
+    struct handle_key key;
+    struct handle_info info;
+};
+#define STACKS_KP 1       /* every event comes from a uprobe: tail_kp */
+#define CONT_CREATED 1    /* tail_kp__1__created */
 #include "stacks.bpf.h"
 
 struct entry_key {
@@ -122,8 +130,32 @@ static __always_inline int create_return(struct pt_regs *ctx, u32 pair) {
         forget(&key, ps);   /* its destroy went through a path natrace does not see */
         __sync_fetch_and_add(&ps->stale, 1);
     }
+    struct stack_capture *cap = capture_begin(CONT_CREATED, 0);
+    if (!cap) {
+        __sync_fetch_and_add(&ps->untracked, 1);
+        return 0;
+    }
+    cap->ev.key = key;
     struct handle_info info = {.ts_ns = bpf_ktime_get_ns(), .tid = tid};
-    info.stack_id = user_stack_id(ctx, 0);  /* -errno: its own bucket */
+    cap->ev.info = info;
+    tail_kp.call(ctx, STACK_WALK);
+    stack_drop();
+    __sync_fetch_and_add(&ps->untracked, 1);
+    return 0;
+}
+
+/* A created handle once its stack is taken. */
+int tail_kp__1__created(struct pt_regs *ctx) {
+    struct stack_capture *cap = capture_resume();
+    if (!cap)
+        return 0;
+    struct handle_key key = cap->ev.key;
+    struct handle_info info = cap->ev.info;
+    info.stack_id = cap->stack_id;  /* -errno: its own bucket */
+    u32 pair = key.pair;
+    struct handle_pair_stats *ps = pair_stats.lookup(&pair);
+    if (!ps)
+        return 0;
     struct handle_site_key sk = {.pair = pair, .stack_id = info.stack_id};
     struct handle_site_stats *s = sites.lookup(&sk);
     if (!s) {

@@ -63,7 +63,8 @@ struct unwind_conf {
 #define NATRACE_END_UNSUPPORTED 4   /* a rule the walk does not follow (DWARF expression) */
 #define NATRACE_END_READ 5          /* the stack could not be read there */
 #define NATRACE_END_BAD_FRAME 6     /* a frame pointer or CFA below the stack pointer */
-#define NATRACE_END_COUNT 7
+#define NATRACE_END_DROPPED 7       /* no walk: the event was lost (stacks.bpf.h, stack_drop) */
+#define NATRACE_END_COUNT 8
 
 /* Allocator entry points, as the `kind` of a probe. */
 #define NATRACE_FN_MALLOC 1          /* (size) -- also valloc; pvalloc rounded up to pages */

@@ -13,6 +13,20 @@
 #include <uapi/linux/ptrace.h>
 #include "natrace.h"
 #include "target.bpf.h"
+
+/* What the continuations of a stack capture (stacks.bpf.h) need of their event. */
+struct capture_event {
+    u64 a0;         /* futex: lock word */
+    u64 ns;         /* time in the call */
+    u64 bytes;      /* memory syscalls */
+    s64 ret;        /* futex: the call's return */
+    u32 sub;        /* futex: command | NATRACE_FUTEX_PRIVATE_FLAG; memory: NATRACE_MS_* */
+    u32 failed;     /* memory syscalls */
+};
+#define STACKS_TP 1       /* every event comes from a tracepoint: tail_tp */
+#define CONT_FUTEX 1      /* tail_tp__1__futex */
+#define CONT_MEMSYS 2     /* tail_tp__2__memsys */
+#define CONT_FAULT 3      /* tail_tp__3__fault */
 #include "stacks.bpf.h"
 
 #define CALL_FUTEX 1
@@ -46,9 +60,18 @@ static __always_inline void count(u32 which, u64 n) {
         *c += n;   /* per-CPU slot: no atomic needed */
 }
 
-/* The user stack's id (stacks.bpf.h: CFI-unwound through libc unless --unwind fp). */
-static __always_inline s32 stack_of(void *ctx) {
-    s32 id = user_stack_id(ctx, 0);
+/* The capture slot for an event whose stack is to be taken (stacks.bpf.h: CFI-unwound
+ * through libc unless --unwind fp); NULL, counted, if there is none. */
+static __always_inline struct stack_capture *capture(u32 cont) {
+    struct stack_capture *cap = capture_begin(cont, 0);
+    if (!cap)
+        count(NATRACE_TC_STACK_LOST, 1);
+    return cap;
+}
+
+/* The taken stack's id, for a continuation; a failed capture's -errno is counted. */
+static __always_inline s32 stack_of(struct stack_capture *cap) {
+    s32 id = cap->stack_id;
     if (id < 0)
         count(NATRACE_TC_STACK_LOST, 1);
     return id;
@@ -118,9 +141,28 @@ static __always_inline int futex_exit(void *ctx, long ret) {
     struct pending_call call;
     if (!finish(CALL_FUTEX, &call))
         return 0;
-    u64 ns = bpf_ktime_get_ns() - call.ts_ns;
-    u32 cmd = call.sub & ~(u32)NATRACE_FUTEX_PRIVATE_FLAG;
-    struct futex_key key = {.uaddr = call.a0, .stack_id = stack_of(ctx), .cmd = cmd};
+    struct stack_capture *cap = capture(CONT_FUTEX);
+    if (!cap)
+        return 0;
+    cap->ev.a0 = call.a0;
+    cap->ev.ns = bpf_ktime_get_ns() - call.ts_ns;
+    cap->ev.ret = ret;
+    cap->ev.sub = call.sub;
+    tail_tp.call(ctx, STACK_WALK);
+    stack_drop();
+    return 0;
+}
+
+/* A futex call once its stack is taken. */
+int tail_tp__1__futex(void *ctx) {
+    struct stack_capture *cap = capture_resume();
+    if (!cap)
+        return 0;
+    u64 ns = cap->ev.ns;
+    long ret = cap->ev.ret;
+    u32 sub = cap->ev.sub;
+    u32 cmd = sub & ~(u32)NATRACE_FUTEX_PRIVATE_FLAG;
+    struct futex_key key = {.uaddr = cap->ev.a0, .stack_id = stack_of(cap), .cmd = cmd};
     struct futex_stats *s = futexes.lookup(&key);
     if (!s) {
         int zero = 0;
@@ -135,7 +177,7 @@ static __always_inline int futex_exit(void *ctx, long ret) {
         }
     }
     __sync_fetch_and_add(&s->calls, 1);
-    if (call.sub & NATRACE_FUTEX_PRIVATE_FLAG)
+    if (sub & NATRACE_FUTEX_PRIVATE_FLAG)
         __sync_fetch_and_add(&s->private_calls, 1);
     __sync_fetch_and_add(&s->wait_ns, ns);
     if (ns > s->max_ns)
@@ -262,8 +304,6 @@ static __always_inline int mem_exit(void *ctx, long ret) {
         err = (u32)-ret;
     }
     add_memsys(sys, NATRACE_NO_STACK, ns, err != 0, bytes);
-    if (sys == NATRACE_MS_MMAP || sys == NATRACE_MS_MUNMAP || sys == NATRACE_MS_BRK)
-        add_memsys(sys, stack_of(ctx), ns, err != 0, bytes);
     if (err) {
         struct memsys_err_key ek = {.sys = sys, .err = err};
         u64 one = 1;
@@ -273,6 +313,25 @@ static __always_inline int mem_exit(void *ctx, long ret) {
         else if (memsys_errors.insert(&ek, &one) != 0 && (n = memsys_errors.lookup(&ek)))
             __sync_fetch_and_add(n, 1);   /* another thread inserted it first */
     }
+    if (sys == NATRACE_MS_MMAP || sys == NATRACE_MS_MUNMAP || sys == NATRACE_MS_BRK) {
+        struct stack_capture *cap = capture(CONT_MEMSYS);
+        if (!cap)
+            return 0;
+        cap->ev.ns = ns;
+        cap->ev.bytes = bytes;
+        cap->ev.sub = sys;
+        cap->ev.failed = err != 0;
+        tail_tp.call(ctx, STACK_WALK);
+        stack_drop();
+    }
+    return 0;
+}
+
+/* A memory syscall's per-stack figures once its stack is taken. */
+int tail_tp__2__memsys(void *ctx) {
+    struct stack_capture *cap = capture_resume();
+    if (cap)
+        add_memsys(cap->ev.sub, stack_of(cap), cap->ev.ns, cap->ev.failed, cap->ev.bytes);
     return 0;
 }
 
@@ -313,7 +372,19 @@ TRACEPOINT_PROBE(exceptions, page_fault_user) {
     if (!ours())
         return 0;
     count(NATRACE_TC_FAULTS, 1);
-    s32 id = stack_of(args);
+    if (capture(CONT_FAULT)) {
+        tail_tp.call(args, STACK_WALK);
+        stack_drop();
+    }
+    return 0;
+}
+
+/* A page fault once its stack is taken. */
+int tail_tp__3__fault(void *ctx) {
+    struct stack_capture *cap = capture_resume();
+    if (!cap)
+        return 0;
+    s32 id = stack_of(cap);
     u64 one = 1;
     u64 *n = faults.lookup(&id);
     if (n)

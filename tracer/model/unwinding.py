@@ -16,6 +16,8 @@ END_DESCRIPTIONS = {
                         "assembly)",
     "unreadable_stack": "stack memory that could not be read",
     "bad_frame": "a frame address below the stack pointer",
+    "dropped": "no walk: the event was lost (natrace was detaching, or another thread's "
+               "capture took the CPU's slot while this one was preempted)",
 }
 
 

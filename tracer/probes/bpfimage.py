@@ -7,6 +7,11 @@ compiling process's map fds, in BPF_PSEUDO_MAP_FD loads) and each map's type,
 sizes and C type descriptions. Loading an Image creates the maps afresh, points the
 instructions at them and loads the programs; the object returned is bcc's own BPF
 class, so tables, ring buffers, attaching and detaching are bcc's code as before.
+
+Programs entered only by tail calls (bpf/stacks.bpf.h's stack walk and its
+continuations) are named tail_ARRAY__SLOT__what: loaded as ARRAY's program type
+(kp: kprobe, for uprobes; tp: tracepoint) and put in slot SLOT of the program array
+named tail_ARRAY before anything is attached.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import base64
 import ctypes as ct
 import json
 import os
+import re
 import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +31,7 @@ import bcc
 import bcc.table
 
 _TRACEPOINT_PREFIX = "tracepoint__"
+_TAIL = re.compile(r"(tail_(kp|tp))__(\d+)__\w+")
 _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD = 1
 _INSN = struct.Struct("<BBhi")
@@ -231,12 +238,19 @@ class LoadedBPF(bcc.BPF):
                 for done in [pool.submit(self._load_function, name, _relocated(code, fds))
                              for name, code in jobs]:
                     done.result()
+            for name in image.functions:
+                tail = _TAIL.fullmatch(name)
+                if tail:
+                    self.get_table(tail.group(1))[int(tail.group(3))] = \
+                        self.funcs[name.encode()].fd
         except BaseException:
             self.close()
             raise
 
     def _load_function(self, name: str, code: bytes) -> None:
-        kind = bcc.BPF.TRACEPOINT if name.startswith(_TRACEPOINT_PREFIX) else bcc.BPF.KPROBE
+        tail = _TAIL.fullmatch(name)
+        tracepoint = tail.group(2) == "tp" if tail else name.startswith(_TRACEPOINT_PREFIX)
+        kind = bcc.BPF.TRACEPOINT if tracepoint else bcc.BPF.KPROBE
         buf = ct.create_string_buffer(code, len(code))
         fd = _prog_load(kind, name.encode(), buf, len(code), self._image.license.encode(),
                         self._image.kern_version, 0, None, 0)

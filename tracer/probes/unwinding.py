@@ -34,6 +34,7 @@ _END_NAMES = {
     "NATRACE_END_UNSUPPORTED": "unsupported_rule",
     "NATRACE_END_READ": "unreadable_stack",
     "NATRACE_END_BAD_FRAME": "bad_frame",
+    "NATRACE_END_DROPPED": "dropped",
 }
 
 
