@@ -220,6 +220,24 @@ def test_real_terminal_80x24_no_color(running: subprocess.Popen[str], tmp_path: 
     assert bcc_uprobe_events(running.pid) == []
 
 
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
+def test_closing_the_terminal_ends_top(running: subprocess.Popen[str], tmp_path: Path) -> None:
+    """The terminal goes away (SIGHUP): top ends, detached, instead of tracing on unseen."""
+    name = f"natrace-top-hup-{os.getpid()}"
+    tmux("new-session", "-d", "-s", name, "-x", "80", "-y", "24",
+         f"cd {tmp_path} && NO_COLOR=1 {NATRACE} top -p {running.pid} --interval 500ms")
+    try:
+        screen_until(name, SUSPECT, 60)
+        top = int(tmux("list-panes", "-t", name, "-F", "#{pane_pid}").split()[0])
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{top}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{top}").exists(), "natrace top outlived its terminal"
+    assert running.poll() is None and state_of(running.pid) in "RS"
+
+
 def test_batch_mode_prints_frames_when_stdout_is_no_terminal(
         running: subprocess.Popen[str]) -> None:
     proc = subprocess.run([NATRACE, "top", "-p", str(running.pid), "--iterations", "2",

@@ -110,11 +110,12 @@ class LiveDriver:
         self._stop = threading.Event()
 
     def next_state(self) -> LiveState | None:
-        """The state after the next interval; None once stopped or after the target ended."""
+        """The state after the next interval; None once stopped (q, or SIGINT/SIGTERM/SIGHUP
+        caught by the session) or after the target ended."""
         if self.ended:
             return None
         deadline = time.monotonic() + self.interval
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.session.stop_requested is None:
             if not self.session.poll():
                 self.ended = True
                 state = self.sampler.sample()

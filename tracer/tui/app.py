@@ -7,6 +7,7 @@ Paused, the app keeps receiving states but shows none until resumed.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from tracer.tui.views import (
     filtered_rows,
     header_lines,
     sorted_rows,
-   )
+)
 
 # Writes the current state as "report" or "flamegraph"; returns what to tell the user.
 Writer = Callable[[LiveState, str], str]
@@ -132,13 +133,18 @@ class TopApp(App[None]):
             self._thread.start()
 
     def _drive(self) -> None:
-        """The driver thread: poll, sample, post; ends when the driver stops."""
+        """The driver thread: poll, sample, post; ends when the driver stops. A stop
+        signal (the terminal closed, SIGTERM) ends the app too: a top nobody can see or
+        quit must not keep the probes in place."""
         assert self.driver is not None
         while (state := self.driver.next_state()) is not None:
             try:
                 self.post_message(StateReady(state))
             except RuntimeError:  # the app's loop is gone
                 return
+        if self.driver.session.stop_requested is not None:
+            with contextlib.suppress(RuntimeError):  # the app's loop may be gone
+                self.call_from_thread(self.exit)
 
     def stop_driver(self, timeout: float = 10.0) -> None:
         """Stop the driver and wait for its thread, so no snapshot runs after this."""
