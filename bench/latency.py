@@ -1,6 +1,6 @@
 """What a user waits for, and natrace's own memory: the targets of issue 21.
 
-    sudo .venv/bin/python -m bench.latency [--rounds 3] [--no-loaded]
+    sudo .venv/bin/python -m bench.latency [--rounds 3] [--no-loaded | --no-idle]
 
 Attach (command start to probes in place) with a warm cache, with a cold cache of
 compiled BPF programs only, and as a first run with every cache cold (symbol indexes
@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-loaded", action="store_true", help="skip the loaded runs")
+    parser.add_argument("--no-idle", action="store_true",
+                        help="skip the idle runs (each half fits one quiet window)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("python -m bench.latency: needs root (BPF tools)", file=sys.stderr)
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
            f"machine: {os.cpu_count()} CPUs, Linux {os.uname().release}", ""]
     for title, hogs in [("idle (no busy loops of ours)", 0),
                         (f"loaded ({os.cpu_count()} busy loops)", os.cpu_count() or 1)]:
-        if hogs and args.no_loaded:
+        if (hogs and args.no_loaded) or (not hogs and args.no_idle):
             continue
         with busy_cpus(hogs):
             out += table(title, measure(args.rounds, log)) + [""]

@@ -77,7 +77,29 @@ def test_a_torn_cache_entry_is_compiled_afresh(cache: Path, loaded: list[Any]) -
 
 def test_a_compile_error_is_one_line() -> None:
     with pytest.raises(KernelFeatureError) as info:
-        bpfprog._compile_in_child("broken.bpf.c", "int f(void *ctx) { return nope; }", [])
+        bpfprog._Compile("broken.bpf.c", "int f(void *ctx) { return nope; }", []).result()
     message = str(info.value)
     assert message.startswith("could not load the BPF program broken.bpf.c: ")
     assert "nope" in message and "\n" not in message
+
+
+def test_a_prepared_compile_is_taken_by_the_load(cache: Path, loaded: list[Any]) -> None:
+    """prepare() starts the cold compile in a child; the load waits for that child
+    instead of starting another; once cached, prepare() starts nothing."""
+    bpfprog.prepare("triage.bpf.c", DEFINES)
+    [pending] = bpfprog._PENDING.values()
+    _, compiles, hits = _load(loaded)
+    assert (compiles, hits) == (1, 0)
+    assert not bpfprog._PENDING and pending not in bpfprog._RUNNING
+    bpfprog.prepare("triage.bpf.c", DEFINES)
+    assert not bpfprog._PENDING
+    _, compiles, hits = _load(loaded)
+    assert (compiles, hits) == (0, 1)
+
+
+def test_a_prepared_compile_not_taken_is_stopped(cache: Path) -> None:
+    bpfprog.prepare("triage.bpf.c", DEFINES)
+    [pending] = bpfprog._PENDING.values()
+    bpfprog._discard_running()  # what natrace's exit does
+    assert pending._proc.returncode is not None and not bpfprog._RUNNING
+    bpfprog._PENDING.clear()

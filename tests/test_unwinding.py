@@ -14,6 +14,8 @@ from allocfixtures import build_nofp
 from test_alloc_tracing import malloc_sites, run_json, site
 from tracing import snapshot_json, waiting
 
+from tracer.probes.unwinding import _ROW as unwind_row
+from tracer.probes.unwinding import _clip
 from tracer.symbols import cfi
 
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
@@ -102,6 +104,21 @@ def test_gaps_between_functions_have_no_rows() -> None:
     table = cfi.parse_file(str(build_nofp().chain))
     assert any(r.cfa == cfi.CFA_NONE for r in table.iter_rows())
     assert table.find(0) is None
+
+
+def test_rows_are_moved_and_clipped_to_a_mapping() -> None:
+    """A mapping's rows in runtime addresses: the row in force at its start moved to
+    it, rows at or past its end dropped, a "no information" row before the first."""
+    rows = b"".join(cfi.ROW.pack(pc, off, -16, cfi.CFA_RSP, cfi.RBP_SAVED)
+                    for pc, off in [(0x1000, 8), (0x1010, 16), (0x1020, 24), (0x1100, 8)])
+    table = cfi.UnwindTable(rows, 2, 0, ".eh_frame")
+    bias = 0x7F0000000000
+    got = list(unwind_row.iter_unpack(_clip(table, bias, bias + 0x1018, bias + 0x1100)))
+    assert got == [(bias + 0x1018, 16, -16, cfi.CFA_RSP, cfi.RBP_SAVED),
+                   (bias + 0x1020, 24, -16, cfi.CFA_RSP, cfi.RBP_SAVED)]
+    got = list(unwind_row.iter_unpack(_clip(table, bias, bias + 0x800, bias + 0x1010)))
+    assert got == [(bias + 0x800, 0, 0, cfi.CFA_NONE, 0),
+                   (bias + 0x1000, 8, -16, cfi.CFA_RSP, cfi.RBP_SAVED)]
 
 
 def test_garbage_is_no_rows(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from tracer.errors import OutputError, PipeClosed, UsageError
 
@@ -248,3 +249,23 @@ def prepare_dir(path: str, option: str) -> None:
         except OSError as err:
             raise OutputError(f"{option} {path}: cannot create it: {err.strerror}") from None
     check_directory(path, option)
+
+
+def open_trusted(path: str) -> IO[str] | None:
+    """A cache entry at `path` opened for reading when this user owns it and its
+    directory and nobody else can write either (natrace runs as root and acts on what
+    its caches say); None otherwise, or when it is missing. Not a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    fh = os.fdopen(fd)
+    try:
+        for st in (os.fstat(fh.fileno()), os.stat(os.path.dirname(path) or ".")):
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                fh.close()
+                return None
+    except OSError:
+        fh.close()
+        return None
+    return fh

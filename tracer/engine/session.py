@@ -103,6 +103,9 @@ class Session:
         self.attaching = True
         try:
             with bpfprog.captured_stderr():
+                for probes in self._probe_sets():  # cold compiles side by side
+                    if probes is not self.probes or self.options.allocs:
+                        probes.prepare(self.target)
                 if self.options.allocs:
                     self.probes.attach(self.target)
                     if self.probes.in_process:

@@ -20,6 +20,8 @@ import json
 import os
 import re
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -88,6 +90,9 @@ class Layout:
         return self.members[struct_name][member][1]
 
 
+_LAYOUT_TIMEOUT = 300.0  # seconds for the child that reads the DWARF
+
+
 class NoLayout(Exception):
     """libc's layout cannot be had (no debug info, or DWARF we do not understand)."""
 
@@ -154,6 +159,26 @@ def _layout_for(libc: str, debug_dirs: Sequence[str] | None,
 
 
 def _layout_from_dwarf(path: str, build_id: str) -> Layout:
+    """The layout read by `python -m tracer.memory.books`: pyelftools holds ~60 MiB
+    while it walks libc6-dbg's DWARF (once per build-id, then cached), which natrace's
+    own peak memory must not carry. Its own session, so a Ctrl-C meant for natrace
+    does not end it half-way."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tracer.memory.books", path, build_id],
+                              capture_output=True, text=True, timeout=_LAYOUT_TIMEOUT,
+                              start_new_session=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise NoLayout(f"cannot read malloc's layout from {path}: {type(e).__name__}") from e
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise NoLayout(lines[-1] if lines else f"cannot read malloc's layout from {path}")
+    try:
+        return Layout(**json.loads(proc.stdout))
+    except (ValueError, TypeError) as e:
+        raise NoLayout(f"cannot read malloc's layout from {path}: {type(e).__name__}") from e
+
+
+def _layout_in_process(path: str, build_id: str) -> Layout:
     try:
         with open(path, "rb") as fh:
             elf = ELFFile(fh)
@@ -665,3 +690,19 @@ def _tcache_at(mem: Memory, layout: Layout, arena: _Arena, anywhere: Callable[[i
     chunks = sum(counts)
     return TcacheBooks(p, arena.address, chunks,
                        sum(c * (MINSIZE + i * ALIGN) for i, c in enumerate(counts)))
+
+
+def _layout_main(argv: list[str]) -> int:
+    """The child of _layout_from_dwarf: DEBUG_FILE BUILD_ID in, the layout as JSON out,
+    or why there is none on stderr."""
+    try:
+        layout = _layout_in_process(argv[0], argv[1])
+    except NoLayout as err:
+        print(err, file=sys.stderr)
+        return 1
+    sys.stdout.write(json.dumps(asdict(layout)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_layout_main(sys.argv[1:]))

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tracer.errors import KernelFeatureError, TargetError
+from tracer.errors import TargetError
 from tracer.model.mappings import MappingTracker, Owner
 from tracer.probes import bpfprog
 from tracer.probes.allocators import EntryPoint, find_entry_points
 from tracer.probes.base import ProbeSet, map_items
-from tracer.probes.placement import entry_offset
+from tracer.probes.placement import probe_offset
 from tracer.probes.sampler import DEFAULT_PERIOD, Counters, SamplerConfig
 from tracer.probes.target import Target
 from tracer.probes.usdt import UsdtProbe, otel_probes
@@ -100,16 +100,8 @@ class AllocProbes(ProbeSet):
         self._sampler_libs: list[str] = []
         self._target_pid = 0
 
-    def attach(self, target: Target) -> None:
-        files = target.mapped_files()
-        usdt = [] if self.options.probes == "exact" else otel_probes(files)
-        if self.options.probes == "in-process" and not usdt:
-            raise TargetError(f"process {target.pid} has no otel_memory probes: start it with "
-                              "LD_PRELOAD=$(natrace sampler-path), or use natrace run --sampled")
-        entry_points = [] if usdt else find_entry_points(files, target.executable())
-        if not usdt and not any(ep.family_name == "malloc" for ep in entry_points):
-            raise TargetError(f"process {target.pid} maps no known allocator (no malloc found)")
-        self.in_process = bool(usdt)
+    def program(self, target: Target) -> tuple[str, dict[str, int | str]]:
+        usdt = self._usdt(target)
         defines: dict[str, int | str] = {
             "SAMPLE_BYTES": 0 if usdt else self.options.sample_bytes,
             "MAX_ALLOCS": self.options.max_allocs,
@@ -119,18 +111,30 @@ class AllocProbes(ProbeSet):
         }
         if usdt:
             defines["USDT_SAMPLED"] = 1
-        self._load("alloc.bpf.c", target, defines)
-        try:
+        return "alloc.bpf.c", defines
+
+    def _usdt(self, target: Target) -> list[UsdtProbe]:
+        """The otel_memory probes to attach to instead of the allocator (none: exact)."""
+        return [] if self.options.probes == "exact" else otel_probes(target.mapped_files())
+
+    def attach(self, target: Target) -> None:
+        usdt = self._usdt(target)
+        if self.options.probes == "in-process" and not usdt:
+            raise TargetError(f"process {target.pid} has no otel_memory probes: start it with "
+                              "LD_PRELOAD=$(natrace sampler-path), or use natrace run --sampled")
+        entry_points = ([] if usdt else
+                        find_entry_points(target.mapped_files(), target.executable()))
+        if not usdt and not any(ep.family_name == "malloc" for ep in entry_points):
+            raise TargetError(f"process {target.pid} maps no known allocator (no malloc found)")
+        self.in_process = bool(usdt)
+        source, defines = self.program(target)
+        self._load(source, target, defines)
+        with self._attaching(target, "uprobes"):
             if usdt:
                 self._attach_in_process(target, usdt)
             for ep in entry_points:
                 self._attach_entry_point(ep, target.pid)
             self._stop_at_exit(target)
-        except Exception as err:
-            self.detach()
-            if not target.alive():
-                raise TargetError(f"process {target.pid} exited while natrace attached") from None
-            raise KernelFeatureError(f"could not attach uprobes: {err}") from None
         self._bpf["mem_events"].open_ring_buffer(self._on_mem_event)
         self._arm(target)
 
@@ -319,9 +323,7 @@ def entry_probe_offset(ep: EntryPoint) -> int:
     benchmark's empty-probe floor sits exactly where natrace's probes do."""
     if not ep.null_first_arg_ignored:
         return 0
-    with open(ep.path, "rb") as fh:
-        fh.seek(ep.file_offset)
-        return entry_offset(fh.read(ep.size), ignores_null_first_arg=True)
+    return probe_offset(ep.path, ep.file_offset, ep.size)
 
 
 def _inode(path: str) -> tuple[int, int] | None:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from tracer.errors import AttachInterrupted, KernelFeatureError, TargetError
 from tracer.probes import bpfprog, kernelbtf
 from tracer.probes.stacks import StackReader
 from tracer.probes.target import Target
@@ -33,19 +34,35 @@ class ProbeSet:
         #: Another probe set whose unwind table this one walks (set before attaching).
         self.unwind_owner: ProbeSet | None = None
 
+    def program(self, target: Target) -> tuple[str, dict[str, int | str]] | None:
+        """(bpf/ source, -D parameters) this set loads for `target` (before the
+        unwind and launch parameters _load() adds); None when it loads nothing."""
+        raise NotImplementedError
+
+    def prepare(self, target: Target) -> None:
+        """Start compiling this set's program now when the cache lacks it (see
+        bpfprog.prepare): called for every set before any attaches."""
+        program = self.program(target)
+        if program is not None:
+            bpfprog.prepare(program[0], self._defines(target, program[1]))
+
+    def _defines(self, target: Target, defines: dict[str, int | str]) -> dict[str, int | str]:
+        """`defines` plus the launch gate's and the unwind mode's parameters."""
+        if target.launched:
+            defines = {**defines, "WAIT_EXEC": 1}
+        if self.unwind_mode != "fp":
+            defines = {**defines, "UNWIND_CFI": 1, "UNWIND_DEPTH": self.unwind_depth,
+                       **(kernelbtf.uretprobe_offsets() or {})}
+        return defines
+
     def _load(self, source: str, target: Target, defines: dict[str, int | str]) -> None:
         """Compile bpf/<source> for this target (launched: held at the exec gate).
         An unwind mode other than "fp" walks stacks with CFI rows (bpf/stacks.bpf.h); a
         running target's table is filled before anything is recorded."""
         unwind = self.unwind_mode
-        if target.launched:
-            defines = {**defines, "WAIT_EXEC": 1}
-        if unwind != "fp":
-            defines = {**defines, "UNWIND_CFI": 1, "UNWIND_DEPTH": self.unwind_depth,
-                       **(kernelbtf.uretprobe_offsets() or {})}
         owner = self.unwind_owner
         shared = owner.unwind_maps() if unwind != "fp" and owner is not None else None
-        self._bpf = bpfprog.compile_program(source, defines, shared)
+        self._bpf = bpfprog.compile_program(source, self._defines(target, defines), shared)
         self._bpf["target"][ctypes.c_int(0)] = ctypes.c_uint32(target.pid)
         self._bpf.attach_tracepoint_functions()
         self._stacks = StackReader(self._bpf)
@@ -84,6 +101,22 @@ class ProbeSet:
             return False
         table[ctypes.c_int(0)] = ctypes.c_uint32(0)
         return True
+
+    @contextlib.contextmanager
+    def _attaching(self, target: Target, what: str) -> Iterator[None]:
+        """Probes placed in the block; on failure every one of this set is removed and
+        one error says why: the target died, a stop signal came (AttachInterrupted,
+        as raised), or the kernel refused `what`."""
+        try:
+            yield
+        except Exception as err:
+            self.detach()
+            if isinstance(err, AttachInterrupted):
+                raise
+            if not target.alive():
+                raise TargetError(f"process {target.pid} exited while natrace attached") \
+                    from None
+            raise KernelFeatureError(f"could not attach {what}: {err}") from None
 
     def _stop_at_exit(self, target: Target) -> None:
         """A launched target stops itself when it calls _Exit (bpf/target.bpf.h), so its

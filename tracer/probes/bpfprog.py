@@ -8,6 +8,7 @@ process that compiles.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import ctypes
@@ -20,14 +21,15 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tracer.errors import KernelFeatureError, UsageError
-from tracer.files import write_private
+from tracer.errors import KernelFeatureError, NatraceError, UsageError
+from tracer.files import open_trusted, write_private
 from tracer.probes import doctor
 from tracer.symbols.elfsyms import default_cache_dir
 
@@ -106,22 +108,18 @@ def compile_program(name: str, defines: dict[str, int | str],
     kernel, nothing attached but tracepoint__* functions; see bpfimage.LoadedBPF).
 
     The compiled object comes from natrace's cache when this exact source, flags,
-    kernel and bcc were compiled before; otherwise a child process compiles it, so
-    LLVM's second and ~60 MiB never enter natrace's own process, and the cache keeps
-    it. `shared` maps (by name, an fd) are another program's, not created anew. One line
-    of the compiler's or the kernel's complaint on failure."""
+    kernel and bcc were compiled before; otherwise a child process compiles it (one
+    prepare() started already, or one started now), so LLVM's second and ~60 MiB
+    never enter natrace's own process, and the cache keeps it. `shared` maps (by name,
+    an fd) are another program's, not created anew. One line of the compiler's or the
+    kernel's complaint on failure."""
     import_bcc()
     from tracer.probes import bpfimage
 
     tracefs, check = doctor.find_tracefs()
     if tracefs is None:
         raise KernelFeatureError(f"tracefs is not usable ({check.detail}): {check.fix}")
-    src = source_dir()
-    cflags = [f"-I{src}", "-Wno-macro-redefined", "-Wno-unused-function"]
-    defines = {"NCPUS": _possible_cpus(), **defines}
-    cflags += [f"-D{key}={value}" for key, value in defines.items()]
-    text = _paste_bpf_headers((src / name).read_text(), src)
-    path = _cache_path(text, cflags)
+    text, cflags, path = _request(name, defines)
     image = _read_cached(path)
     if image is not None:
         STATS["cache_hit"] += 1
@@ -130,7 +128,8 @@ def compile_program(name: str, defines: dict[str, int | str],
                 return bpfimage.LoadedBPF(image, shared)
         except OSError:
             pass  # e.g. the kernel changed under the same release: compile afresh
-    image = _compile_in_child(name, text, cflags)
+    pending = _PENDING.pop(path, None)
+    image = (pending or _Compile(name, text, cflags)).result()
     STATS["compiled"] += 1
     try:
         with captured_stderr() as captured:
@@ -142,28 +141,92 @@ def compile_program(name: str, defines: dict[str, int | str],
     return loaded
 
 
-def _compile_in_child(name: str, text: str, cflags: list[str]) -> Any:
-    """bcc's compile of `text`, run by `python -m tracer.probes.bpfprog`."""
-    from tracer.probes import bpfimage
+def prepare(name: str, defines: dict[str, int | str]) -> None:
+    """Start compiling bpf/<name> with `defines` now, in a child of its own, when the
+    cache has no entry for it: a session's cold compiles (alloc, triage, handles) then
+    run side by side instead of one after another, and compile_program() takes the
+    result. Never fails: whatever goes wrong is compile_program()'s to report."""
+    with contextlib.suppress(NatraceError, OSError):
+        text, cflags, path = _request(name, defines)
+        if path not in _PENDING and not _trusted_entry(path):
+            _PENDING[path] = _Compile(name, text, cflags)
 
-    if not Path(f"/lib/modules/{os.uname().release}/build/include").exists():
-        raise KernelFeatureError(
-            f"no kernel headers at /lib/modules/{os.uname().release}/build: "
-            "run scripts/provision.sh (it installs and links them)"
-        )
-    request = json.dumps({"text": text, "cflags": cflags})
-    try:
-        proc = subprocess.run([sys.executable, "-m", "tracer.probes.bpfprog"], input=request,
-                              capture_output=True, text=True, timeout=_COMPILE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise KernelFeatureError(f"compiling the BPF program {name} took over "
-                                 f"{_COMPILE_TIMEOUT:g} s") from None
-    if proc.returncode != 0:
-        detail = (_first_error_line(proc.stderr) or proc.stderr.strip().splitlines()[-1:] or
-                  [f"the compiler exited with status {proc.returncode}"])
-        line = detail if isinstance(detail, str) else detail[0]
-        raise KernelFeatureError(f"could not load the BPF program {name}: {line}")
-    return bpfimage.Image.from_json(proc.stdout)
+
+def _request(name: str, defines: dict[str, int | str]) -> tuple[str, list[str], str]:
+    """(source text with its headers pasted, cflags, cache path) of bpf/<name>."""
+    src = source_dir()
+    cflags = [f"-I{src}", "-Wno-macro-redefined", "-Wno-unused-function"]
+    defines = {"NCPUS": _possible_cpus(), **defines}
+    cflags += [f"-D{key}={value}" for key, value in defines.items()]
+    text = _paste_bpf_headers((src / name).read_text(), src)
+    return text, cflags, _cache_path(text, cflags)
+
+
+class _Compile:
+    """bcc's compile of one source in `python -m tracer.probes.bpfprog`, started at
+    construction; request and answer go through unnamed files, so the child never
+    waits for natrace to read a pipe and several compile at once."""
+
+    def __init__(self, name: str, text: str, cflags: list[str]) -> None:
+        if not Path(f"/lib/modules/{os.uname().release}/build/include").exists():
+            raise KernelFeatureError(
+                f"no kernel headers at /lib/modules/{os.uname().release}/build: "
+                "run scripts/provision.sh (it installs and links them)"
+            )
+        self.name = name
+        # stdin, stdout, stderr; closed by discard(), which result() always calls
+        self._files = [tempfile.TemporaryFile() for _ in range(3)]  # noqa: SIM115
+        request, self._out, self._err = self._files
+        request.write(json.dumps({"text": text, "cflags": cflags}).encode())
+        request.seek(0)
+        self._deadline = time.monotonic() + _COMPILE_TIMEOUT
+        self._proc = subprocess.Popen([sys.executable, "-m", "tracer.probes.bpfprog"],
+                                      stdin=request, stdout=self._out, stderr=self._err)
+        _RUNNING.add(self)
+
+    def result(self) -> Any:
+        """Wait for the child: its Image, or the compiler's complaint as one line."""
+        from tracer.probes import bpfimage
+
+        try:
+            code = self._proc.wait(timeout=max(self._deadline - time.monotonic(), 0.0))
+            self._err.seek(0)
+            stderr = self._err.read().decode(errors="replace")
+            self._out.seek(0)
+            stdout = self._out.read().decode()
+        except subprocess.TimeoutExpired:
+            raise KernelFeatureError(f"compiling the BPF program {self.name} took over "
+                                     f"{_COMPILE_TIMEOUT:g} s") from None
+        finally:
+            self.discard()  # killed when interrupted or too slow; reaped either way
+        if code != 0:
+            line = (_first_error_line(stderr) or next(iter(stderr.strip().splitlines()[-1:]), "")
+                    or f"the compiler exited with status {code}")
+            raise KernelFeatureError(f"could not load the BPF program {self.name}: {line}")
+        return bpfimage.Image.from_json(stdout)
+
+    def discard(self) -> None:
+        """Stop the child if it still runs (natrace is leaving without its result) and
+        drop its files."""
+        _RUNNING.discard(self)
+        if self._proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self._proc.kill()
+            self._proc.wait()
+        for fh in self._files:
+            fh.close()
+
+
+#: Compiles prepare() started, by cache path, until compile_program() takes them.
+_PENDING: dict[str, _Compile] = {}
+#: Children still compiling: killed when natrace exits without waiting for them.
+_RUNNING: set[_Compile] = set()
+
+
+@atexit.register
+def _discard_running() -> None:
+    for compile_ in list(_RUNNING):
+        compile_.discard()
 
 
 def _cache_path(text: str, cflags: list[str]) -> str:
@@ -184,18 +247,23 @@ def _read_cached(path: str) -> Any:
     directory and nobody else can write either: natrace loads it into the kernel."""
     from tracer.probes import bpfimage
 
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
+    fh = open_trusted(path)
+    if fh is None:
         return None
-    with os.fdopen(fd) as fh:
-        for st in (os.fstat(fh.fileno()), os.stat(os.path.dirname(path))):
-            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-                return None
+    with fh:
         try:
             return bpfimage.Image.from_json(fh.read())
         except (ValueError, KeyError, TypeError):
             return None  # torn or foreign: compiled afresh and overwritten
+
+
+def _trusted_entry(path: str) -> bool:
+    """Is there an entry at `path` _read_cached() would read (torn or not)?"""
+    fh = open_trusted(path)
+    if fh is None:
+        return False
+    fh.close()
+    return True
 
 
 def _write_cached(path: str, image: Any) -> None:

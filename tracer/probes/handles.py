@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tracer.errors import KernelFeatureError, TargetError, UsageError
+from tracer.errors import UsageError
 from tracer.model.growth import Series
 from tracer.probes import bpfprog
 from tracer.probes.base import ProbeSet, map_items
@@ -173,6 +173,7 @@ class HandleProbes(ProbeSet):
         self.series: dict[int, Series] = {}  # pair -> live count over monotonic seconds
         self._c = bpfprog.constants()
         self._last_sample = 0.0
+        self._resolved_for: tuple[Target, list[TracedPair]] | None = None
 
     def resolve(self, target: Target, chosen: Sequence[TracedPair] = ()) -> list[TracedPair]:
         """The pairs to trace in `target`, after those already `chosen`: presets whose
@@ -229,28 +230,36 @@ class HandleProbes(ProbeSet):
         except Exception:  # the target went away, or a file could not be probed
             return
 
+    def program(self, target: Target) -> tuple[str, dict[str, int | str]] | None:
+        """None when no pair is to be traced; a user pair's error waits for attach()."""
+        try:
+            pairs = self._resolved(target)
+        except UsageError:
+            return None
+        if not pairs:
+            return None
+        return "handles.bpf.c", {"MAX_HANDLES": self.options.max_handles,
+                                 "MAX_STACKS": self.options.stack_map_size}
+
+    def _resolved(self, target: Target) -> list[TracedPair]:
+        """resolve(target), once per target (prepare() and attach() both ask)."""
+        if self._resolved_for is None or self._resolved_for[0] is not target:
+            self._resolved_for = (target, self.resolve(target))
+        return self._resolved_for[1]
+
     def attach(self, target: Target, stop_at_exit: bool = False) -> None:
         """Compile and attach when there is any pair to trace; `stop_at_exit` makes a
         launched target stop in _Exit (when no other probe set does)."""
-        pairs = self.resolve(target)
-        if not pairs:
+        pairs = self._resolved(target)
+        program = self.program(target)
+        if program is None:
             return
-        defines: dict[str, int | str] = {
-            "MAX_HANDLES": self.options.max_handles,
-            "MAX_STACKS": self.options.stack_map_size,
-        }
-        self._load("handles.bpf.c", target, defines)
-        try:
+        self._load(program[0], target, program[1])
+        with self._attaching(target, "handle uprobes"):
             for tp in pairs:
                 self._trace(tp, target.pid)
             if stop_at_exit:
                 self._stop_at_exit(target)
-        except Exception as err:
-            self.detach()
-            if not target.alive():
-                raise TargetError(f"process {target.pid} exited while natrace attached") \
-                    from None
-            raise KernelFeatureError(f"could not attach handle uprobes: {err}") from None
         self._arm(target)
         self.pairs = pairs
 

@@ -11,7 +11,6 @@ import errno
 import os
 from dataclasses import dataclass
 
-from tracer.errors import KernelFeatureError, TargetError
 from tracer.probes import bpfprog, doctor
 from tracer.probes.base import ProbeSet
 from tracer.probes.target import Target
@@ -74,20 +73,28 @@ class TriageProbes(ProbeSet):
         self._exec_mmaps = 0
         self._c = bpfprog.constants()
 
-    def attach(self, target: Target, stop_at_exit: bool = False) -> None:
-        """Compile and attach; `stop_at_exit` makes a launched target stop in _Exit
-        (what the allocation probes otherwise do) so its maps outlive its last call."""
-        tracefs, _ = doctor.find_tracefs()
-        events = os.path.join(tracefs or "/sys/kernel/tracing", "events")
+    def program(self, target: Target) -> tuple[str, dict[str, int | str]]:
         defines: dict[str, int | str] = {
             "MAX_KEYS": self.options.max_keys,
             "MAX_STACKS": self.options.stack_map_size,
         }
-        present = [ev for ev, _ in _OPTIONAL if os.path.isdir(os.path.join(events, ev))]
-        for ev, flag in _OPTIONAL:
-            if ev in present:
-                defines[flag] = 1
-        self._load("triage.bpf.c", target, defines)
+        present = self._present()
+        defines.update({flag: 1 for ev, flag in _OPTIONAL if ev in present})
+        return "triage.bpf.c", defines
+
+    @staticmethod
+    def _present() -> list[str]:
+        """The optional tracepoints this kernel has."""
+        tracefs, _ = doctor.find_tracefs()
+        events = os.path.join(tracefs or "/sys/kernel/tracing", "events")
+        return [ev for ev, _ in _OPTIONAL if os.path.isdir(os.path.join(events, ev))]
+
+    def attach(self, target: Target, stop_at_exit: bool = False) -> None:
+        """Compile and attach; `stop_at_exit` makes a launched target stop in _Exit
+        (what the allocation probes otherwise do) so its maps outlive its last call."""
+        source, defines = self.program(target)
+        self._load(source, target, defines)
+        present = self._present()
         self.has_faults = "exceptions/page_fault_user" in present
         names = [p.format(d) for p in _ALWAYS for d in ("enter", "exit")]
         names += [ev for ev in present if not ev.startswith("syscalls/")]
@@ -95,15 +102,8 @@ class TriageProbes(ProbeSet):
                   for d in ("enter", "exit")]
         self.points = sorted(n.replace("/", ":") for n in names)
         if stop_at_exit:
-            try:
+            with self._attaching(target, "a uprobe on _Exit"):
                 self._stop_at_exit(target)
-            except Exception as err:
-                self.detach()
-                if not target.alive():
-                    raise TargetError(f"process {target.pid} exited while natrace "
-                                      "attached") from None
-                raise KernelFeatureError(f"could not attach a uprobe on _Exit: {err}") \
-                    from None
         self._arm(target)
 
     def poll(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import struct
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,7 +119,7 @@ class UnwindTables:
     def _write(self, rows: bytes, count: int) -> None:
         base = 0 if self._base else self._half
         if count:
-            keys = (ctypes.c_uint32 * count)(*range(base, base + count))
+            keys = (ctypes.c_uint32 * count).from_buffer(array("I", range(base, base + count)))
             table = self._bpf["unwind_rows"]
             values = (table.Leaf * count).from_buffer_copy(rows)
             table.items_update_batch(keys, values)
@@ -148,19 +149,24 @@ def end_reason(code: int) -> str:
 
 def _clip(table: cfi.UnwindTable, bias: int, start: int, end: int) -> bytes:
     """The table's rows that fall in [start, end) once moved by `bias`, with the row in
-    force at `start` moved to `start`."""
-    rows = table.rows
-    size = cfi.ROW.size
-    n = len(table)
-    pcs = [cfi.ROW.unpack_from(rows, i * size)[0] for i in range(n)]
+    force at `start` moved to `start`, as bpf/natrace.h's 16-byte rows.
+
+    Whole-array operations on the 32-bit words of the rows (x86-64, little-endian
+    like the rows themselves), not a loop per row: node's ~370k rows in milliseconds."""
+    words = array("I")
+    words.frombytes(table.rows)  # 3 per row: pc, cfa_off, rbp_off | rule << 16 | rbp << 24
+    pcs = words[0::3]
     lo = bisect.bisect_right(pcs, start - bias) - 1
-    out = bytearray()
-    for i in range(max(lo, 0), n):
-        pc, cfa_off, rbp_off, rule, rbp = cfi.ROW.unpack_from(rows, i * size)
-        at = max(pc + bias, start)
-        if at >= end:
-            break
-        out += _ROW.pack(at, cfa_off, rbp_off, rule, rbp)
+    first, last = max(lo, 0), bisect.bisect_left(pcs, end - bias)
+    out = array("I")
+    if last > first:
+        moved = array("Q", map(bias.__add__, pcs[first:last]))
+        moved[0] = max(moved[0], start)
+        halves = array("I")
+        halves.frombytes(moved.tobytes())
+        out.frombytes(bytes(_ROW.size * (last - first)))
+        out[0::4], out[1::4] = halves[0::2], halves[1::2]
+        out[2::4], out[3::4] = words[3 * first + 1:3 * last:3], words[3 * first + 2:3 * last:3]
     if lo < 0:  # code before the first row: no unwind information
-        out[:0] = _ROW.pack(start, 0, 0, cfi.CFA_NONE, 0)
-    return bytes(out)
+        return _ROW.pack(start, 0, 0, cfi.CFA_NONE, 0) + out.tobytes()
+    return out.tobytes()
