@@ -76,6 +76,8 @@ def _struct_members(data: bytes, wanted: set[str]) -> dict[str, dict[str, int]]:
                     if m_name:
                         fields[name(m_name)] = bits // 8
                 found[sname] = fields
+                if len(found) == len(wanted):
+                    break  # vmlinux's core structs come first: ~1% of a 5 MB read
         pos += _FIXED.get(kind, 0) + _PER_MEMBER.get(kind, 0) * vlen
     return found
 
