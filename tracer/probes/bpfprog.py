@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tracer.errors import KernelFeatureError, NatraceError, UsageError
+from tracer.errors import KernelFeatureError, UsageError
 from tracer.files import open_trusted, write_private
 from tracer.probes import doctor
 from tracer.symbols.elfsyms import default_cache_dir
@@ -145,8 +145,9 @@ def prepare(name: str, defines: dict[str, int | str]) -> None:
     """Start compiling bpf/<name> with `defines` now, in a child of its own, when the
     cache has no entry for it: a session's cold compiles (alloc, triage, handles) then
     run side by side instead of one after another, and compile_program() takes the
-    result. Never fails: whatever goes wrong is compile_program()'s to report."""
-    with contextlib.suppress(NatraceError, OSError):
+    result. A failure here (no headers, no source) is compile_program()'s to report;
+    a stop signal (AttachInterrupted) is not swallowed."""
+    with contextlib.suppress(KernelFeatureError, OSError):
         text, cflags, path = _request(name, defines)
         if path not in _PENDING and not _trusted_entry(path):
             _PENDING[path] = _Compile(name, text, cflags)
