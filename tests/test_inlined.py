@@ -31,7 +31,7 @@ SOURCE = SRC / "nofp" / "nesting.cpp"
 
 #: function -> (bytes, blocks, inlined?), from the fixture's own comment
 TRUTH = {"asdf": (1_400, 14, True), "vault::Pool::grab()": (144, 6, True),
-         "fill(vault::Pool&)": (900, 3, False)}
+         "fill(vault::Pool&)": (900, 3, False), "remember": (160, 5, True)}
 
 
 def nesting() -> Path:
@@ -52,10 +52,14 @@ def addr2line(vaddr: int) -> list[tuple[str, str]]:
 
 
 def same_address(site: dict[str, Any]) -> list[dict[str, Any]]:
-    """The charged frame and the frames out to the one holding its code."""
-    stack = site["stack"][site["charge_index"]:]
-    end = next(i for i, f in enumerate(stack) if not f["inlined"])
-    return stack[:end + 1]
+    """Every frame of the charged frame's address: the functions inlined there (the
+    runtime's ones before it included) out to the one holding the code."""
+    stack, start = site["stack"], site["charge_index"]
+    while start > 0 and stack[start - 1]["inlined"] and \
+            stack[start - 1]["address"] == stack[start]["address"]:
+        start -= 1
+    end = next(i for i in range(start, len(stack)) if not stack[i]["inlined"])
+    return stack[start:end + 1]
 
 
 def test_the_inline_chain_of_an_address_from_dwarf() -> None:
@@ -108,6 +112,7 @@ def test_each_inlined_function_is_a_row_of_its_own(
     assert {name: (s["bytes"], s["blocks"], s["stack"][s["charge_index"]]["inlined"])
             for name, s in sites.items()} == TRUTH, [s["label"] for s in report["sites"]]
     asdf = same_address(sites["asdf"])
+    assert asdf[0] is sites["asdf"]["stack"][sites["asdf"]["charge_index"]]
     assert [(f["symbol"], f["inlined"]) for f in asdf] == [
         ("asdf", True), ("split", True), ("main", False)]
     assert len({(f["address"], f["module_offset"]) for f in asdf}) == 1
@@ -120,6 +125,14 @@ def test_each_inlined_function_is_a_row_of_its_own(
         assert line.split()[:2] == [f"{TRUTH[name][0]:,}", str(TRUTH[name][1])], line
         assert line.endswith(", inlined)"), line
     assert "<- split (nesting.cpp:" in text
+    # libstdc++'s allocate(), inlined from its header: the runtime's frame, passed over
+    remember = sites["remember"]
+    std = remember["stack"][remember["charge_index"] - 1]
+    assert (std["inlined"], std["module_class"], std["module"]) == (
+        True, "libstdc++", str(nesting()))
+    assert remember["via"] == std["symbol"] and "__new_allocator<long>::allocate" in std["symbol"]
+    modules = {m["module"]: m["bytes"] for m in report["modules"]}
+    assert modules["nesting"] == sum(b for b, _, _ in TRUTH.values())
 
 
 @pytest.mark.bpf
@@ -133,7 +146,7 @@ def test_file_and_line_match_addr2line(traced: tuple[dict[str, Any], Path, str])
         theirs = addr2line(ours[0]["module_offset"])
         assert [f"{f['file']}:{f['line']}" for f in ours] == [w for _, w in theirs], name
         assert [f["symbol"] for f in ours][1:] == [n for n, _ in theirs][1:], name
-        assert ours[0]["symbol"] == name
+        assert site["stack"][site["charge_index"]]["symbol"] == name
 
 
 @pytest.mark.bpf
@@ -167,21 +180,30 @@ def test_recordings_and_exports_keep_the_inlined_frames(
 
 
 def test_a_recording_keeps_inlined_frames_and_older_schemas_read(tmp_path: Path) -> None:
-    """Schema 4 stores `frames.inlined`; a schema 3 file (the column dropped) reads its
-    frames as not inlined."""
-    inner = Frame(0x1075, "/opt/app", 0x1075, "asdf", 0, "/src/a.cpp", 13, "app", inlined=True)
-    outer = Frame(0x1075, "/opt/app", 0x1075, "main", 0x15, "/src/a.cpp", 32, "app")
+    """Schema 4 stores `frames.inlined` and a frame's own class (std::map code inlined
+    into the program is libstdc++'s; the module stays the program's); a schema 3 file
+    (the columns dropped) reads its frames as not inlined, of their module's class."""
+    new = Frame(0x7F00, "/usr/lib/libstdc++.so.6", 0xA958C, "operator new", 0x1C, None, None,
+                "libstdc++")
+    std = Frame(0x1080, "/opt/app", 0x1080, "std::map<int, int>::operator[](int const&)", 0,
+                "/usr/include/c++/12/bits/stl_map.h", 511, "libstdc++", inlined=True)
+    inner = Frame(0x1080, "/opt/app", 0x1080, "asdf", 0, "/src/a.cpp", 13, "app", inlined=True)
+    outer = Frame(0x1080, "/opt/app", 0x1080, "main", 0x15, "/src/a.cpp", 32, "app")
     snap = Snapshot(pid=1, command="x", taken_at=0.0, duration=1.0,
-                    sites=[Site("malloc", [inner, outer], 1400, 14, 14, 1400)])
+                    sites=[Site("malloc", [new, std, inner, outer], 1400, 14, 14, 1400)])
     path = tmp_path / "r.natrace"
     with RecordingWriter(str(path), {}) as writer:
         writer.add(snap)
     with Recording(str(path)) as rec:
-        assert rec.snapshot().sites[0].frames == [inner, outer]
+        assert rec.snapshot().sites[0].frames == [new, std, inner, outer]
     with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT class FROM modules WHERE path = '/opt/app'").fetchall() == \
+            [("app",)]
         db.execute("ALTER TABLE frames DROP COLUMN inlined")
+        db.execute("ALTER TABLE frames DROP COLUMN class")
         db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
         db.commit()
     with Recording(str(path)) as rec:
         frames = rec.snapshot().sites[0].frames
-    assert [(f.symbol, f.inlined) for f in frames] == [("asdf", False), ("main", False)]
+    assert [(f.symbol, f.inlined, f.module_class) for f in frames][1:] == [
+        (std.symbol, False, "app"), ("asdf", False, "app"), ("main", False, "app")]

@@ -14,11 +14,13 @@ versions 1 to 3, which lack the columns marked v2, v3 and v4):
       every mapped file a frame points into ('' = no known mapping), its attribution
       class (libpq, addon:NAME, node, js, libc, ...) and GNU build id (hex) when read.
   frames(id INTEGER PRIMARY KEY, module_id, address, module_offset, symbol NULL,
-         symbol_offset, file NULL, line NULL, inlined (v4))
+         symbol_offset, file NULL, line NULL, inlined (v4), class NULL (v4))
       each distinct symbolized frame, stored once. address and module_offset are
       unsigned 64-bit values stored as SQLite's signed INTEGER (two's complement: add
       2**64 to a negative value). inlined 1: a function inlined into the next frame of
-      the stack (same address), expanded from DWARF.
+      the stack (same address), expanded from DWARF; class: the frame's attribution
+      class where it is not its module's (libstdc++ code inlined into the program),
+      NULL otherwise.
   stacks(id INTEGER PRIMARY KEY, depth)
   stack_frames(stack_id, position, frame_id, PRIMARY KEY(stack_id, position))
       position 0 is the innermost frame (the allocator's caller); each distinct stack
@@ -91,7 +93,7 @@ CREATE TABLE modules(id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, class TE
 CREATE TABLE frames(id INTEGER PRIMARY KEY, module_id INTEGER NOT NULL REFERENCES modules,
                     address INTEGER NOT NULL, module_offset INTEGER NOT NULL, symbol TEXT,
                     symbol_offset INTEGER NOT NULL, file TEXT, line INTEGER,
-                    inlined INTEGER NOT NULL);
+                    inlined INTEGER NOT NULL, class TEXT);
 CREATE TABLE stacks(id INTEGER PRIMARY KEY, depth INTEGER NOT NULL);
 CREATE TABLE stack_frames(stack_id INTEGER NOT NULL REFERENCES stacks,
                           position INTEGER NOT NULL,
@@ -140,6 +142,7 @@ class RecordingWriter:
         self.path = path
         self._build_id = build_id
         self._modules: dict[str, int] = {}
+        self._classes: dict[int, str] = {}  # module id -> its class
         self._frames: dict[Frame, int] = {}
         self._stacks: dict[tuple[int, ...], int] = {}
         self._db = sqlite3.connect(_create(path, meta, option), isolation_level=None)
@@ -190,6 +193,9 @@ class RecordingWriter:
         self.close()
 
     def _stack(self, frames: list[Frame]) -> int:
+        for f in frames:  # a module's class is its own code's, not that inlined into it
+            if not f.inlined:
+                self._module(f.module, f.module_class)
         ids = tuple(self._frame(f) for f in frames)
         sid = self._stacks.get(ids)
         if sid is None:
@@ -202,12 +208,13 @@ class RecordingWriter:
     def _frame(self, f: Frame) -> int:
         fid = self._frames.get(f)
         if fid is None:
+            mid = self._module(f.module, f.module_class)
+            cls = f.module_class if f.module_class != self._classes[mid] else None
             cur = self._db.execute(
                 "INSERT INTO frames(module_id, address, module_offset, symbol, symbol_offset,"
-                " file, line, inlined) VALUES (?,?,?,?,?,?,?,?)",
-                (self._module(f.module, f.module_class), _signed64(f.address),
-                 _signed64(f.module_offset), f.symbol, f.symbol_offset, f.file, f.line,
-                 int(f.inlined)))
+                " file, line, inlined, class) VALUES (?,?,?,?,?,?,?,?,?)",
+                (mid, _signed64(f.address), _signed64(f.module_offset), f.symbol,
+                 f.symbol_offset, f.file, f.line, int(f.inlined), cls))
             fid = self._frames[f] = int(cur.lastrowid or 0)
         return fid
 
@@ -218,6 +225,7 @@ class RecordingWriter:
             cur = self._db.execute("INSERT INTO modules(path, class, build_id) VALUES (?,?,?)",
                                    (path, cls, build_id))
             mid = self._modules[path] = int(cur.lastrowid or 0)
+            self._classes[mid] = cls
         return mid
 
 
@@ -388,18 +396,20 @@ class Recording:
         rows = self._db.execute(
             "SELECT sf.stack_id, sf.position, f.id, f.address, f.module_offset, f.symbol,"
             " f.symbol_offset, f.file, f.line, m.path, m.class, " +
-            ("f.inlined" if self.version >= 4 else "0") +
+            ("f.inlined, f.class" if self.version >= 4 else "0, NULL") +
             " FROM stack_frames sf JOIN frames f ON f.id = sf.frame_id"
             " JOIN modules m ON m.id = f.module_id"
             " WHERE sf.stack_id IN (SELECT stack_id FROM sites WHERE snapshot_id=?)"
             " ORDER BY sf.stack_id, sf.position", (sid,))
-        for stack_id, _pos, fid, addr, off, sym, sym_off, file, line, path, cls, inl in rows:
+        for (stack_id, _pos, fid, addr, off, sym, sym_off, file, line, path, cls, inl,
+             own) in rows:
             frame = self._frames.get(fid)
             if frame is None:
                 frame = self._frames[fid] = Frame(
                     _int(addr) % 2**64, _str(path), _int(off) % 2**64, _opt(_str, sym),
                     _int(sym_off),
-                    _opt(_str, file), _opt(_int, line), _str(cls), bool(_int(inl)))
+                    _opt(_str, file), _opt(_int, line), _str(own if own is not None else cls),
+                    bool(_int(inl)))
             stacks.setdefault(stack_id, []).append(frame)
         return stacks
 

@@ -273,8 +273,9 @@ def charge_frame(frames: Sequence[Frame], charge_to: str = "first",
 
 
 #: Module classes a lock wait, syscall or page fault is never charged to: libc (which
-#: holds pthread since glibc 2.34), the loader and libstdc++ (std::mutex & co.).
-RUNTIME_MODULES: frozenset[str] = frozenset({"libc", "ld.so", "libstdc++"})
+#: holds pthread since glibc 2.34), the loader and libstdc++ (std::mutex & co.), and
+#: Rust's std inlined into a program (std::sync::Mutex).
+RUNTIME_MODULES: frozenset[str] = frozenset({"libc", "ld.so", "libstdc++", RUST_STD_CLASS})
 
 
 def first_frame_outside(frames: Sequence[Frame],

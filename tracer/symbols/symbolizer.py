@@ -18,6 +18,7 @@ from tracer.symbols.attribution import (
     LANGUAGE_RUNTIME_MODULES,
     RUNTIME_MODULES,
     RUST_STD_CLASS,
+    SAMPLER_CLASS,
     module_class,
 )
 from tracer.symbols.demangle import demangle
@@ -45,6 +46,8 @@ def jit_note(symbolizer: Symbolizer, sites: Iterable[Site]) -> list[str]:
 #: charged, and decoding libc6-dbg's line programs for the libc frames CFI stacks reach
 #: cost ~15 s of CPU per process (a budgeted agent window ended on it).
 _NO_LINES = RUNTIME_MODULES | LANGUAGE_RUNTIME_MODULES
+#: ... nor inlined frames: natrace's own sampler is the allocator's front, always passed.
+_NO_INLINES = _NO_LINES | {SAMPLER_CLASS}
 
 #: Sources whose inlined functions are the language runtime's code compiled into the
 #: program (std::map's node allocation inside cache_insert, glibc's fortify wrappers,
@@ -165,7 +168,7 @@ class Symbolizer:
     # -- work -----------------------------------------------------------------------
 
     def _expand(self, frame: Frame, return_address: bool) -> tuple[Frame, ...]:
-        if not self.lines or frame.file is None or frame.module_class in _NO_LINES:
+        if not self.lines or frame.file is None or frame.module_class in _NO_INLINES:
             return (frame,)
         m = self.maps.find(frame.address)
         elf = self.elf_for(m) if m is not None and m.file_backed else None
