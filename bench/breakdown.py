@@ -38,7 +38,8 @@ PHASES: list[tuple[str, str, str]] = [
     ("    allocator entry points (ELF symbols)", "tracer.probes.allocators",
      "find_entry_points"),
     ("    USDT notes (otel_memory)", "tracer.probes.usdt", "otel_probes"),
-    ("    free's probe placement (capstone)", "tracer.probes.alloc", "entry_probe_offset"),
+    ("    free's probe placement (cache, else capstone)", "tracer.probes.alloc",
+     "entry_probe_offset"),
     ("  triage probes attach", "tracer.probes.triage", "TriageProbes.attach"),
     ("  handle probes attach", "tracer.probes.handles", "HandleProbes.attach"),
     ("  kernel BTF offsets", "tracer.probes.kernelbtf", "_struct_members"),
@@ -93,7 +94,7 @@ def _child(argv: list[str], out_path: str) -> int:
                 if mod is not owner and getattr(mod, name, None) is original:
                     setattr(mod, name, getattr(owner, name))
     marks["started"] = started
-    marks["imports"] = time.monotonic() - started  # natrace's modules, bcc, capstone...
+    marks["imports"] = time.monotonic() - started  # natrace's modules, bcc, pyelftools...
     sys.argv = ["natrace", *argv]
     from tracer.cli import main
     code = 0
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
              f"- exec of natrace to 'attached'/'launched': {attached:.2f} s; to its return: "
              f"{returned:.2f} s",
              f"- exec to Python's first line: {data['marks']['started']:.2f} s; imports of "
-             f"natrace's modules (bcc, capstone, pyelftools...): {data['marks']['imports']:.2f} s",
+             f"natrace's modules and of the modules wrapped: {data['marks']['imports']:.2f} s",
              "",
              "| phase | wall s | calls |", "|---|---|---|"]
     for label, (seconds, calls) in data["totals"].items():
