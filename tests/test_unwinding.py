@@ -100,6 +100,17 @@ def test_rows_are_cached_by_build_id(tmp_path: Path) -> None:
     assert again == first and len(first) > 0
 
 
+def test_a_cache_entry_others_can_write_is_parsed_afresh(tmp_path: Path) -> None:
+    path = str(build_nofp().chain)
+    first = cfi.unwind_table(path, cache_dir=str(tmp_path))
+    [entry] = list(tmp_path.glob("*.ncfi"))
+    entry.write_bytes(entry.read_bytes()[:-cfi.ROW.size] + cfi.ROW.pack(0, 0, 0, 0, 0))
+    entry.chmod(0o666)
+    assert cfi.unwind_table(path, cache_dir=str(tmp_path)) == first  # not the planted row
+    entry.chmod(0o644)
+    assert cfi.unwind_table(path, cache_dir=str(tmp_path)) == first  # rewritten, trusted
+
+
 def test_gaps_between_functions_have_no_rows() -> None:
     table = cfi.parse_file(str(build_nofp().chain))
     assert any(r.cfa == cfi.CFA_NONE for r in table.iter_rows())

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from tracer.errors import OutputError, PipeClosed, UsageError
 
@@ -251,7 +251,7 @@ def prepare_dir(path: str, option: str) -> None:
     check_directory(path, option)
 
 
-def open_trusted(path: str) -> IO[str] | None:
+def open_trusted(path: str, mode: str = "r") -> IO[Any] | None:
     """A cache entry at `path` opened for reading when this user owns it and its
     directory and nobody else can write either (natrace runs as root and acts on what
     its caches say); None otherwise, or when it is missing. Not a symlink."""
@@ -259,7 +259,7 @@ def open_trusted(path: str) -> IO[str] | None:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
-    fh = os.fdopen(fd)
+    fh = os.fdopen(fd, mode)
     try:
         for st in (os.fstat(fh.fileno()), os.stat(os.path.dirname(path) or ".")):
             if st.st_uid != os.geteuid() or st.st_mode & 0o022:

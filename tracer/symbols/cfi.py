@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from elftools.elf.elffile import ELFFile
 
+from tracer.files import open_trusted
 from tracer.symbols.elfsyms import default_cache_dir, read_build_id
 from tracer.symbols.leb128 import sleb as _sleb
 from tracer.symbols.leb128 import uleb as _uleb
@@ -496,8 +497,13 @@ def _merge(fdes: list[tuple[int, list[tuple[int, int, int, int, int]]]]) -> byte
 
 
 def _read_cache(path: str, stamp: dict[str, object]) -> UnwindTable | None:
+    """The rows kept at `path`, trusted only when nobody else could have written them
+    (they go into the kernel's stack walk); None for a stale, torn or foreign entry."""
+    c = open_trusted(path, "rb")
+    if c is None:
+        return None
     try:
-        with open(path, "rb") as c:
+        with c:
             data = c.read()
         if data[:8] != _MAGIC:
             return None
