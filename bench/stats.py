@@ -32,6 +32,10 @@ class Summary:
     # geometric mean of the paired ratios and its 95% interval (None: fewer than 2 rounds)
     mean_ratio: float | None
     ratio_interval: tuple[float, float] | None
+    # the same of the target's own CPU during the hot phase (the workload's cpu_ns=):
+    # what the tool costs the process, without the waits for a CPU a shared machine adds
+    cpu_ratio: float | None
+    cpu_interval: tuple[float, float] | None
     cpu_s: float | None
     rss_mib: float | None
     usage_is_tree: bool
@@ -45,8 +49,8 @@ def summarize(pairs: list[Pair]) -> Summary | None:
     ok = [(p.bare, p.traced) for p in pairs if p.bare and p.traced]
     errors = [p.error for p in pairs if p.error]
     if not ok:
-        return Summary(0, 0, 0, 0, 0, 0, None, None, None, None, None, None, None, False,
-                       [], None, errors) if errors else None
+        return Summary(0, 0, 0, 0, 0, 0, None, None, None, None, None, None, None, None,
+                       None, False, [], None, errors) if errors else None
     ratios = [t.hot_ns / b.hot_ns for b, t in ok]
     per_call = [(t.hot_ns - b.hot_ns) / t.calls for b, t in ok if t.calls]
     traced = [t for _, t in ok]
@@ -54,6 +58,8 @@ def summarize(pairs: list[Pair]) -> Summary | None:
     settle = [t.settle_s for t in traced if t.settle_s is not None]
     hot_cpu = [t.hot_cpu_s / (t.hot_ns / 1e9) for t in traced if t.hot_cpu_s is not None]
     mean, interval = ratio_interval(ratios)
+    cpu_mean, cpu_interval = ratio_interval([_cpu(t) / _cpu(b) for b, t in ok
+                                             if _cpu(t) and _cpu(b)])
     cpu = [t.usage.cpu_s for t in traced if t.usage]
     rss = [t.usage.max_rss_mib for t in traced if t.usage]
     lost = [t.events_lost for t in traced if t.events_lost is not None]
@@ -69,6 +75,8 @@ def summarize(pairs: list[Pair]) -> Summary | None:
         hot_cpu_share=statistics.median(hot_cpu) if hot_cpu else None,
         mean_ratio=mean,
         ratio_interval=interval,
+        cpu_ratio=cpu_mean,
+        cpu_interval=cpu_interval,
         cpu_s=statistics.median(cpu) if cpu else None,
         rss_mib=max(rss) if rss else None,
         usage_is_tree=any(t.usage_is_tree for t in traced),
@@ -76,6 +84,11 @@ def summarize(pairs: list[Pair]) -> Summary | None:
         events_lost=sum(lost) if lost else None,
         errors=errors,
     )
+
+
+def _cpu(run: Run) -> int:
+    """The workload's own CPU ns during its hot phase (0: it does not say)."""
+    return int(run.fields.get("cpu_ns", 0))
 
 
 # Student's t, two-sided 95%, by degrees of freedom (1.96 past the table)

@@ -43,14 +43,15 @@ def test_quick_run_prints_every_column_for_every_tool() -> None:
                           "heaptrack", "valgrind memcheck", "natrace in-process 512K",
                           "sampler dormant"}
     for row in rows:
-        assert len(row) == 13 and all(row), row
+        assert len(row) == 14 and all(row), row
         assert not any(c.startswith("failed") for c in row), row
     for name in ("natrace full", "heaptrack", "valgrind memcheck"):
-        assert "exact" in tools[name][11], tools[name]  # leak figure against the truth
+        assert "exact" in tools[name][12], tools[name]  # leak figure against the truth
     assert "events lost" in out
     # production mode: natrace settled before the hot phase, its CPU meanwhile measured
-    settle, hot_cpu = tools["natrace in-process 512K"][7:9]
+    settle, hot_cpu = tools["natrace in-process 512K"][8:10]
     assert float(settle) >= 0 and hot_cpu.endswith("%"), tools["natrace in-process 512K"]
+    assert tools["sampler dormant"][5].endswith(")"), tools["sampler dormant"]  # CPU ratio
     targets = table_rows(out, "### Targets")
     assert targets and all(len(r) == 4 and r[3] for r in targets)
     steps = table_rows(out, "### Event-pipeline throughput")

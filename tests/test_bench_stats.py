@@ -24,8 +24,13 @@ def test_ratio_interval_is_t_over_the_log_ratios() -> None:
     assert ratio_interval([]) == (None, None)
 
 
-def _pairs(ratios: list[float]) -> list[Pair]:
-    return [Pair(Run(1_000_000_000, 10), Run(round(r * 1e9), 10)) for r in ratios]
+def _pairs(ratios: list[float], cpu: list[float] | None = None) -> list[Pair]:
+    """Paired runs with these wall-clock ratios (and, given, these CPU ratios)."""
+    def run(wall: float, cpu_s: float | None) -> Run:
+        fields = {} if cpu_s is None else {"cpu_ns": str(round(cpu_s * 1e9))}
+        return Run(round(wall * 1e9), 10, fields=fields)
+    return [Pair(run(1.0, None if cpu is None else 1.0),
+                 run(r, None if cpu is None else cpu[i])) for i, r in enumerate(ratios)]
 
 
 @pytest.mark.parametrize("ratios, verdict", [
@@ -38,3 +43,11 @@ def test_a_target_is_met_missed_or_unresolved_by_its_interval(ratios: list[float
     row = _interval_check("node: sampler dormant", summarize(_pairs(ratios)), 1.01)
     assert row.endswith(f"| 1.010× | {verdict} |"), row
     assert f"{len(ratios)} rounds" in row
+
+
+def test_the_target_cpu_decides_when_the_workload_reports_it() -> None:
+    """Wall-clock ratios scattered by a busy machine, the process's own CPU steady."""
+    wall = [0.9, 1.2, 1.0, 1.15, 0.95]
+    row = _interval_check("sqlite: sampler dormant",
+                          summarize(_pairs(wall, [1.002, 1.004, 1.001, 1.003, 1.002])), 1.01)
+    assert "| CPU 1.002× (" in row and "; wall " in row and row.endswith("| met |"), row

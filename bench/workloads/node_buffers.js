@@ -15,6 +15,7 @@ function onByte(next) {
 function hot() {
   const ring = new Array(256);
   let sum = 0;
+  const cpu0 = process.cpuUsage();
   const t0 = process.hrtime.bigint();
   for (let i = 0; i < iters; i++) {
     const b = Buffer.alloc(1024 + (i % 8) * 1024);
@@ -23,8 +24,10 @@ function hot() {
     sum += addon.work(ADDON_PAIRS);
   }
   const ns = process.hrtime.bigint() - t0;
+  const cpu = process.cpuUsage(cpu0);  // microseconds, user and system, all threads
   // calls: one Buffer allocation and one addon call per iteration
-  process.stdout.write(`hot_ns=${ns} calls=${iters * 2} sum=${sum}\n`);
+  process.stdout.write(`hot_ns=${ns} calls=${iters * 2} cpu_ns=${(cpu.user + cpu.system) * 1000} ` +
+                       `sum=${sum}\n`);
   ring.fill(undefined);
   process.stdout.write('idle\n');
   onByte(() => process.exit(0));
