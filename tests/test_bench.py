@@ -51,7 +51,7 @@ def test_quick_run_prints_every_column_for_every_tool() -> None:
     # production mode: natrace settled before the hot phase, its CPU meanwhile measured
     settle, hot_cpu = tools["natrace in-process 512K"][8:10]
     assert float(settle) >= 0 and hot_cpu.endswith("%"), tools["natrace in-process 512K"]
-    assert tools["sampler dormant"][5].endswith(")"), tools["sampler dormant"]  # CPU ratio
+    assert tools["sampler dormant"][5].endswith("×"), tools["sampler dormant"]  # CPU ratio
     targets = table_rows(out, "### Targets")
     assert targets and all(len(r) == 4 and r[3] for r in targets)
     steps = table_rows(out, "### Event-pipeline throughput")
