@@ -14,6 +14,7 @@ is left. Well under budget, it relaxes the sampling back towards exact.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,17 +67,26 @@ class Budget:
         """Probe hits seen in the traced processes since the last charge."""
         self._hits_ns += uprobe_hits * UPROBE_HIT_NS + tracepoint_hits * TRACEPOINT_HIT_NS
 
+    def _other_threads(self) -> dict[int, float]:
+        """CPU seconds of every thread but the calling one, by thread id."""
+        me = threading.get_native_id()
+        return {t.id: t.user_time + t.system_time for t in self._me.threads() if t.id != me}
+
     @contextmanager
     def setup(self) -> Iterator[None]:
-        """Compiling and attaching: CPU left out of the estimate. The whole process's
-        CPU is counted, not this thread's: programs are verified on one loader thread per
-        CPU (the kernel verifier runs in the thread that loads), and the agent's loop
-        waits for them meanwhile."""
-        began = self._cpu()
+        """Compiling and attaching: CPU left out of the estimate. That is the calling
+        thread's CPU and that of the threads it starts — programs are verified on a
+        loader pool, one thread per CPU (the kernel verifier runs in the thread that
+        loads), which is gone by the end, so its CPU is only in the process's total.
+        The threads already running (the /metrics server, the Pyroscope pusher) keep
+        counting as steady overhead: the whole process's CPU less what they spent."""
+        began, others = self._cpu(), self._other_threads()
         try:
             yield
         finally:
-            spent = self._cpu() - began
+            still = self._other_threads()
+            theirs = sum(cpu - others[tid] for tid, cpu in still.items() if tid in others)
+            spent = max(0.0, self._cpu() - began - theirs)
             self.setup_cpu += spent
             self._setup_in_period += spent
 
