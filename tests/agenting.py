@@ -82,6 +82,13 @@ class AgentProcess:
             if found:
                 return found
 
+    def written_on_sigusr1(self, pid: int, what: str = "window over") -> tuple[Path, str]:
+        """SIGUSR1 to the agent (PID's allocation window ends now, or its sampled
+        figures are written): the JSON report it wrote and the line that said so."""
+        os.kill(self.proc.pid, signal.SIGUSR1)
+        line = self.expect(rf"PID {pid} .*{what}.*; report (\S+),")
+        return Path(line[1].rstrip(",")), line[0]
+
     def fds(self, kind: str | None = None) -> int:
         """Open file descriptors of the agent (only those whose link is `kind`)."""
         kinds = self.fd_kinds()

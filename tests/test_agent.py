@@ -13,10 +13,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,10 +91,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
                 agent.expect(rf"watching PID {proc.pid} ")
                 agent.expect(rf"PID {proc.pid} .*allocation tracing for")
                 release(proc)  # the leaks happen inside the window
-                os.kill(agent.proc.pid, signal.SIGUSR1)  # end the window now
-                done = agent.expect(rf"PID {proc.pid} .*window over.*; report (\S+), "
-                                    r"recording (\S+);")
-                report_path = Path(done[1].rstrip(","))
+                report_path, said = agent.written_on_sigusr1(proc.pid)  # window ends now
+                recording = re.search(r"recording (\S+);", said)
+                assert recording, said
                 report = json.loads(report_path.read_text())
                 expected = {m["module"]: m["bytes"] for m in report["modules"]}
 
@@ -125,7 +122,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
             code = agent.stop()
     finally:
         receiver.close()
-    return Scenario(pid, report, report_path, Path(done[2]), got, rss, text,
+    return Scenario(pid, report, report_path, Path(recording[1]), got, rss, text,
                     (before, during, after), list(receiver.posts), receiver.failed,
                     agent.lines, code)
 
@@ -354,8 +351,10 @@ def test_growth_limit_opens_a_window_that_names_the_grower(tmp_path: Path) -> No
 
     exe = tmp_path / "grower-growth"
     shutil.copy(build_memory().grower, exe)
+    port = free_port()
     with running_agent("--match", re.escape(str(exe)), "--growth", "8M/2s",
                        "--window", "10m", "--record-dir", str(tmp_path / "records"),
+                       "--listen", f"127.0.0.1:{port}", "--push-interval", "0.5s",
                        "--json", "--interval", "0.2s", "--max-overhead", "100%") as agent:
         proc = subprocess.Popen([str(exe), "400", "50", str(tmp_path / "signalled")],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -367,14 +366,15 @@ def test_growth_limit_opens_a_window_that_names_the_grower(tmp_path: Path) -> No
             proc.stdin.flush()
             agent.expect(rf"PID {proc.pid} .*: RSS grew .* in 2 s, over the limit "
                          r"8\.0 MiB/2 s: allocation tracing for")
-            time.sleep(1.0)  # let grow_heap (every 50 ms) allocate inside the window
-            os.kill(agent.proc.pid, signal.SIGUSR1)
-            report = agent.expect(rf"PID {proc.pid} .*window over.*; report (\S+),")[1]
+            wait_for("grow_heap's first allocation inside the window", lambda: (
+                True if _samples(metrics_text(port), "natrace_unfreed_bytes", proc.pid).get(
+                    exe.name, 0) > 0 else None))
+            report = agent.written_on_sigusr1(proc.pid)[0]
         finally:
             proc.kill()
             proc.wait()
         assert agent.stop() == 0
-    doc = json.loads(Path(report.rstrip(",")).read_text())
+    doc = json.loads(report.read_text())
     user = [s for s in doc["sites"] if not s["allocator_internal"]]
     assert user and user[0]["function"] == "grow_heap", [s["label"] for s in user[:3]]
 
@@ -410,16 +410,14 @@ def test_a_process_with_the_in_process_sampler_is_traced_all_the_time(tmp_path: 
                 if (got := _samples(metrics_text(port), "natrace_unfreed_bytes", proc.pid))
                 else None)
             text = metrics_text(port)
-            os.kill(agent.proc.pid, signal.SIGUSR1)
-            report_path = agent.expect(rf"PID {proc.pid} .*sampled figures written; "
-                                       r"report (\S+),")[1]
+            report_path = agent.written_on_sigusr1(proc.pid, "sampled figures written")[0]
             still = agent.fds(PERF)
         finally:
             proc.kill()
             proc.wait()
         agent.expect(rf"PID {proc.pid} \(.*\) ended: probes removed")
         assert agent.stop() == 0
-    report = json.loads(Path(report_path.rstrip(",")).read_text())
+    report = json.loads(report_path.read_text())
     assert report["mode"] == "sampled (in-process, mean 1 B)"
     modules = {m["module"]: m["bytes"] for m in report["modules"]}
     assert modules["addon:plugin"] == unfreed["addon:plugin"] == 2_220

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 from pathlib import Path
 
@@ -50,9 +49,7 @@ def test_the_agent_watches_the_motivating_case(e2e: Env, tmp_path: Path) -> None
             contended = wait_for("the vault mutex counted as contended", lambda: (
                 1 if re.search(rf'^natrace_contended_locks{{comm="node",pid="{app.pid}"}} '
                                r"[1-9]", metrics_text(port), re.M) else None))
-            os.kill(agent.proc.pid, signal.SIGUSR1)
-            report_path = agent.expect(rf"PID {app.pid} .*window over.*; report (\S+),")[1]
-            report = json.loads(Path(report_path.rstrip(",")).read_text())
+            report = json.loads(agent.written_on_sigusr1(app.pid)[0].read_text())
             expected = {m["module"]: m["bytes"] for m in report["modules"]}
 
             def unfreed() -> dict[str, int] | None:
