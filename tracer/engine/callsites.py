@@ -25,18 +25,23 @@ StackReader = Callable[[int], tuple[int, ...]]
 
 
 class CallSites:
-    """Symbolized, charged stacks for one snapshot; memoized per stack id and rule."""
+    """Symbolized, charged stacks of one address space, memoized per stack map, stack id
+    and rule: the alloc, triage and handle probe sets number their stacks each in their
+    own map, so the same id in two of them is two stacks."""
 
     def __init__(self, symbolizer: Symbolizer) -> None:
         self.symbolizer = symbolizer
         self.callees = CalleeResolver(symbolizer)
         self.returns = ReturnChecker(symbolizer.maps)
-        self._memo: dict[tuple[int, frozenset[str], bool], CallSite] = {}
+        self._memo: dict[tuple[StackReader, int, frozenset[str], bool], CallSite] = {}
+
+    def frames(self, stack: tuple[int, ...]) -> list[Frame]:
+        """The stack's frames, up to the first that is no return address."""
+        return self.symbolizer.frames(self.returns.true_frames(stack))
 
     def charged(self, stack: tuple[int, ...], rule: ChargeRule) -> tuple[list[Frame], int]:
-        """The stack's frames, up to the first that is no return address, and the index
-        `rule` charges (0 for an empty stack)."""
-        frames = self.symbolizer.frames(self.returns.true_frames(stack))
+        """The stack's `frames` and the index `rule` charges (0 for an empty stack)."""
+        frames = self.frames(stack)
         return frames, (max(rule(frames), 0) if frames else 0)
 
     def call_site(self, stack_id: int, stack_of: StackReader,
@@ -44,8 +49,10 @@ class CallSites:
                   name_callee: bool = False) -> CallSite:
         """The site of a stack id, charged to its first frame outside the module
         classes `inside`; with `name_callee`, `via` is read from that frame's own call
-        instruction (libraries tail-call static helpers that leave no named frame)."""
-        key = (stack_id, frozenset(inside), name_callee)
+        instruction (libraries tail-call static helpers that leave no named frame).
+        `stack_of` stands for its stack map in the memo: a probe set's bound `stack`
+        method (equal for the same probe set, distinct for two)."""
+        key = (stack_of, stack_id, frozenset(inside), name_callee)
         got = self._memo.get(key)
         if got is None:
             got = self._memo[key] = self._build(stack_id, stack_of, inside, name_callee)
