@@ -7,6 +7,8 @@ import pytest
 from tracer.model.frames import Frame
 from tracer.symbols.attribution import (
     charge_frame,
+    charge_frames,
+    is_system_library,
     module_class,
     normalize_symbol,
     parse_charge_to,
@@ -115,6 +117,37 @@ def test_first_charges_past_the_language_runtime() -> None:
     py = "/usr/bin/python3.11"
     assert charge_frame([f("_PyObject_Malloc", py), f("PyObject_Malloc", py),
                          f("list_resize", py)], "first") == 2
+
+
+def test_system_library_allocations_are_charged_to_their_caller() -> None:
+    """libpq's PGresult: charged to the addon function that called PQexec, held by libpq;
+    a library of the program's own tree, the runtime's and --charge-to module: stay."""
+    pq = [f("malloc", LIBC), f(None, PQ, 0x1234), f("PQexec", PQ), f("keep", ADDON),
+          f("v8::Function::Call", NODE)]
+    assert charge_frames(pq) == (3, 1)
+    assert charge_frames(pq, "module:libpq") == (1, 1)
+    assert charge_frames(pq, "module:node") == (4, 4)
+    # system libraries in between (libffi under ctypes) are passed over, so is an
+    # address outside every module; the executable is never a system library
+    py = "/usr/bin/python3.11"
+    ffi = "/usr/lib/x86_64-linux-gnu/libffi.so.8.1.2"
+    ctypes = "/usr/lib/python3.11/lib-dynload/_ctypes.cpython-311-x86_64-linux-gnu.so"
+    assert charge_frames([f("malloc", LIBC), f("PQconnectdb", PQ), f(None, ""),
+                          f("ffi_call_unix64", ffi), f(None, ctypes, 0x9a0),
+                          f("_PyObject_MakeTpCall", py)]) == (5, 1)
+    # a library shipped with the program is its own code
+    mine = "/opt/app/lib/libcache.so.1"
+    assert charge_frames([f("malloc", LIBC), f("cache_put", mine), f("main", NODE)]) == (1, 1)
+    # nothing of the program called it (the loader at start, a library's thread)
+    ld = "/lib64/ld-linux-x86-64.so.2"
+    assert charge_frames([f("malloc", LIBC), f("_dl_new_object", ld),
+                          f("_dl_start", ld)]) == (1, 1)
+    assert charge_frames([f("malloc", LIBC), f(None, PQ), f("start_thread", LIBC)]) == (1, 1)
+    assert charge_frames([]) == (-1, -1)
+    assert is_system_library(f(None, ld)) and is_system_library(f(None, ctypes))
+    assert not any(is_system_library(f(None, p)) for p in (
+        NODE, "/usr/lib/node_modules/pg-native/build/Release/addon.node",
+        "/usr/lib/postgresql/15/bin/postgres", mine, "", "[jit]"))
 
 
 def test_configurable_lists() -> None:

@@ -136,3 +136,22 @@ def test_small_loss_is_no_finding_and_sampled_figures_keep_their_tilde() -> None
                           sites=[counted])
     assert findings(in_process)[0].startswith(
         "leak_here+0x8 [app] holds ~6.0 MiB (95% 2.6 MiB-9.4 MiB, 12 samples) in ~12 blocks")
+
+
+def test_a_system_librarys_allocations_are_its_callers_in_its_module() -> None:
+    """libpq's PGresults charged to the addon function that called PQexec: the finding
+    names the function and the library, the module table counts them to libpq."""
+    pq = "/usr/lib/x86_64-linux-gnu/libpq.so.5.15"
+    frames = [Frame(0x7000, pq, 0x7000, None, module_class="libpq"),
+              Frame(0x7100, pq, 0x7100, "PQexec", 0x30, module_class="libpq"),
+              Frame(0x9000, "/app/vault.node", 0x900, "vault_keep_results", 0x42,
+                    module_class="addon:vault")]
+    held = site(frames, 1 << 20, 10, 10, charge_index=2, library_index=0, via="PQexec")
+    own = site(frames[2:], 1 << 19, 5, 5)
+    snap = Snapshot(1, "node", 0.0, 1.0, sites=[held, own])
+    assert findings(snap)[0] == ("vault_keep_results+0x42 [addon:vault] holds 1.0 MiB in 10 "
+                                 "blocks (66.7% of unfreed), 10 of its 10 allocations "
+                                 "unfreed, allocated by libpq via PQexec")
+    assert [(m, b) for m, b, _, _ in snap.by_module()] == [("libpq", 1 << 20),
+                                                          ("addon:vault", 1 << 19)]
+    assert held.key != own.key and held.library_via == " via PQexec" and own.library_via == ""

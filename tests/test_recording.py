@@ -39,7 +39,8 @@ PQ = Frame(0x7F0000001000, "/usr/lib/libpq.so.5.15", 0x1000, "PQexec", 0x10,
 def snap(at: float, leak_bytes: int, pq_bytes: int = 300, **extra: object) -> Snapshot:
     sites = [Site("malloc", [LEAK, MAIN], leak_bytes, leak_bytes // 100, leak_bytes // 100,
                   leak_bytes * 2),
-             Site("malloc", [PQ, MAIN], pq_bytes, 3, 5, 900),
+             Site("malloc", [PQ, MAIN], pq_bytes, 3, 5, 900, charge_index=1, via="PQexec",
+                  library_index=0),  # libpq's bytes charged to main
              Site("malloc", [], 64, 1, 1, 64, lost_stack="EEXIST"),
              Site("mmap", [MAIN], 1 << 20, 1, allocator_internal=True)]
     return Snapshot(pid=42, command="app --serve", taken_at=1_700_000_000 + at, duration=at,
@@ -96,7 +97,9 @@ def test_report_and_diff_from_files(tmp_path: Path) -> None:
     report = json.loads(proc.stdout)
     assert report["totals"]["bytes"] == 1000 + 300 + 64
     proc = natrace("report", str(a), "--module", "libpq", "--json")
-    assert [s["function"] for s in json.loads(proc.stdout)["sites"]] == ["PQexec"]
+    # libpq's bytes, charged to main that called PQexec
+    assert [(s["function"], s["module_class"], s["via"])
+            for s in json.loads(proc.stdout)["sites"]] == [("main", "libpq", "PQexec")]
     proc = natrace("diff", str(a), str(b), "--json")
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
@@ -159,7 +162,8 @@ def test_sampled_sites_keep_their_sample_counts_and_older_schemas_still_read(
         tmp_path: Path) -> None:
     """Schema 3 stores each site's samples, so a report from the file shows the same
     intervals as the live one (2,000,000 ± 1.96 · 2,000,000 / √4); a schema 2 or 1
-    file (the columns dropped) still reads, its estimates without intervals."""
+    file (the columns dropped) still reads, its estimates without intervals; schema 3
+    and 4 files, without schema 5's library_index, too."""
     path = write(tmp_path / "s.natrace", sampled_snap())
     with Recording(str(path)) as rec:
         assert rec.snapshot() == sampled_snap()
@@ -169,9 +173,9 @@ def test_sampled_sites_keep_their_sample_counts_and_older_schemas_still_read(
     assert (site["samples"], site["alloc_samples"]) == (4, 16)
     assert site["bytes_interval"] == [40_000, 3_960_000]
     assert site["alloc_bytes_interval"] == [4_080_000, 11_920_000]
-    older = {2: ["samples", "alloc_samples"],
-             1: ["samples", "alloc_samples", "temp_allocs", "temp_bytes", "first_at",
-                 "last_at"]}
+    older = {4: ["library_index"], 3: ["library_index"], 2: ["library_index", "samples", "alloc_samples"],
+             1: ["library_index", "samples", "alloc_samples", "temp_allocs", "temp_bytes",
+                 "first_at", "last_at"]}
     for version, columns in older.items():
         old = tmp_path / f"v{version}.natrace"
         old.write_bytes(path.read_bytes())
@@ -185,11 +189,13 @@ def test_sampled_sites_keep_their_sample_counts_and_older_schemas_still_read(
             db.commit()
         with Recording(str(old)) as rec:
             got = rec.snapshot().sites[0]
-        assert (got.bytes, got.alloc_bytes, got.samples, got.alloc_samples) == \
-            (2_000_000, 8_000_000, 0, 0), version
+        counts = (4, 16) if version >= 3 else (0, 0)
+        assert (got.bytes, got.alloc_bytes, got.samples, got.alloc_samples,
+                got.library_index) == (2_000_000, 8_000_000, *counts, None), version
         proc = natrace("report", str(old), "--json")
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout)["sites"][0]["bytes_interval"] is None, version
+        interval = [40_000, 3_960_000] if version >= 3 else None
+        assert json.loads(proc.stdout)["sites"][0]["bytes_interval"] == interval, version
 
 
 @pytest.mark.parametrize("damage", ["missing", "empty", "truncated", "corrupted", "newer",

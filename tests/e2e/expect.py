@@ -18,14 +18,20 @@ def check(report: dict[str, Any], truth: scenario.Truth) -> None:
     assert stash[0]["module_class"] == "addon:vault"
     assert abs(stash[0]["bytes"] - truth.addon_bytes) <= 0.05 * truth.addon_bytes
     assert abs(stash[0]["blocks"] - truth.addon_blocks) <= 0.05 * truth.addon_blocks
-    # the kept PGresults, charged to libpq, through PQexec/PQgetResult
+    # the kept PGresults: libpq's bytes in the module table, the call site the addon's
+    # function that called PQexec, libpq's own frames inside it in the stack
     assert truth.libpq_bytes > 0
     libpq = module_bytes(report, "libpq")
     assert abs(libpq - truth.libpq_bytes) <= 0.05 * truth.libpq_bytes, (libpq, truth)
-    libpq_sites = [s for s in report["sites"] if s["module_class"] == "libpq"]
-    paths = [" ".join(f["label"] for f in s["stack"]) for s in libpq_sites]
-    assert any(("PQgetResult" in p or "PQexec" in p) and "vault_keep_results" in p
-               for p in paths), paths
+    keep = [s for s in report["sites"] if s["function"] == "vault_keep_results"]
+    assert [(s["module_class"], s["via"]) for s in keep] == [("libpq", "PQexec")], keep
+    site = keep[0]
+    assert abs(site["bytes"] - truth.libpq_bytes) <= 0.05 * truth.libpq_bytes, (site, truth)
+    stack = site["stack"]
+    assert stack[site["charge_index"]]["module_class"] == "addon:vault"
+    inside = stack[site["library_index"]:site["charge_index"]]
+    assert inside and {f["module_class"] for f in inside} == {"libpq"}, inside
+    assert any(f["symbol"] in ("PQexec", "PQgetResult") for f in inside), inside
     # the same PGresults as live handles by creating site, though libpq was loaded (with
     # vault.node, by dlopen) after node started
     results = next(h for h in report["handles"] if h["name"] == "libpq PGresult")

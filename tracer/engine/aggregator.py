@@ -17,7 +17,7 @@ from tracer.probes.alloc import RawSite, stack_error_name
 from tracer.symbols.attribution import (
     DEFAULT_ALLOCATOR_MODULES,
     THREAD_STACK_MAKERS,
-    charge_frame,
+    charge_frames,
     in_language_runtime,
     is_allocator_frame,
     made_by,
@@ -87,13 +87,18 @@ class Aggregator:
         return sorted(grouped, key=lambda s: (-s.bytes, -s.blocks, -s.alloc_bytes, s.label()))
 
     def _via(self, site: Site) -> str | None:
-        """The API of the charged module that the code outside it called (PQexec for
-        a PGresult): named from the caller's own call instruction where it can be,
-        since libraries tail-call static helpers that leave no named frame."""
+        """The API of the module holding the bytes that the code outside it called
+        (PQexec for a PGresult, whether the site is libpq's or, as by default, the
+        caller's): named from the caller's own call instruction where it can be, since
+        libraries tail-call static helpers that leave no named frame; else the library's
+        outermost frame (PQconnectdb under ctypes' indirect call)."""
         frames, i = site.frames, site.charge_index
+        library = site.library_index is not None  # charged to the caller: name the API
+        if library:
+            i = site.library_index or 0  # the system library that allocated (libpq)
         if not frames or frames[i].module_class in ("libc", "ld.so", "unknown"):
             return None
-        runtime = frames[i - 1].symbol if i > 0 else None
+        runtime = frames[i - 1].symbol if i > 0 and not library else None
         if runtime and in_language_runtime(frames[i - 1]) and not is_allocator_frame(
                 frames[i - 1], self.allocator_modules):
             return runtime.split("@", 1)[0]  # cache_insert via _M_assign
@@ -102,26 +107,28 @@ class Aggregator:
             j += 1
         if j + 1 >= len(frames) or frames[j + 1].module_class in ("libc", "ld.so"):
             return None  # nothing outside called in: the module's own main, or a thread
-        name = self.call_sites.callees.callee(frames[j + 1].address) or (frames[j].symbol if j > i
-                                                                else None)
+        name = self.call_sites.callees.callee(frames[j + 1].address) or (
+            frames[j].symbol if j > i or library else None)
         name = name.split("@", 1)[0] if name else None
-        return name if name and name != frames[i].symbol else None
+        return name if name and (library or name != frames[i].symbol) else None
 
     def _site(self, kind: str, stack: tuple[int, ...], size: int, blocks: int,
               internal: bool) -> Site:
-        frames, charge = self.call_sites.charged(stack,
-                                                 lambda f: charge_frame(f, self.charge_to,
-                                                                        self.allocator_modules))
+        frames = self.call_sites.frames(stack)
+        charge, holder = (max(i, 0) for i in charge_frames(frames, self.charge_to,
+                                                            self.allocator_modules))
         if kind == "mmap" and made_by(frames, THREAD_STACK_MAKERS):
             kind, internal = "stack", True  # the thread library's, like arenas are malloc's
         internal = internal or (kind != "malloc" and made_by_allocator(frames))
         return Site(kind, frames, size, blocks, charge_index=charge,
-                    allocator_internal=internal, lost_stack=None if frames else "empty stack")
+                    allocator_internal=internal, lost_stack=None if frames else "empty stack",
+                    library_index=holder if frames and holder != charge else None)
 
 
 def _merge_site(have: Site, site: Site, heavier: bool) -> None:
     if heavier:  # the heaviest stack represents the group
         have.frames, have.charge_index = site.frames, site.charge_index
+        have.library_index = site.library_index
     have.bytes += site.bytes
     have.blocks += site.blocks
     have.allocs += site.allocs

@@ -52,7 +52,8 @@ def diff(before: Snapshot, after: Snapshot) -> SnapshotDiff:
     modules: dict[str, Growth] = {}
     for snap, is_after in ((before, False), (after, True)):
         for site in snap.user_sites():
-            for row in (_row(sites, site.key, site.label(), site.module_class, site.kind),
+            for row in (_row(sites, site.key, site.label() + site.library_via, site.module_class,
+                             site.kind),
                         _row(modules, site.module_class, site.module_class,
                              site.module_class, "")):
                 if is_after:

@@ -142,8 +142,10 @@ def _function(frame: Frame) -> str:
 
 def site_line(site: Site, snap: Snapshot) -> str:
     """`leak_many [leaky] holds 38.1 MiB in 40,000 blocks (95.2% of unfreed), 40,000 of
-    its 40,000 allocations unfreed, growing +1.2 MiB/min`, then the API its caller went
-    through and that caller (`via PQexec, from vault_keep_results [addon:vault]`)."""
+    its 40,000 allocations unfreed, growing +1.2 MiB/min`, then for a library's
+    allocations charged to their caller the library and the function called
+    (`vault_keep_results [addon:vault] holds … allocated by libpq via PQexec`), else the
+    API its caller went through and that caller (`via leak_many, from main [prog]`)."""
     est = "~" if snap.estimated else ""
     total = snap.totals().bytes
     share = f" ({site.bytes / total:.1%} of unfreed)" if total > 0 else ""
@@ -151,19 +153,27 @@ def site_line(site: Site, snap: Snapshot) -> str:
         if est and site.kind == "malloc" and site.samples else None
     margin = "" if interval is None else \
         f" (95% {format_size(interval[0])}-{format_size(interval[1])}, {site.samples:,} samples)"
-    text = (f"{site.label(short=True)} [{site.module_class}] holds {est}"
+    text = (f"{site.label(short=True)} [{_class(site.frame)}] holds {est}"
             f"{format_size(site.bytes)}{margin} in {est}{site.blocks:,} {_unit(site)}{share}")
     if site.allocs:
         text += f", {est}{site.blocks:,} of its {est}{site.allocs:,} allocations unfreed"
     if site.suspect and site.per_minute is not None:
         text += f", growing {est}+{format_size(site.per_minute)}/min (leak suspect)"
-    if site.via:
+    if site.library_index is not None:
+        text += f", allocated by {site.module_class}"
+        if site.via:
+            text += f" via {site.via}"
+    elif site.via:
         text += f" via {site.via}"
         caller = next((f for f in site.frames[site.charge_index:]
                        if f.module_class != site.module_class), None)
         if caller is not None:
             text += f", from {short_name(caller)} [{caller.module_class}]"
     return text
+
+
+def _class(frame: Frame | None) -> str:
+    return frame.module_class if frame else "unknown"
 
 
 def _unit(site: Site) -> str:

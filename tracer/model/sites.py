@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from tracer.model.frames import Frame, charged, function_key
 
-SiteKey = tuple[str, bool, str, str]
+SiteKey = tuple[str, bool, str, str, str]
 
 
 @dataclass
@@ -21,8 +21,12 @@ class Site:
 
     `frames` run from the allocator's caller outwards; `charge_index` is the frame the
     bytes are charged to (first frame outside the allocator and its wrappers, or as
-    --charge-to says). A site whose stack could not be captured has no frames and
-    says why in `lost_stack` (e.g. "ENOSPC"): its bytes still count in every total.
+    --charge-to says). `library_index`, when set, is the frame of the system library
+    whose code allocated for the charged function (libpq's, under vault_keep_results):
+    the site is that library's in the module table (`module_class`), and `via` names
+    the library function the charged frame called (PQexec). A site whose stack could not
+    be captured has no frames and says why in `lost_stack` (e.g. "ENOSPC"): its bytes
+    still count in every total.
     `allocator_internal` marks the runtime's own memory, left out of the program's
     totals: malloc's arenas and heap growth (their blocks are counted as malloc
     sites) and thread stacks (kind "stack").
@@ -39,6 +43,7 @@ class Site:
     lost_stack: str | None = None
     stack_ids: list[int] = field(default_factory=list)
     via: str | None = None  # the charged module's API its caller called (PQexec)
+    library_index: int | None = None  # the system library's frame that allocated
     per_minute: float | None = None  # growth of `bytes` over the last minute traced
     suspect: bool = False  # growing steadily: a leak suspect (tracer/model/growth.py)
     samples: int = 0  # sampled in the process: the sampled blocks behind bytes/blocks
@@ -73,14 +78,26 @@ class Site:
 
     @property
     def module_class(self) -> str:
-        frame = self.frame
+        """The module the bytes count to (the module table's): the library that allocated
+        them for the charged function, else the charged function's own."""
+        frame = self.frame if self.library_index is None else \
+            charged(self.frames, self.library_index)
         return frame.module_class if frame else "unknown"
 
     @property
     def key(self) -> SiteKey:
-        """Identity of the site across stacks and snapshots: kind, allocator-internal, and
-        the function it is charged to (module+symbol, else module+offset)."""
-        return (self.kind, self.allocator_internal, *function_key(self.frame, self.lost_stack))
+        """Identity of the site across stacks and snapshots: kind, allocator-internal, the
+        function it is charged to (module+symbol, else module+offset) and the library
+        that allocated for it ("" for the function's own allocations)."""
+        library = "" if self.library_index is None else self.module_class
+        return (self.kind, self.allocator_internal, *function_key(self.frame, self.lost_stack),
+                library)
+
+    @property
+    def library_via(self) -> str:
+        """What tables add to the label of a library's allocations charged to their
+        caller: the library function it called (`vault_keep_results via PQexec`)."""
+        return f" via {self.via}" if self.library_index is not None and self.via else ""
 
     def label(self, short: bool = False) -> str:
         """The charged frame's label (`short`: names shortened for tables)."""

@@ -88,6 +88,7 @@ def _site(site: Site, period: int | None) -> dict[str, Any]:
         "module_class": site.module_class,
         "lost_stack": site.lost_stack,
         "charge_index": site.charge_index,
+        "library_index": site.library_index,
         "via": site.via,
         "per_minute": site.per_minute,
         "suspect": site.suspect,

@@ -110,13 +110,12 @@ def _modules(snap: Snapshot, total: int) -> list[str]:
 
 
 def _site(site: Site, total: int) -> list[str]:
-    frame = site.frame
-    module = frame.module_class if frame else "-"
+    module = site.module_class if site.frame else "-"
     growth = "" if site.per_minute is None else f"{'+' if site.per_minute >= 0 else '-'}" \
         f"{size(abs(site.per_minute))}"
     leak = " LEAK" if site.suspect else ""
     out = [f"  {site.bytes:>14,} {site.blocks:>9,} {_pct(site.bytes, total):>6} {growth:>11}  "
-           f"{site.kind:6} {module[:16]:16} {site.label(short=True)}{leak}"]
+           f"{site.kind:6} {module[:16]:16} {site.label(short=True)}{site.library_via}{leak}"]
     for f in site.frames[site.charge_index + 1: site.charge_index + 1 + STACK_FRAMES_SHOWN]:
         out.append(f"  {'':>14} {'':>9} {'':>6} {'':>11}  {'':6} {'':16}   <- "
                    f"{f.label(short=True)} "
@@ -138,7 +137,7 @@ def _churn(snap: Snapshot, top: int) -> list[str]:
     for site in busiest:
         out.append(f"  {site.allocs:>12,} {_pct(site.allocs, allocs):>6} "
                    f"{site.alloc_bytes:>14,} {site.temp_allocs:>10,} {site.bytes:>14,}  "
-                   f"{site.module_class[:16]:16} {site.label(short=True)}")
+                   f"{site.module_class[:16]:16} {site.label(short=True)}{site.library_via}")
     return out
 
 

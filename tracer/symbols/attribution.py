@@ -250,6 +250,48 @@ def past_runtime(frames: Sequence[Frame], start: int) -> int:
     return start
 
 
+#: Where the OS's packages install shared libraries (Debian's multiarch dirs included).
+SYSTEM_LIBRARY_DIRS: tuple[str, ...] = ("/lib/", "/lib32/", "/lib64/", "/libx32/", "/usr/lib/",
+                                        "/usr/lib32/", "/usr/lib64/", "/usr/libx32/")
+
+
+def is_system_library(frame: Frame) -> bool:
+    """Is the frame in a shared library the OS installed (libpq, libssl, libuv, ld.so,
+    CPython's lib-dynload modules)? The executable and addons (`*.node`, no `.so` in
+    their name) never are, wherever they live; nor is a library of the program's own
+    tree (/opt/app/lib/libfoo.so)."""
+    path = frame.module
+    return path.startswith(SYSTEM_LIBRARY_DIRS) and bool(_SO_VERSION.search(basename(path)))
+
+
+def library_caller(frames: Sequence[Frame], holder: int) -> int:
+    """Where an allocation by a system library's code (frame `holder`) is charged: the
+    first frame after it in the program's own code (not a system library, not a
+    language runtime, not outside every module), so libpq's PGresult is charged to
+    the addon function that called PQexec while the site stays libpq's in the module
+    table. `holder` itself when it is the program's own code or the runtime's, or when
+    no frame of the program called it (a library's own thread, the loader at start)."""
+    if holder < 0 or not is_system_library(frames[holder]) or in_language_runtime(frames[holder]):
+        return holder
+    for i in range(holder + 1, len(frames)):
+        f = frames[i]
+        if f.module_class != "unknown" and not is_system_library(f) and not in_language_runtime(f):
+            return i
+    return holder
+
+
+def charge_frames(frames: Sequence[Frame], charge_to: str = "first",
+                  allocator_modules: Collection[str] = DEFAULT_ALLOCATOR_MODULES,
+                  wrapper_symbols: Collection[str] = DEFAULT_WRAPPER_SYMBOLS) -> tuple[int, int]:
+    """(call site, holder): the frame an allocation is charged to and the frame whose
+    module holds the bytes (the module table's). They differ only under `first`, for
+    an allocation a system library made for the program (`library_caller`)."""
+    holder = charge_frame(frames, charge_to, allocator_modules, wrapper_symbols)
+    if parse_charge_to(charge_to) is not None:
+        return holder, holder
+    return library_caller(frames, holder), holder
+
+
 def charge_frame(frames: Sequence[Frame], charge_to: str = "first",
                  allocator_modules: Collection[str] = DEFAULT_ALLOCATOR_MODULES,
                  wrapper_symbols: Collection[str] = DEFAULT_WRAPPER_SYMBOLS) -> int:

@@ -75,7 +75,8 @@ def sites_table(state: LiveState) -> Table:
         key = site.key
         fit = state.fit(key)
         suspect = key in rank
-        name = shorten(site.frame.symbol) if site.frame and site.frame.symbol else site.label()
+        name = (shorten(site.frame.symbol) if site.frame and site.frame.symbol
+                else site.label()) + site.library_via
         symbol = name if site.kind == "malloc" else f"[{site.kind}] {name}"
         rows.append(Row(
             key="\0".join(str(k) for k in key),
