@@ -15,7 +15,7 @@ from tracer.model.frames import Frame
 from tracer.probes.alloc import stack_error_name
 from tracer.symbols.attribution import RUNTIME_MODULES, first_frame_outside
 from tracer.symbols.callee import CalleeResolver
-from tracer.symbols.symbolizer import Symbolizer
+from tracer.symbols.symbolizer import ANON_MODULE, Symbolizer
 from tracer.symbols.unwind import ReturnChecker
 
 #: Picks the index of the charged frame in a symbolized stack (innermost first).
@@ -34,10 +34,19 @@ class CallSites:
         self.callees = CalleeResolver(symbolizer)
         self.returns = ReturnChecker(symbolizer.maps)
         self._memo: dict[tuple[StackReader, int, frozenset[str], bool], CallSite] = {}
+        self.unnamed_jit: set[int] = set()  # return addresses stacks were cut at
 
     def frames(self, stack: tuple[int, ...]) -> list[Frame]:
-        """The stack's frames, up to the first that is no return address."""
-        return self.symbolizer.frames(self.returns.true_frames(stack))
+        """The stack's frames, up to the first that is no return address, or that is in
+        anonymous memory no perf map names: executable, so JIT code, but a frame is
+        code only where something says which (issue 16); the cut addresses are kept
+        for the report's note (`jit_note`)."""
+        frames = self.symbolizer.frames(self.returns.true_frames(stack))
+        for i in range(1, len(frames)):
+            if frames[i].module == ANON_MODULE:
+                self.unnamed_jit.add(frames[i].address)
+                return frames[:i]
+        return frames
 
     def charged(self, stack: tuple[int, ...], rule: ChargeRule) -> tuple[list[Frame], int]:
         """The stack's `frames` and the index `rule` charges (0 for an empty stack)."""

@@ -371,7 +371,8 @@ class Session:
             **self._triage_report(call_sites, duration),
             handles=handle_types(self.handles, call_sites),
             notes=self.notes + self._followed_note() + self._children_note()
-            + self._stopped_note() + jit_note(call_sites.symbolizer, sites),
+            + self._stopped_note()
+            + jit_note(call_sites.symbolizer, len(call_sites.unnamed_jit)),
             unwinding=self._unwinding(),
         )
 

@@ -13,7 +13,6 @@ import os
 from collections.abc import Iterable, Sequence
 
 from tracer.model.frames import Frame
-from tracer.model.sites import Site
 from tracer.symbols.attribution import (
     LANGUAGE_RUNTIME_MODULES,
     RUNTIME_MODULES,
@@ -30,16 +29,18 @@ JIT_MODULE = "[jit]"
 ANON_MODULE = "[anon]"
 
 
-def jit_note(symbolizer: Symbolizer, sites: Iterable[Site]) -> list[str]:
-    """The hint a report needs when stacks run through anonymous memory — JIT code
-    nobody named — and the process writes no perf map."""
-    anon = sum(1 for s in sites for f in s.frames if f.module == ANON_MODULE)
-    if not anon or symbolizer.perf_map is not None:
+def jit_note(symbolizer: Symbolizer, unnamed: int) -> list[str]:
+    """The hint a report needs when stacks ended at `unnamed` return addresses in
+    anonymous executable memory — JIT code nobody named — as the process writes no perf
+    map."""
+    if not unnamed or symbolizer.perf_map is not None:
         return []
     where = symbolizer._perf_path or f"/tmp/perf-{symbolizer.pid}.map"
-    return [f"{anon:,} frames are in anonymous memory ([anon]): JIT code without names, as "
-            f"{where} does not exist; start node with --perf-basic-prof (a JVM with "
-            "perf-map-agent) to name them"]
+    plural = "es" if unnamed != 1 else ""
+    return [f"stacks end at {unnamed:,} return address{plural} in JIT code without names "
+            f"(anonymous executable memory), as {where} does not exist; start node with "
+            "--perf-basic-prof (a JVM with perf-map-agent) to name them and see their "
+            "callers"]
 
 
 #: Modules whose frames get no file:line: the runtime's frames are only ever `via`, never
