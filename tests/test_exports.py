@@ -20,6 +20,7 @@ from typing import Any
 import jsonschema
 import pytest
 from allocfixtures import build
+from framecheck import seen
 
 pytestmark = pytest.mark.bpf
 
@@ -48,7 +49,7 @@ def report(recording: Path) -> dict[str, Any]:
     proc = subprocess.run([NATRACE, "report", str(recording), "--json"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return seen("natrace report", json.loads(proc.stdout))
 
 
 def export(recording: Path, out: Path, *args: str) -> Path:

@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 import pytest
 from allocfixtures import build
+from framecheck import seen
 from tracing import NATRACE, attach, patched_code_bytes, release, waiting
 
 pytestmark = pytest.mark.bpf
@@ -300,7 +301,7 @@ def test_a_thread_id_is_traced_as_its_process() -> None:
         proc.kill()
         proc.wait()
     assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+    report = seen("natrace snapshot", json.loads(out.stdout))
     note = (f"{tid} is a thread of process {proc.pid}: natrace traces the whole process "
             f"{proc.pid} (uprobes see every thread)")
     assert report["pid"] == proc.pid and note in report["notes"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from framecheck import seen
 
 from bench.workloads import build as build_bench
 from tests import tracing
@@ -92,7 +93,7 @@ def _attached(argv: list[str | Path], library: Path, preload: list[Path],
                ) != ((0, 0), 0) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert left == ((0, 0), 0)
-        report: dict[str, Any] = json.loads(out)
+        report: dict[str, Any] = seen("natrace snapshot", json.loads(out))
         report["counted"] = counted
         return report
     finally:

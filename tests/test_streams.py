@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from framecheck import seen
 from tracing import NATRACE
 
 SEQ = 160_000  # `seq 160000` prints 1,008,895 bytes
@@ -37,7 +38,7 @@ def test_json_on_a_pipe_is_one_document_when_the_target_prints_a_megabyte() -> N
     proc = subprocess.run([NATRACE, "run", "--json", "--", "seq", str(SEQ)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)  # the whole stdout is the one document
+    report = seen("natrace run", json.loads(proc.stdout))  # the whole stdout is one document
     assert report["command"] == f"/usr/bin/seq {SEQ}" and report["target_exited"]
     printed = [line for line in proc.stderr.splitlines() if not line.startswith("natrace")]
     assert printed == [str(i) for i in range(1, SEQ + 1)]  # seq's output, on stderr, whole
@@ -54,7 +55,7 @@ def test_json_on_a_pipe_is_whole_with_a_nodejs_target(tmp_path: Path) -> None:
                            str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout) > 64 << 10
-    report = json.loads(proc.stdout)
+    report = seen("natrace run", json.loads(proc.stdout))
     assert report["target_exited"] and report["sites"]
     assert proc.stderr.count("n" * 1023 + "\n") == 1024
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from framecheck import seen
 from memfixtures import build
 from test_books import JEMALLOC, MIB, Frag, frag
 from tracing import attach
@@ -32,7 +33,7 @@ def snapshot(f: Frag, seconds: float, *args: str, drip: bool = False) -> dict[st
         f.send("drip")
     out, err = tracer.communicate(timeout=300)
     assert tracer.returncode == 0, err
-    memory: dict[str, Any] = json.loads(out)["memory"]
+    memory: dict[str, Any] = seen("natrace snapshot", json.loads(out))["memory"]
     return memory
 
 

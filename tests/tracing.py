@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from framecheck import seen
+
 NATRACE = str(Path(sys.executable).with_name("natrace"))
 
 
@@ -82,5 +84,5 @@ def snapshot_json(target: subprocess.Popen[str], *args: str) -> dict[str, Any]:
     tracer.send_signal(signal.SIGINT)  # stop early: the report is still written
     out, err = tracer.communicate(timeout=120)
     assert tracer.returncode == 0, err
-    report: dict[str, Any] = json.loads(out)
+    report: dict[str, Any] = seen("natrace snapshot", json.loads(out))
     return report
