@@ -337,9 +337,10 @@ def test_bad_flamegraph_name_fails_before_tracing() -> None:
 
 
 def test_addresses_above_two_to_the_63_round_trip(tmp_path: Path) -> None:
-    """Frame walks can end on garbage like 0xffffffffff600000: SQLite's INTEGER is
-    signed, so such addresses are stored in two's complement and read back whole."""
-    high = Frame(0xFFFF_FFFF_FF60_0000, "", 0xFFFF_FFFF_FF60_0000)
+    """Addresses and offsets at or above 2**63 (the vsyscall page 0xffffffffff600000):
+    SQLite's INTEGER is signed, so they are stored in two's complement and read back
+    whole."""
+    high = Frame(0xFFFF_FFFF_FF60_0000, "/opt/app/bin/app", 0xFFFF_FFFF_FF60_0000)
     snap = Snapshot(pid=1, command="x", taken_at=0.0, duration=1.0,
                     sites=[Site("malloc", [high], 10, 1)])
     path = tmp_path / "r.natrace"
