@@ -46,7 +46,9 @@ def test_stacks_end_at_jit_code_no_perf_map_names(tmp_path: Path) -> None:
                             perf_map=str(tmp_path / "perf-4242.map"))
     sites = CallSites(symbolizer)
     frames = sites.frames((0x7F0000200110, 0x7F0000300210, 0x7F0000300310))
-    assert [f.address for f in frames] == [0x7F0000200110]
+    # frame 0, the pc, is executing: unnamed JIT code
+    assert [(f.address, f.module, f.module_class) for f in frames] == [
+        (0x7F0000200110, "[jit]", "js")]
     assert sites.unnamed_jit == {0x7F0000300210}
     assert jit_note(symbolizer, len(sites.unnamed_jit)) == [
         f"stacks end at 1 return address in JIT code without names (anonymous executable "

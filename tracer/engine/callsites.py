@@ -9,13 +9,14 @@ once instead of three of them drifting apart.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import replace
 
 from tracer.model.callsite import CallSite
 from tracer.model.frames import Frame
 from tracer.probes.alloc import stack_error_name
 from tracer.symbols.attribution import RUNTIME_MODULES, first_frame_outside
 from tracer.symbols.callee import CalleeResolver
-from tracer.symbols.symbolizer import ANON_MODULE, Symbolizer
+from tracer.symbols.symbolizer import ANON_MODULE, JIT_MODULE, Symbolizer
 from tracer.symbols.unwind import ReturnChecker
 
 #: Picks the index of the charged frame in a symbolized stack (innermost first).
@@ -38,10 +39,15 @@ class CallSites:
 
     def frames(self, stack: tuple[int, ...]) -> list[Frame]:
         """The stack's frames, up to the first that is no return address, or that is in
-        anonymous memory no perf map names: executable, so JIT code, but a frame is
-        code only where something says which (issue 16); the cut addresses are kept
-        for the report's note (`jit_note`)."""
+        anonymous memory no perf map names: executable, so JIT code, but a return
+        address is code only where something says which (issue 16); the cut addresses
+        are kept for the report's note (`jit_note`). Frame 0, the pc (a fault's, a
+        syscall's), is code when its memory is executable: unnamed JIT code."""
         frames = self.symbolizer.frames(self.returns.true_frames(stack))
+        if frames and frames[0].module == ANON_MODULE:
+            m = self.symbolizer.maps.find(frames[0].address)
+            if m is not None and m.executable:
+                frames[0] = replace(frames[0], module=JIT_MODULE, module_class="js")
         for i in range(1, len(frames)):
             if frames[i].module == ANON_MODULE:
                 self.unnamed_jit.add(frames[i].address)
