@@ -87,7 +87,7 @@ class AgentProcess:
         figures are written): the JSON report it wrote and the line that said so."""
         os.kill(self.proc.pid, signal.SIGUSR1)
         line = self.expect(rf"PID {pid} .*{what}.*; report (\S+),")
-        return Path(line[1].rstrip(",")), line[0]
+        return Path(line[1].rstrip(",")), line.string
 
     def fds(self, kind: str | None = None) -> int:
         """Open file descriptors of the agent (only those whose link is `kind`)."""
