@@ -173,7 +173,8 @@ def test_sampled_sites_keep_their_sample_counts_and_older_schemas_still_read(
     assert (site["samples"], site["alloc_samples"]) == (4, 16)
     assert site["bytes_interval"] == [40_000, 3_960_000]
     assert site["alloc_bytes_interval"] == [4_080_000, 11_920_000]
-    older = {4: ["library_index"], 3: ["library_index"], 2: ["library_index", "samples", "alloc_samples"],
+    older = {4: ["library_index"], 3: ["library_index"],
+             2: ["library_index", "samples", "alloc_samples"],
              1: ["library_index", "samples", "alloc_samples", "temp_allocs", "temp_bytes",
                  "first_at", "last_at"]}
     for version, columns in older.items():
