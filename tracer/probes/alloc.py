@@ -184,6 +184,7 @@ class AllocProbes(ProbeSet):
         probed yet, then record from its first instruction."""
         if self._bpf is None:
             return
+        self.poll()  # the old program's last mapping events, dropped with its tracker
         for table in ("allocs", "sites", "entries", "pending", "counters", "trampoline"):
             self._bpf[table].clear()
         self.mappings = MappingTracker()

@@ -106,6 +106,17 @@ class TriageProbes(ProbeSet):
                 self._stop_at_exit(target)
         self._arm(target)
 
+    def follow_exec(self, target: Target) -> None:
+        """The launched command exec'd the program it wraps: what was counted in the
+        old address space (stacks into mappings that are gone) is dropped, as the
+        allocation probes drop theirs."""
+        if self._bpf is not None:
+            for table in ("pending", "futexes", "memsys", "memsys_errors", "faults",
+                          "counters"):
+                self._bpf[table].clear()
+            self._exec_mmaps = 0
+        super().follow_exec(target)
+
     def poll(self) -> None:
         """Nothing streams: only notice new executable mappings (the maps changed)."""
         if self._bpf is None:
