@@ -421,12 +421,16 @@ def _openable(pid: int, path: str) -> str:
 
 
 def _load_base(pid: int, path: str, regions: Sequence[Region]) -> int:
-    """Where offset 0 of libc is mapped (its first mapping maps offset 0)."""
-    with open(f"/proc/{pid}/maps") as fh:
-        for line in fh:
-            f = line.split()
-            if len(f) >= 6 and f[5] == path and int(f[2], 16) == 0:
-                return int(f[0].split("-")[0], 16)
+    """Where offset 0 of libc is mapped (its first mapping maps offset 0); from the
+    regions read before when the process has just exited."""
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            for line in fh:
+                f = line.split()
+                if len(f) >= 6 and f[5] == path and int(f[2], 16) == 0:
+                    return int(f[0].split("-")[0], 16)
+    except OSError:
+        pass  # gone meanwhile: what it mapped is in `regions`
     return min(r.start for r in regions if r.path == path)
 
 
