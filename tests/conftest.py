@@ -2,14 +2,21 @@
 
 Without them such a test is skipped with the reason, except under CI=true, where
 it fails: CI must never go green by skipping every test that traces.
+
+After every test, whatever natrace wrote under pytest's temporary directory (reports,
+recordings, exports, flamegraphs) and the reports the helpers parsed from its stdout
+are swept for frames outside executable code (tests/framecheck.py): a test that
+leaves one behind errors at teardown.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import framecheck
 import pytest
 
 
@@ -40,6 +47,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: bpf tests must run, not skip)", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def _frame_sweep(tmp_path_factory: pytest.TempPathFactory) -> framecheck.Sweep:
+    return framecheck.Sweep(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(autouse=True)
+def _no_frame_in_data(_frame_sweep: framecheck.Sweep) -> Iterator[None]:
+    yield
+    problems = _frame_sweep.check()
+    if problems:
+        pytest.fail("frames outside executable code:\n  " + "\n  ".join(problems[:20]),
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")
