@@ -17,7 +17,7 @@ import pytest
 from agenting import NATRACE, Receiver, wait_for
 
 from tracer.agent.budget import MIN_SAMPLE_BYTES, Budget
-from tracer.agent.discovery import Discovery, cmdline, parse_selector
+from tracer.agent.discovery import RECHECK_SECONDS, Discovery, cmdline, parse_selector
 from tracer.agent.metrics import AgentCollector, AgentView, parse_listen
 from tracer.agent.pyroscope import MAX_ATTEMPTS, Pusher
 from tracer.agent.supervisor import ProcessFigures, SiteRate
@@ -53,8 +53,18 @@ def test_discovery_picks_up_new_matches_and_drops_ended_ones(tmp_path: Path) -> 
     assert discovery.scan() == ([], [])
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
     try:
-        new, ended = discovery.scan()
-        assert [p.pid for p in new] == [proc.pid] and ended == []
+        # scanned until seen: a scan racing the child's start may reject it once (the
+        # agent looks again after RECHECK_SECONDS); it is then new exactly once
+        found: list[int] = []
+
+        def scanned() -> list[int] | None:
+            new, ended = discovery.scan()
+            assert ended == []
+            found.extend(p.pid for p in new)
+            return found or None
+
+        assert wait_for("the new process discovered", scanned, RECHECK_SECONDS + 30) == [
+            proc.pid], cmdline(proc.pid)
         assert discovery.scan() == ([], [])  # known: not new again
     finally:
         proc.kill()
