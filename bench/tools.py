@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -170,6 +171,23 @@ class Natrace(Attaching):
             run.leak = leaks.natrace(report_path, spec.leak.function)
 
 
+class OtherCheckout(Natrace):
+    """`natrace full` as another checkout of natrace builds it (its own venv's natrace,
+    named by $NATRACE_OTHER, described by $NATRACE_OTHER_LABEL): the same workload
+    paired with this tree's, e.g. main against the commit before a change landed."""
+
+    def __init__(self) -> None:
+        label = os.environ.get("NATRACE_OTHER_LABEL", "other checkout")
+        super().__init__(f"natrace full ({label})", [], reports_leaks=False)
+        self.binary = os.environ.get("NATRACE_OTHER", "")
+
+    def unavailable(self) -> str | None:
+        return None if os.path.isfile(self.binary) else "set NATRACE_OTHER to its natrace"
+
+    def command(self, pid: int, scratch: Path) -> list[str]:
+        return [self.binary, *super().command(pid, scratch)[1:]]
+
+
 @functools.cache
 def _snapshot_help() -> str:
     return subprocess.run([NATRACE, "snapshot", "--help"], capture_output=True,
@@ -313,6 +331,7 @@ def all_tools() -> list[Tool]:
         Natrace("natrace full", []),
         # Same, stacks by frame pointers only: what the CFI walk costs per call.
         Natrace("natrace full (fp stacks)", ["--unwind", "fp"], needs_option="--unwind"),
+        OtherCheckout(),
         Natrace("natrace sampled 512K", ["--sample", "512K"]),
         # production mode: natrace leaves the triage tracepoints out by itself
         Natrace("natrace in-process 512K", [], preload_sampler=True),
