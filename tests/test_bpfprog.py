@@ -103,3 +103,20 @@ def test_a_prepared_compile_not_taken_is_stopped(cache: Path) -> None:
     bpfprog._discard_running()  # what natrace's exit does
     assert pending._proc.returncode is not None and not bpfprog._RUNNING
     bpfprog._PENDING.clear()
+
+
+def test_the_stack_walk_and_its_continuations_fill_the_program_array(
+        cache: Path, loaded: list[Any]) -> None:
+    """bpf/stacks.bpf.h's tail calls: the loader puts tail_tp__N__* in slot N (the walk
+    in 0, triage's futex and memsys continuations in 1 and 2; the page-fault one, 3, only
+    with HAVE_PAGE_FAULT_USER), the rest empty."""
+    bpf, _, _ = _load(loaded)
+    table = bpf["tail_tp"]
+    filled = []
+    for slot in range(8):
+        try:
+            table[ctypes.c_int(slot)]
+        except KeyError:
+            continue
+        filled.append(slot)
+    assert filled == [0, 1, 2]
