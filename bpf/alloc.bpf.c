@@ -32,13 +32,15 @@ struct capture_event {
 #define CONT_MEM_EVENT 1  /* tail_tp__1__mem_event */
 #include "stacks.bpf.h"
 
-BPF_HASH(allocs, u64, struct alloc_info, MAX_ALLOCS);
+BPF_HASH(allocs, struct alloc_key, struct alloc_info, MAX_ALLOCS);
 /* Allocated on insert: per-CPU values cost (CPUs x 64 B) per site, only for sites seen. */
-BPF_F_TABLE("percpu_hash", s32, struct site_stats, sites, MAX_STACKS + 16, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("percpu_hash", struct site_key, struct site_stats, sites, MAX_STACKS + 16,
+            BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", u32, struct entry_state, entries, 65536);
 BPF_PERCPU_ARRAY(counters, u64, NATRACE_NCOUNTERS);
-BPF_ARRAY(trampoline, u64, 1);
-BPF_TABLE("lru_hash", u32, struct natrace_fork, forks, 4096);   /* the uretprobe trampoline's address, once seen */
+/* Processes and threads the traced processes forked, by pid (threads dropped at exit). */
+BPF_TABLE("lru_hash", u32, struct natrace_fork, forks, 4096);
+BPF_ARRAY(follow_children, u32, 1);   /* 1: trace the processes a traced one forks */
 BPF_RINGBUF_OUTPUT(mem_events, RINGBUF_PAGES);
 
 struct syscall_args {
@@ -96,15 +98,17 @@ static __always_inline u64 weight_blocks_fp(const struct alloc_info *info) {
 
 /* `st`: the releasing thread's entry state (NULL if it has none): freeing the block
  * it recorded last makes that block a temporary allocation. */
-static __always_inline void release(u64 addr, struct entry_state *st) {
-    struct alloc_info *found = allocs.lookup(&addr);
+static __always_inline void release(u32 tgid, u64 addr, struct entry_state *st) {
+    struct alloc_key key = {.addr = addr, .tgid = tgid};
+    struct alloc_info *found = allocs.lookup(&key);
     if (!found)
         return;
     struct alloc_info info = *found;
-    if (allocs.delete(&addr) != 0)
+    if (allocs.delete(&key) != 0)
         return;   /* another path released it first */
     int temporary = st && st->last == addr;
-    struct site_stats *s = sites.lookup(&info.stack_id);
+    struct site_key sk = {.stack_id = info.stack_id, .tgid = tgid};
+    struct site_stats *s = sites.lookup(&sk);
     if (s) {
         u64 wb = weight_bytes(&info), wn = weight_blocks_fp(&info);
         s->bytes -= (s64)wb;   /* this CPU's copy: no atomic */
@@ -163,11 +167,13 @@ int tail_kp__1__record_block(struct pt_regs *ctx) {
     info.weight = cap->ev.weight;
 #endif
 
-    struct site_stats *s = sites.lookup(&info.stack_id);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;   /* the continuation runs in the caller */
+    struct site_key sk = {.stack_id = info.stack_id, .tgid = tgid};
+    struct site_stats *s = sites.lookup(&sk);
     if (!s) {
         struct site_stats zero = {.first_ns = info.ts_ns};
-        sites.insert(&info.stack_id, &zero);
-        s = sites.lookup(&info.stack_id);
+        sites.insert(&sk, &zero);
+        s = sites.lookup(&sk);
         if (!s) {
             count(NATRACE_CNT_SITES_FULL, 1);
             count(NATRACE_CNT_UNTRACKED_BYTES, size);
@@ -176,11 +182,12 @@ int tail_kp__1__record_block(struct pt_regs *ctx) {
     }
     /* Insert-if-absent spares a lookup on every allocation; an address already
      * there was released by a path we don't see: drop the old record first. */
-    int err = allocs.insert(&addr, &info);
+    struct alloc_key key = {.addr = addr, .tgid = tgid};
+    int err = allocs.insert(&key, &info);
     if (err == -EEXIST) {
-        release(addr, NULL);
+        release(tgid, addr, NULL);
         count(NATRACE_CNT_STALE, 1);
-        err = allocs.insert(&addr, &info);
+        err = allocs.insert(&key, &info);
     }
     if (err != 0) {
         count(NATRACE_CNT_UNTRACKED, 1);
@@ -221,34 +228,33 @@ int otel_alloc(struct pt_regs *ctx) {
 #endif
 
 /* Is `slot` (an outer call's return-address slot) the uretprobe trampoline? There is
- * one per process, at the start of its [uprobes] page; its code starts with `push %rax;
- * push %rcx; push %r11` (the uretprobe syscall, 6.11+) or int3. Once seen, it is known.
- * Until then, a page never executed can't be read here: a page-aligned address that
- * can't be read may be a trampoline not yet run, taken as one (the call lives). */
-static __always_inline int is_trampoline(u64 slot) {
-    int zero = 0;
-    u64 *known = trampoline.lookup(&zero);
-    if (known && *known)
-        return *known == slot;
+ * one per process, at the start of its [uprobes] page (not inherited by a fork); its
+ * code starts with `push %rax; push %rcx; push %r11` (the uretprobe syscall, 6.11+) or
+ * int3. Once seen, it is known (in the process's `targets` entry). Until then, a page
+ * never executed can't be read here: a page-aligned address that can't be read may be
+ * a trampoline not yet run, taken as one (the call lives). */
+static __always_inline int is_trampoline(struct natrace_proc *p, u64 slot) {
+    if (p->trampoline)
+        return p->trampoline == slot;
     u32 code = 0;
     if (bpf_probe_read_user(&code, sizeof(code), (void *)slot) != 0)
         return slot && (slot & 4095) == 0;
     if (code != 0x53415150 && (code & 0xff) != 0xcc)
         return 0;
-    trampoline.update(&zero, &slot);
+    p->trampoline = slot;
     return 1;
 }
 
 /* Is the thread's outermost recorded call still running, seen from a call entered at
  * `sp`? Not if `sp` is above its frame (it is gone), nor if its return-address slot no
  * longer holds the trampoline (the stack was reused after a longjmp past it). */
-static __always_inline int outer_live(struct entry_state *st, u64 sp) {
+static __always_inline int outer_live(struct natrace_proc *p, struct entry_state *st, u64 sp) {
     if (sp > st->sp)
         return 0;
     u64 slot = 0;
     if (bpf_probe_read_user(&slot, sizeof(slot), (void *)st->sp) != 0)
         return 0;
-    return is_trampoline(slot);
+    return is_trampoline(p, slot);
 }
 
 /* Is the thread's wrapper (operator new, strdup) still running around a call at `sp`?
@@ -273,14 +279,15 @@ static __always_inline struct entry_state *thread_state(u32 tid) {
 /* Entry: only the outermost allocator call of a thread is recorded; a call found
  * nested in one that is gone starts afresh (the lost one is counted). */
 static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ptr) {
-    if (!is_armed())
+    struct natrace_proc *p = armed_proc();
+    if (!p)
         return 0;
     u64 sp = PT_REGS_SP(ctx);
     struct entry_state *st = thread_state((u32)bpf_get_current_pid_tgid());
     if (!st)
         return 0;
     if (st->depth > 0) {
-        if (outer_live(st, sp)) {
+        if (outer_live(p, st, sp)) {
             st->depth++;
             return 0;
         }
@@ -350,13 +357,14 @@ int posix_memalign_enter(struct pt_regs *ctx) {
  * it runs inside an allocator call or another wrapper (nothrow new -> new), whose
  * caller is the one that counts. */
 int wrapper_enter(struct pt_regs *ctx) {
-    if (!is_armed())
+    struct natrace_proc *p = armed_proc();
+    if (!p)
         return 0;
     u64 sp = PT_REGS_SP(ctx), ret = 0;
     if (bpf_probe_read_user(&ret, sizeof(ret), (void *)sp) != 0)
         return 0;
     struct entry_state *st = thread_state((u32)bpf_get_current_pid_tgid());
-    if (!st || (st->depth > 0 && outer_live(st, sp)) || wrapper_live(st, sp))
+    if (!st || (st->depth > 0 && outer_live(p, st, sp)) || wrapper_live(st, sp))
         return 0;
     st->wrap_sp = sp;
     st->wrap_caller = ret;
@@ -366,7 +374,8 @@ int wrapper_enter(struct pt_regs *ctx) {
 /* Return: frame 0 of the stack taken here is the allocator's real caller (a wrapper's
  * caller is spliced in after it). */
 int alloc_return(struct pt_regs *ctx) {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tid = (u32)pid_tgid, tgid = pid_tgid >> 32;
     struct entry_state *st = entries.lookup(&tid);
     if (!st || st->depth == 0)
         return 0;   /* the call began before natrace attached */
@@ -384,10 +393,10 @@ int alloc_return(struct pt_regs *ctx) {
     case NATRACE_FN_REALLOC:
         if (ret) {
             if (ptr)
-                release(ptr, st);
+                release(tgid, ptr, st);
             block = ret;
         } else if (size == 0 && ptr) {
-            release(ptr, st);   /* realloc(p, 0) freed p */
+            release(tgid, ptr, st);   /* realloc(p, 0) freed p */
         }
         break;
     default:
@@ -400,17 +409,51 @@ int alloc_return(struct pt_regs *ctx) {
     return 0;
 }
 
-/* A thread that ends inside an allocator call (killed, pthread_exit from a signal
- * handler) leaves its state behind: drop it, counted. */
+/* Every process (and thread) a traced process forks is kept, so a report names those
+ * natrace does not trace. */
 TRACEPOINT_PROBE(sched, sched_process_fork) {
-    if (!is_target(bpf_get_current_pid_tgid()) || !is_armed())
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct natrace_proc *p = target_proc(pid_tgid);
+    if (!p || !p->armed)
         return 0;
     u32 child = args->child_pid;
-    struct natrace_fork f = {};
+    struct natrace_fork f = {.parent = pid_tgid >> 32};
     bpf_get_current_comm(f.comm, sizeof(f.comm));   /* a child's comm is its parent's */
     forks.update(&child, &f);
     return 0;
 }
+
+/* A child process returning from its fork, in its own context before its first
+ * instruction: when natrace follows children, it becomes a target and stops itself
+ * until natrace has attached its uprobes (they are per process) and resumes it. */
+static __always_inline int born(long ret) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (ret != 0 || (u32)pid_tgid != tgid)
+        return 0;   /* the parent's return, or a new thread */
+    int zero = 0;
+    u32 *on = follow_children.lookup(&zero);
+    struct natrace_fork *f = forks.lookup(&tgid);
+    if (!on || !*on || !f)
+        return 0;
+    struct natrace_proc *parent = targets.lookup(&f->parent);
+    if (!parent || !parent->armed)
+        return 0;
+    struct natrace_proc child = {.armed = 1, .stop = NATRACE_STOP_FORK, .parent = f->parent,
+                                .follow = 1};
+    if (targets.insert(&tgid, &child) != 0)
+        return 0;   /* no room: named in the report as not traced */
+    f->traced = 1;
+    bpf_send_signal(19 /* SIGSTOP */);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_clone) { return born(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_clone3) { return born(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fork) { return born(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_vfork) { return born(args->ret); }
+
+/* A thread that ends inside an allocator call (killed, pthread_exit from a signal
+ * handler) leaves its state behind: drop it, counted. */
 
 TRACEPOINT_PROBE(sched, sched_process_exit) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -439,8 +482,9 @@ int free_enter(struct pt_regs *ctx) {
     u64 ptr = PT_REGS_PARM1(ctx);
     if (!ptr)
         return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    release(ptr, entries.lookup(&tid));
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tid = (u32)pid_tgid;
+    release(pid_tgid >> 32, ptr, entries.lookup(&tid));
     return 0;
 }
 
@@ -448,7 +492,8 @@ int free_enter(struct pt_regs *ctx) {
 
 static __always_inline int syscall_enter(u64 a0, u64 a1, u64 a2, u64 a3, u32 flags) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_target(pid_tgid) || !is_armed())
+    struct natrace_proc *p = target_proc(pid_tgid);
+    if (!p || !p->armed)
         return 0;
     u32 tid = (u32)pid_tgid;
     struct syscall_args args = {.a0 = a0, .a1 = a1, .a2 = a2, .a3 = a3, .flags = flags};
@@ -473,7 +518,8 @@ static __always_inline void emit_mem_event(const struct mem_event *e) {
 
 static __always_inline int syscall_exit(void *ctx, u32 kind, long ret) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_target(pid_tgid))
+    struct natrace_proc *p = target_proc(pid_tgid);
+    if (!p)
         return 0;
     u32 tid = (u32)pid_tgid;
     struct syscall_args *args = pending.lookup(&tid);
@@ -489,6 +535,7 @@ static __always_inline int syscall_exit(void *ctx, u32 kind, long ret) {
     e.kind = kind;
     e.flags = a.flags;
     e.tid = tid;
+    e.tgid = pid_tgid >> 32;
     e.caller = a.caller;
     int stack = 0;
     switch (kind) {
@@ -496,8 +543,8 @@ static __always_inline int syscall_exit(void *ctx, u32 kind, long ret) {
         e.addr = ret;
         e.len = a.a1;
         stack = a.flags & NATRACE_EVF_ANON;
-        if ((a.flags & NATRACE_EVF_EXEC) && !(a.flags & NATRACE_EVF_ANON))
-            stop_for_unwind_rows();
+        if ((a.flags & NATRACE_EVF_EXEC) && !(a.flags & NATRACE_EVF_ANON) && !p->parent)
+            stop_for_unwind_rows();   /* the table is of the launched process's code */
         break;
     case NATRACE_EV_MUNMAP:
         e.addr = a.a0;

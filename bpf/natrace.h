@@ -108,7 +108,19 @@ struct unwind_conf {
 #define NATRACE_EVF_ANON 2        /* anonymous mapping */
 #define NATRACE_EVF_EXEC 4        /* executable mapping: the process's module list changed */
 
-/* Outstanding block, keyed by address. */
+/* Outstanding blocks and call sites are per address space: a forked child holds the
+ * same addresses as its parent, an exec'd one different code at the same ones. */
+struct alloc_key {
+    u64 addr;
+    u32 tgid;
+    u32 pad;
+};
+struct site_key {
+    s32 stack_id;   /* negative: -errno of the failed stack capture */
+    u32 tgid;
+};
+
+/* Outstanding block, keyed by process and address. */
 struct alloc_info {
     u64 size;
     u64 ts_ns;
@@ -164,11 +176,29 @@ struct entry_state {
     u32 kind;
 };
 
+/* A traced process (bpf/target.bpf.h's `targets`, by tgid). */
+struct natrace_proc {
+    u64 trampoline;   /* its uretprobe trampoline's address, once seen (alloc.bpf.c) */
+    u32 execs;        /* exec()s since natrace traced it */
+    u32 armed;        /* 1 while recording */
+    u32 stop;         /* NATRACE_STOP_*: why it last stopped itself for natrace (0: none) */
+    u32 parent;       /* the traced process that forked it; 0: the one natrace was given */
+    u32 follow;       /* 1: it stops at exec for natrace to follow it; 0: an exec ends it */
+    u32 pad;
+};
+#define NATRACE_MAX_PROCS 1024
+#define NATRACE_STOP_FORK 1   /* a child just born, before its first instruction */
+#define NATRACE_STOP_EXEC 2   /* exec'd another program, before its first instruction */
+#define NATRACE_STOP_EXIT 3   /* in _Exit: its address space is still there */
+
 /* A process (or thread, dropped when it exits) the target forked: natrace follows one
  * process, and names those it does not trace, exited or not. */
 struct natrace_fork {
     char comm[16];   /* at its exit: the program it exec'd */
     u32 exited;
+    u32 parent;      /* the traced process that forked it */
+    u32 traced;      /* 1: natrace traces it too (a process, children followed) */
+    u32 pad;
 };
 
 /* mmap/munmap/mremap/brk, after the call returned successfully. */
@@ -183,6 +213,8 @@ struct mem_event {
     u32 kind;
     u32 flags;
     u32 tid;
+    u32 tgid;       /* the process whose address space it changed */
+    u32 pad;
 };
 
 /* ---- triage: futex waits, memory syscalls, page faults (bpf/triage.bpf.c) ---- */

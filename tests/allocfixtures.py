@@ -99,3 +99,21 @@ def build_nofp() -> NoFp:
     _run("g++", *nofp, "-o", b / "containers", src / "containers.cpp")
     _run("g++", *nofp, "-o", b / "nesting", src / "nesting.cpp")
     return NoFp(b / "chain", b / "containers", b / "libnofp.so", b / "libfp.so", b / "nesting")
+
+
+@dataclass(frozen=True)
+class Trees:
+    """Process trees, built the way Debian builds (-O2, no frame pointers)."""
+
+    forker: Path  # a parent and 2 forked workers (ground truth in forker.c)
+    plain: Path  # plain.c, dynamic: run through sh -c, timeout, npm start
+
+
+@functools.cache
+def build_trees() -> Trees:
+    b = BUILD / "trees"
+    b.mkdir(parents=True, exist_ok=True)
+    nofp = ["-O2", "-g", "-fomit-frame-pointer"]
+    _run("gcc", *nofp, "-o", b / "forker", SRC / "forker.c")
+    _run("gcc", *nofp, "-o", b / "plain", SRC / "plain.c")
+    return Trees(b / "forker", b / "plain")

@@ -50,9 +50,9 @@ def test_second_load_comes_from_the_cache(cache: Path, loaded: list[Any]) -> Non
     assert (compiles, hits) == (0, 1)
     # Fresh maps of the compiled sizes, separate from the first load's.
     assert second["futexes"].max_entries == 1024 and second["memsys_errors"].max_entries == 1024
-    first["target"][ctypes.c_int(0)] = ctypes.c_uint32(4242)
-    assert second["target"][ctypes.c_int(0)].value == 0
-    assert first["target"][ctypes.c_int(0)].value == 4242
+    first["brk_now"][ctypes.c_int(0)] = ctypes.c_uint64(4242)
+    assert second["brk_now"][ctypes.c_int(0)].value == 0
+    assert first["brk_now"][ctypes.c_int(0)].value == 4242
 
 
 def test_a_cache_entry_others_can_write_is_compiled_afresh(cache: Path,

@@ -107,7 +107,7 @@ def program_sites(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_each_inlined_function_is_a_row_of_its_own(
         traced: tuple[dict[str, Any], Path, str]) -> None:
     report, _, text = traced
-    assert report["version"] == 3
+    assert report["version"] == 4
     sites = program_sites(report)
     assert {name: (s["bytes"], s["blocks"], s["stack"][s["charge_index"]]["inlined"])
             for name, s in sites.items()} == TRUTH, [s["label"] for s in report["sites"]]

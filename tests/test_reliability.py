@@ -186,17 +186,19 @@ def test_run_follows_an_exec_to_the_last_program(tmp_path: Path) -> None:
 
 def test_forked_children_are_said_to_be_untraced(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    subprocess.run([NATRACE, "run", "--json", "-o", str(out), "--", str(build().execer),
-                    "--fork"], check=True, capture_output=True, timeout=120)
+    subprocess.run([NATRACE, "run", "--json", "-o", str(out), "--no-children", "--",
+                    str(build().execer), "--fork"], check=True, capture_output=True,
+                   timeout=120)
     report = json.loads(out.read_text())
     assert any("not traced" in n for n in report["notes"]), report["notes"]
 
 
 def test_a_child_that_ran_and_exited_is_named(tmp_path: Path) -> None:
-    """sh -c 'a; b' runs a in a child natrace does not trace: the report says which,
-    though it exited long before the report (threads are never taken for children)."""
+    """sh -c 'a; b' runs a in a child natrace does not trace (--no-children): the report
+    says which, though it exited long before the report (threads are never taken for
+    children)."""
     out = tmp_path / "r.json"
-    subprocess.run([NATRACE, "run", "--json", "-o", str(out), "--", "sh", "-c",
+    subprocess.run([NATRACE, "run", "--json", "-o", str(out), "--no-children", "--", "sh", "-c",
                     f"{build().threads}; true"], check=True, capture_output=True, timeout=120)
     notes = json.loads(out.read_text())["notes"]
     assert len(notes) == 1 and notes[0].startswith("1 child process(es) of "), notes

@@ -119,7 +119,7 @@ def command(pids: tuple[int, ...], patterns: tuple[str, ...], cgroups: tuple[str
     prepare_dir(record_dir, "--record-dir")
     watch = WatchConfig(limits, action, window, cooldown, record_dir, interval, top, as_json,
                         grace, SessionOptions(alloc=AllocOptions(sample_bytes=sample or 0),
-                                       charge_to=charge_to))
+                                       charge_to=charge_to, follow_exec=False))
     options = AgentOptions(selector, watch, push_interval, budget, service)
 
     collector = metrics.AgentCollector()

@@ -83,6 +83,11 @@ _SESSION_OPTIONS = [
                  help="Also count live handles of this create/destroy pair (ARG: the destroy "
                       "function's argument holding the handle, default 1), e.g. "
                       "libssl:SSL_new:SSL_free. Repeatable."),
+    click.option("--children/--no-children", "children", default=None,
+                 help="Also trace the processes the target forks and their descendants "
+                      "(each reported on its own, and all together). Default: on for a "
+                      "command natrace runs (sh -c, npm start, timeout start the program "
+                      "in a child), off for -p PID."),
     click.option("--handles/--no-handles", "handles", default=None,
                  help="Add (or leave out) the built-in handle pairs (libpq PGresult/PGconn, "
                       "Node-API references). Default: on, except in production mode (the "
@@ -118,7 +123,7 @@ def session_from_options(opts: dict[str, Any]) -> SessionOptions:
     return SessionOptions(alloc=alloc, charge_to=opts["charge_to"], unwind=opts["unwind"],
                           min_age=opts["min_age"] or 0.0, allocs=not opts["no_allocs"],
                           triage=opts["triage"], lock_share=opts["lock_share"] / 100,
-                          lock_p99=opts["lock_p99"],
+                          lock_p99=opts["lock_p99"], children=opts["children"],
                           handles=HandleOptions(pairs, presets=opts["handles"]))
 
 

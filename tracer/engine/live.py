@@ -63,7 +63,10 @@ class LiveSampler:
         snap = self.session.snapshot()
         now = time.monotonic()
         user = snap.user_sites()
-        self.growth.observe(now, {s.key: float(s.bytes) for s in user})
+        held: dict[SiteKey, float] = {}  # a function in several processes: their sum
+        for s in user:
+            held[s.key] = held.get(s.key, 0.0) + s.bytes
+        self.growth.observe(now, held)
         events = snap.calls.get("allocs", 0) + snap.calls.get("frees", 0)
         rate = 0.0
         if self._last_events is not None and now > self._last_events[0]:

@@ -26,11 +26,12 @@ from tracer.errors import AttachInterrupted
 from tracer.memory.memwatch import MemoryWatch
 from tracer.model.growth import GrowthTracker
 from tracer.model.mappings import Owner
-from tracer.model.snapshot import Snapshot
+from tracer.model.sites import Site
+from tracer.model.snapshot import Process, Snapshot
 from tracer.model.unwinding import Unwinding
 from tracer.probes import bpfprog
 from tracer.probes import target as targets
-from tracer.probes.alloc import AllocOptions, AllocProbes
+from tracer.probes.alloc import AllocOptions, AllocProbes, RawSite
 from tracer.probes.base import ProbeSet
 from tracer.probes.handles import HandleOptions, HandleProbes
 from tracer.probes.target import Target, is_static_executable
@@ -63,6 +64,23 @@ class SessionOptions:
     unwind: str = "auto"  # tracer/probes/unwinding.py's UNWIND_MODES
     min_age: float = 0.0
     memory_interval: float = 1.0  # seconds between RSS/VMS samples
+    # trace the processes the target forks (and theirs), each apart; None: when natrace
+    # launched the command (services start through sh -c, npm start, timeout)
+    children: bool | None = None
+    follow_exec: bool = True  # an attached target's exec: follow it (False: the report ends)
+
+
+@dataclass
+class Child:
+    """A process the target (or one of its children) forked, traced in its own address
+    space: its maps, symbolizer, allocator and exec chain (the target's are the
+    session's own fields)."""
+
+    target: Target
+    maps: MapsHistory | None = None
+    followed: list[str] = field(default_factory=list)
+    exited: bool = False  # stopped in _Exit (its report is of that moment) or gone
+    allocator_modules: frozenset[str] = DEFAULT_ALLOCATOR_MODULES
 
 
 class Session:
@@ -73,7 +91,7 @@ class Session:
         self.triage = (TriageProbes(options.triage_probes, options.unwind)
                        if options.triage is not False else None)
         self.handles = HandleProbes(options.handles, options.unwind)
-        self._call_sites: CallSites | None = None  # see _call_sites_for
+        self._call_sites: dict[int, CallSites] = {}  # per process, see _call_sites_for
         self._share_unwind_table()
         self.production = False  # the process samples itself: see start()
         self._poll_seconds = POLL_SECONDS
@@ -85,7 +103,8 @@ class Session:
         self.execd = False  # the target exec'd another program: stop reading its maps
         self.notes: list[str] = list(target.notes)  # what a report must say about the session
         self.followed: list[str] = []  # commands the target exec'd on from (wrappers)
-        self.growth: GrowthTracker[int] = GrowthTracker()  # bytes per stack id over time
+        # bytes per (process, stack id) over time
+        self.growth: GrowthTracker[tuple[int, int]] = GrowthTracker()
         self._next_growth = 0.0
         self.peak_bytes = 0  # the most bytes traced blocks held at a growth sample
         self.memory = MemoryWatch(target.pid, options.memory_interval)
@@ -93,6 +112,10 @@ class Session:
         self.attaching = False  # start() is placing probes: a stop signal interrupts it
         self._allocator_modules: frozenset[str] = DEFAULT_ALLOCATOR_MODULES
         self._expected_execs = 1 if target.launched else 0  # a launched target's gate exec
+        self.children: dict[int, Child] = {}  # followed children by pid
+        self.follow_children = options.allocs and (
+            target.launched if options.children is None else options.children)
+        self._untraced: dict[int, str] = {}  # children that could not be traced: why
 
     def start(self) -> None:
         """Probes in place, then (for a launched command) let it run. bcc's own
@@ -116,10 +139,12 @@ class Session:
                                     self.triage is None)
         finally:
             self.attaching = False
-        exe = self.target.executable()
-        if exe is not None and is_static_executable(exe):
-            # its libc and libstdc++ (malloc, strdup, operator new) are inside it
-            self._allocator_modules = DEFAULT_ALLOCATOR_MODULES | {os.path.basename(exe)}
+        self._allocator_modules = _allocator_modules(self.target)
+        if self.options.follow_exec and not self.target.launched:
+            for probes in self._probe_sets():
+                probes.follow(self.target.pid)
+        if self.follow_children:
+            self.probes.follow_children()
         self.started = time.monotonic()
         if not self.target.launched:
             self.maps = MapsHistory(self.target.pid)
@@ -190,6 +215,8 @@ class Session:
 
     def _poll(self) -> None:
         self.probes.poll()
+        if self.follow_children:
+            self._tend_children()
         self._observe_growth()
         if self._past_gate():
             self.memory.tick()
@@ -213,7 +240,7 @@ class Session:
             return
         self._next_growth = now + self._growth_seconds
         raw = self.probes.sites()
-        self.growth.observe(now, {r.stack_id: r.bytes for r in raw})
+        self.growth.observe(now, {(r.pid, r.stack_id): r.bytes for r in raw})
         self.peak_bytes = max(self.peak_bytes, sum(r.bytes for r in raw))
 
     def _refresh_maps(self) -> None:
@@ -228,6 +255,9 @@ class Session:
                 return
         else:
             self.maps.refresh()
+        for child in self.children.values():
+            if child.maps is not None and not child.exited:
+                child.maps.refresh()
         for probes in self._probe_sets():
             probes.update_unwind(self.maps)
 
@@ -251,19 +281,62 @@ class Session:
         self.probes.poll()
         return True
 
+    def _tend_children(self) -> None:
+        """Children stop themselves for natrace (bpf/alloc.bpf.c, target.bpf.h): at
+        birth (probe them), at exec (follow them into the new program) and in _Exit (read
+        their maps while they exist). Do what each stop is for, then resume it."""
+        c = bpfprog.constants()
+        for pid, proc in self.probes.procs().items():
+            if pid == self.target.pid or not proc.stop:
+                continue
+            child = self.children.get(pid)
+            if child is None:
+                child = self.children[pid] = Child(targets.child(pid, proc.parent))
+            if not child.target.stopped_now():
+                if not child.target.alive():  # killed before natrace saw the stop
+                    child.exited = True
+                    self.probes.clear_stop(pid)
+                continue
+            try:
+                with bpfprog.captured_stderr():
+                    if proc.stop == c["NATRACE_STOP_FORK"]:
+                        child.maps = MapsHistory(pid)
+                        child.allocator_modules = _allocator_modules(child.target)
+                        self.probes.add_process(child.target)
+                    elif proc.stop == c["NATRACE_STOP_EXEC"]:
+                        child.followed.append(" ".join(child.target.argv))
+                        child.target.follow_exec()
+                        child.maps = MapsHistory(pid)
+                        child.allocator_modules = _allocator_modules(child.target)
+                        self.probes.follow_exec(child.target)
+                    else:  # in _Exit: the last moment its address space exists
+                        if child.maps is not None:
+                            child.maps.refresh()
+                        child.exited = True
+                        self.probes.clear_stop(pid)
+            except Exception as err:  # gone meanwhile, or a file could not be probed
+                self._untraced[pid] = f"{' '.join(child.target.argv)}: {err}"
+                self.probes.clear_stop(pid)
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def _children_note(self) -> list[str]:
-        """Every child process the target forked, alive or exited: none is traced."""
+        """Every child process the target forked, alive or exited, that is not traced."""
         forked = self.probes.forks()
-        kids = {pid: _command_of(pid) or forked.get(pid, ("?", False))[0]
-                for pid in self.target.children()}
-        kids.update({pid: f"{comm}, exited" for pid, (comm, exited) in forked.items()
-                     if exited})
+        traced = set(self.children) - set(self._untraced)
+        kids = {pid: _command_of(pid) or forked.get(pid, ("?", False, False))[0]
+                for pid in self.target.children() if pid not in traced}
+        kids.update({pid: f"{comm}, exited" for pid, (comm, exited, _t) in forked.items()
+                     if exited and pid not in traced})
+        kids.update({pid: f"could not be traced: {why}" for pid, why in self._untraced.items()})
         if not kids:
             return []
         shown = ", ".join(f"{pid} ({what})" for pid, what in sorted(kids.items())[:8])
         more = ", ..." if len(kids) > 8 else ""
-        return [f"{len(kids)} child process(es) of {self.target.pid} are not traced "
-                f"(natrace follows one process, through exec): {shown}{more}"]
+        why = ("" if self.follow_children else
+               " (natrace follows one process, through exec; --children traces them)")
+        return [f"{len(kids)} child process(es) of {self.target.pid} are not "
+                f"traced{why}: {shown}{more}"]
 
     def _stopped_note(self) -> list[str]:
         """An attached process stopped by someone else (a launched one stops in exit()
@@ -273,8 +346,8 @@ class Session:
 
     def _execs(self) -> int:
         """exec()s of the target since the probes were attached (any probe set)."""
-        return max(self.probes.execs(), self.triage.execs() if self.triage else 0,
-                   self.handles.execs())
+        pid = self.target.pid
+        return max(p.execs(pid) for p in self._probe_sets())
 
     def _past_gate(self) -> bool:
         """Is the process the command now? Until a launched target has exec'd, its
@@ -287,18 +360,35 @@ class Session:
             if self.target.launched and self.target.wait_stopped():
                 self._follow_exec()
                 return False
+            if self.options.follow_exec and not self.target.launched and self._wait_stop():
+                self._follow_exec()
+                return False
             self.execd = True
             self.notes.append(f"process {self.target.pid} exec'd another program: this "
                               "report covers the program it ran before; run natrace again "
                               "to trace the new one")
         return self.execd
 
+    def _wait_stop(self) -> bool:
+        """An attached target stops itself at exec (it is followed): wait for the stop
+        to take effect; False if it exited instead."""
+        for _ in range(500):
+            if self.target.stopped_now():
+                return True
+            if not self.target.alive():
+                return False
+            time.sleep(0.01)
+        return False
+
     def _followed_note(self) -> list[str]:
-        if not self.followed:
-            return []
-        chain = " -> ".join(f"'{c}'" for c in [*self.followed, " ".join(self.target.argv)])
-        return [f"followed process {self.target.pid} through exec: {chain}; this report "
-                "is of the last program"]
+        notes = []
+        for pid, followed, argv in [(self.target.pid, self.followed, self.target.argv)] + [
+                (pid, c.followed, c.target.argv) for pid, c in sorted(self.children.items())]:
+            if followed:
+                chain = " -> ".join(f"'{c}'" for c in [*followed, " ".join(argv)])
+                notes.append(f"followed process {pid} through exec: {chain}; its report is "
+                             "of the last program")
+        return notes
 
     def _follow_exec(self) -> None:
         """A launched command exec'd the program it wraps (env, nice, timeout's exec, a
@@ -306,6 +396,7 @@ class Session:
         of the program the command ends up running: start afresh on it, then resume."""
         old = " ".join(self.target.argv)
         self.target.follow_exec()
+        self._allocator_modules = _allocator_modules(self.target)
         self._expected_execs = self._execs()
         self.maps = None
         self._refresh_maps()
@@ -317,35 +408,62 @@ class Session:
         self.followed.append(old)
         os.kill(self.target.pid, signal.SIGCONT)
 
-    def _call_sites_for(self, maps: MapsHistory) -> CallSites:
+    def _call_sites_for(self, pid: int, maps: MapsHistory | None) -> CallSites:
         """One symbolizer and call-site memo per address space, kept across snapshots:
         top and the agent take one every second or so, and re-symbolizing every address
         of every (CFI-deep) stack each time cost more than a CPU."""
-        if self._call_sites is None or self._call_sites.symbolizer.maps is not maps:
-            self._call_sites = CallSites(Symbolizer(maps, self.target.pid, lines=True))
-        return self._call_sites
+        maps = maps or MapsHistory.from_lines([], pid=pid)
+        have = self._call_sites.get(pid)
+        if have is None or have.symbolizer.maps is not maps:
+            have = self._call_sites[pid] = CallSites(Symbolizer(maps, pid, lines=True))
+        return have
+
+    def _processes(self) -> list[tuple[Process, MapsHistory | None, frozenset[str]]]:
+        """Every traced process (the target first): its model entry, maps, allocator."""
+        root = Process(self.target.pid, " ".join(self.target.argv), 0,
+                       self.exiting or not self.target.alive(), list(self.followed))
+        out = [(root, self.maps, self._allocator_modules)]
+        for pid, c in sorted(self.children.items()):
+            if pid in self._untraced or c.maps is None:
+                continue
+            out.append((Process(pid, " ".join(c.target.argv), c.target.parent,
+                                c.exited or not c.target.alive(), list(c.followed)),
+                        c.maps, c.allocator_modules))
+        return out
+
+    def _sites(self, raw: list[RawSite]) -> list[Site]:
+        """Each process's sites, symbolized in its own address space and charged by its
+        own allocator, with its growth; all of them together, most bytes first."""
+        out: list[Site] = []
+        for proc, maps, allocator in self._processes():
+            call_sites = self._call_sites_for(proc.pid, maps)
+            aggregator = Aggregator(call_sites, self.options.charge_to, allocator)
+            mappings = (list(self.probes.mappings(proc.pid).totals())
+                        if self.options.allocs and self.options.min_age <= 0 else [])
+            sites = aggregator.sites([r for r in raw if r.pid == proc.pid], self.probes.site_stack,
+                                     mappings, origin_ns=int(self.started * 1e9))
+            for site in sites:
+                site.pid = proc.pid
+                if site.stack_ids:
+                    f = self.growth.combined_fit((proc.pid, i) for i in site.stack_ids)
+                    site.per_minute = f.per_minute if f.samples >= 2 else None
+                    site.suspect = self.growth.policy.is_suspect(f)
+            out += sites
+        return sorted(out, key=lambda s: (-s.bytes, -s.blocks, -s.alloc_bytes, s.label(),
+                                          s.pid))
 
     def snapshot(self) -> Snapshot:
         self._refresh_maps()
-        maps = self.maps or MapsHistory.from_lines([], pid=self.target.pid)
-        call_sites = self._call_sites_for(maps)
-        aggregator = Aggregator(call_sites, self.options.charge_to, self._allocator_modules)
-        mappings: list[tuple[Owner, int, int]] = []
+        call_sites = self._call_sites_for(self.target.pid, self.maps)
         if not self.options.allocs:
             raw = []
         elif self.options.min_age > 0:
             raw = self.probes.sites_older_than(self.options.min_age)
         else:
             raw = self.probes.sites()
-            mappings = list(self.probes.mappings.totals())
         loss, calls = self.probes.counters() if self.options.allocs else ({}, {})
-        sites = aggregator.sites(raw, self.probes.site_stack, mappings,
-                                 origin_ns=int(self.started * 1e9))
-        for site in sites:
-            if site.stack_ids:
-                f = self.growth.combined_fit(site.stack_ids)
-                site.per_minute = f.per_minute if f.samples >= 2 else None
-                site.suspect = self.growth.policy.is_suspect(f)
+        sites = self._sites(raw)
+        own = [s for s in sites if s.pid == self.target.pid]  # the memory watch's process
         duration = time.monotonic() - self.started
         return Snapshot(
             pid=self.target.pid,
@@ -364,7 +482,7 @@ class Session:
             else None,
             target_exited=self.exiting or not self.target.alive(),
             exit_code=self.target.exit_code,
-            memory=self.memory.report(sites, traced=self.options.allocs,
+            memory=self.memory.report(own, traced=self.options.allocs,
                                       from_start=self.target.launched,
                                       v8_ranges=self._v8_ranges(call_sites),
                                       command=shlex.join(self.target.argv)),
@@ -374,6 +492,7 @@ class Session:
             + self._stopped_note()
             + jit_note(call_sites.symbolizer, len(call_sites.unnamed_jit)),
             unwinding=self._unwinding(),
+            processes=[proc for proc, _m, _a in self._processes()],
         )
 
     def _unwinding(self) -> Unwinding:
@@ -393,7 +512,7 @@ class Session:
             return None
         v8: dict[Owner, bool] = {}
         out = []
-        for start, end, owner in self.probes.mappings.ranges():
+        for start, end, owner in self.probes.mappings(self.target.pid).ranges():
             if owner.kind != "mmap" or owner.allocator_internal:
                 continue
             if owner not in v8:
@@ -430,6 +549,19 @@ class Session:
         if self.target.launched and self.target.exit_code is None:
             with suppress(ProcessLookupError):
                 os.kill(self.target.pid, signal.SIGCONT)
+        for pid, child in self.children.items():  # one may be stopped for natrace
+            if child.target.stopped_now():
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+
+def _allocator_modules(target: Target) -> frozenset[str]:
+    """Whose malloc-family frames are the allocator's: a static executable's own too
+    (its libc and libstdc++ — malloc, strdup, operator new — are inside it)."""
+    exe = target.executable()
+    if exe is not None and is_static_executable(exe):
+        return DEFAULT_ALLOCATOR_MODULES | {os.path.basename(exe)}
+    return DEFAULT_ALLOCATOR_MODULES
 
 
 def _command_of(pid: int) -> str | None:

@@ -48,6 +48,7 @@ class Site:
     suspect: bool = False  # growing steadily: a leak suspect (tracer/model/growth.py)
     samples: int = 0  # sampled in the process: the sampled blocks behind bytes/blocks
     alloc_samples: int = 0  # ... and behind allocs/alloc_bytes
+    pid: int = 0  # the process it is of (0: the snapshot's own, e.g. an older recording)
 
     @staticmethod
     def interval(estimate: int, samples: int, period: int) -> tuple[int, int] | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tracer.model.faults import FaultSummary
 from tracer.model.handles import HandleType
@@ -50,6 +50,18 @@ class Totals:
 
 
 @dataclass
+class Process:
+    """One process of a traced tree: the one natrace was given (`parent` 0) or one it
+    forked, followed. `followed`: the commands it exec'd on from."""
+
+    pid: int
+    command: str
+    parent: int = 0
+    exited: bool = False
+    followed: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Snapshot:
     pid: int
     command: str
@@ -75,6 +87,9 @@ class Snapshot:
     # the snapshot (a lower bound of the true peak; None: not known)
     peak_bytes: int | None = None
     unwinding: Unwinding | None = None  # how stacks were walked, early ends by reason
+    # every process traced, the one natrace was given first; its sites are those whose
+    # pid is its own (empty: one process, an older recording)
+    processes: list[Process] = field(default_factory=list)
 
     @property
     def mode(self) -> str:
@@ -89,6 +104,21 @@ class Snapshot:
     def estimated(self) -> bool:
         """Are the byte and block figures estimates (sampled) rather than counts?"""
         return bool(self.sample_bytes) or self.in_process
+
+    def traced_processes(self) -> list[Process]:
+        """Every process traced, the one natrace was given first (a recording made before
+        natrace followed children has one)."""
+        return self.processes or [Process(self.pid, self.command, 0, self.target_exited)]
+
+    def process_sites(self, pid: int) -> list[Site]:
+        """The sites of one traced process."""
+        return [s for s in self.sites if (s.pid or self.pid) == pid]
+
+    def of_process(self, proc: Process) -> Snapshot:
+        """The snapshot narrowed to one of its processes: its own sites and command."""
+        return replace(self, pid=proc.pid, command=proc.command,
+                       sites=self.process_sites(proc.pid), processes=[proc],
+                       peak_bytes=None if len(self.processes) > 1 else self.peak_bytes)
 
     def user_sites(self) -> list[Site]:
         """Sites of the program (not the allocator's own mappings), those whose blocks

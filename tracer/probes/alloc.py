@@ -6,6 +6,7 @@ live mapping ranges to the aggregator. Nothing here symbolizes or formats.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -21,7 +22,7 @@ from tracer.probes.allocators import EntryPoint, find_entry_points
 from tracer.probes.base import ProbeSet, map_items
 from tracer.probes.placement import probe_offset
 from tracer.probes.sampler import DEFAULT_PERIOD, Counters, SamplerConfig
-from tracer.probes.target import Target
+from tracer.probes.target import Target, shares_memory
 from tracer.probes.usdt import UsdtProbe, otel_probes
 from tracer.symbols.unwind import splice_caller
 
@@ -73,6 +74,7 @@ class RawSite:
     temp_bytes: int = 0
     first_ns: int = 0
     last_ns: int = 0
+    pid: int = 0  # the process whose address space the stack is of
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class AllocProbes(ProbeSet):
         super().__init__(unwind)
         self.options = options
         self.points: list[ProbePoint] = []
-        self.mappings = MappingTracker()
+        self._mappings: dict[int, MappingTracker] = {}  # per process (tgid)
         self.modules_changed = False  # set when the target maps executable code
         self._c = bpfprog.constants()
         self._shift = self._c["NATRACE_BLOCK_SHIFT"]
@@ -99,6 +101,8 @@ class AllocProbes(ProbeSet):
         self._samplers: list[SamplerConfig] = []
         self._sampler_libs: list[str] = []
         self._target_pid = 0
+        self._root = 0  # the process natrace was given
+        self._probed: dict[int, set[tuple[int, int] | None]] = {}  # pid -> files probed
 
     def program(self, target: Target) -> tuple[str, dict[str, int | str]]:
         usdt = self._usdt(target)
@@ -128,6 +132,7 @@ class AllocProbes(ProbeSet):
             raise TargetError(f"process {target.pid} maps no known allocator (no malloc found)")
         self.in_process = bool(usdt)
         source, defines = self.program(target)
+        self._root = target.pid
         self._load(source, target, defines)
         with self._attaching(target, "uprobes"):
             if usdt:
@@ -171,29 +176,66 @@ class AllocProbes(ProbeSet):
         return Counters(read[0].period, sum(c.sampled for c in read),
                         sum(c.dropped for c in read))
 
-    def forks(self) -> dict[int, tuple[str, bool]]:
-        """Child processes (and live threads) the target forked: pid -> (comm, exited)."""
+    def forks(self) -> dict[int, tuple[str, bool, bool]]:
+        """Child processes (and live threads) the traced processes forked:
+        pid -> (comm, exited, traced)."""
         if self._bpf is None:
             return {}
         return {k.value: (bytes(v.comm).split(b"\0", 1)[0].decode(errors="replace"),
-                          bool(v.exited)) for k, v in self._bpf["forks"].items()}
+                          bool(v.exited), bool(v.traced))
+                for k, v in self._bpf["forks"].items()}
+
+    def follow_children(self) -> None:
+        """From now on the processes a traced one forks are traced too: each stops at
+        birth (bpf/alloc.bpf.c) until add_process() has probed it."""
+        if self._bpf is not None:
+            self._bpf["follow_children"][ctypes.c_int(0)] = ctypes.c_uint32(1)
+
+    def add_process(self, target: Target) -> None:
+        """A child of a traced process, stopped at birth: its uprobes (they filter by
+        process) on its allocator files, its _Exit stop; it records once resumed. A
+        vfork child runs in its parent's address space until it execs: the parent's
+        uprobes already fire for it (they filter by address space), and its own would
+        run every probe twice; it gets its own at its exec."""
+        if not shares_memory(target.pid, target.parent):
+            self._probe_files(target)
+        self.clear_stop(target.pid)
 
     def follow_exec(self, target: Target) -> None:
-        """The launched command exec'd the program it wraps: the old address space and
-        everything recorded in it are gone. Probe the new program's allocator files not
-        probed yet, then record from its first instruction."""
+        """A traced process exec'd another program: its old address space and everything
+        recorded in it are gone. Probe the new program's allocator files not probed yet
+        for it, then record from its first instruction."""
         if self._bpf is None:
             return
         self.poll()  # the old program's last mapping events, dropped with its tracker
-        for table in ("allocs", "sites", "entries", "pending", "counters", "trampoline"):
-            self._bpf[table].clear()
-        self.mappings = MappingTracker()
-        probed = {_inode(p.path) for p in self.points}
+        self._forget(target.pid)
+        self._probe_files(target)
+        super().follow_exec(target)
+
+    def _probe_files(self, target: Target) -> None:
+        probed = set(self._probed.get(target.pid, ()))  # files, not entry points
         for ep in find_entry_points(target.mapped_files(), target.executable()):
             if _inode(ep.path) not in probed:
                 self._attach_entry_point(ep, target.pid)
         self._stop_at_exit(target)
-        super().follow_exec(target)
+
+    def _forget(self, pid: int) -> None:
+        """Drop what was recorded in a process's old address space."""
+        tables = [self._bpf[name] for name in ("allocs", "sites")]
+        for table in tables:
+            for key in [k for k, _v in map_items(table) if k.tgid == pid]:
+                with contextlib.suppress(KeyError):
+                    del table[key]
+        for name in ("entries", "pending"):
+            with contextlib.suppress(KeyError):
+                del self._bpf[name][ctypes.c_uint32(pid)]
+        if len(self.procs()) <= 1:
+            self._bpf["counters"].clear()  # one process: the report is of the last program
+        self._mappings.pop(pid, None)
+
+    def mappings(self, pid: int) -> MappingTracker:
+        """The live anonymous mappings and brk growth of one traced process."""
+        return self._mappings.setdefault(pid, MappingTracker())
 
     def _attach_entry_point(self, ep: EntryPoint, pid: int) -> None:
         offset = entry_probe_offset(ep)
@@ -201,7 +243,9 @@ class AllocProbes(ProbeSet):
         if ep.has_return:
             self._bpf.attach_uretprobe(name=ep.path, addr=ep.vaddr, fn_name="alloc_return",
                                        pid=pid)
-        self.points.append(ProbePoint(ep.path, ep.symbol, offset, ep.has_return))
+        self._probed.setdefault(pid, set()).add(_inode(ep.path))
+        if pid == self._root:
+            self.points.append(ProbePoint(ep.path, ep.symbol, offset, ep.has_return))
 
     def poll(self) -> None:
         """Drain streamed mapping events (the producer never wakes us: we poll)."""
@@ -211,6 +255,7 @@ class AllocProbes(ProbeSet):
     def _on_mem_event(self, _ctx: Any, data: Any, _size: int) -> None:
         ev = self._bpf["mem_events"].event(data)
         kind = ev.kind
+        tracker = self.mappings(ev.tgid)
         c = self._c
         internal = bool(ev.flags & c["NATRACE_EVF_ALLOCATOR"])
         if ev.flags & c["NATRACE_EVF_EXEC"]:
@@ -218,16 +263,16 @@ class AllocProbes(ProbeSet):
         if kind == c["NATRACE_EV_MMAP"]:
             if ev.flags & c["NATRACE_EVF_ANON"]:
                 owner = Owner(self._syscall_stack(ev.stack_id, ev.caller), "mmap", internal)
-                self.mappings.mmap(ev.addr, ev.len, owner)
+                tracker.mmap(ev.addr, ev.len, owner)
             else:
-                self.mappings.munmap(ev.addr, ev.len)  # a file mapping replaced the range
+                tracker.munmap(ev.addr, ev.len)  # a file mapping replaced the range
         elif kind == c["NATRACE_EV_MUNMAP"]:
-            self.mappings.munmap(ev.addr, ev.len)
+            tracker.munmap(ev.addr, ev.len)
         elif kind == c["NATRACE_EV_MREMAP"]:
-            self.mappings.mremap(ev.addr, ev.len, ev.new_addr, ev.new_len)
+            tracker.mremap(ev.addr, ev.len, ev.new_addr, ev.new_len)
         elif kind == c["NATRACE_EV_BRK"]:
             owner = Owner(self._syscall_stack(ev.stack_id, ev.caller), "brk", internal)
-            self.mappings.brk(ev.addr, owner)
+            tracker.brk(ev.addr, owner)
 
     def site_stack(self, stack_id: int) -> tuple[int, ...]:
         """The stack of an allocation site, frame 0 a return address as the symbolizer
@@ -251,32 +296,33 @@ class AllocProbes(ProbeSet):
             blocks_fp = sum(c.blocks_fp for c in copies)
             if allocs_fp == 0 and blocks_fp == 0:
                 continue
-            out.append(RawSite(key, sum(c.bytes for c in copies), blocks_fp >> shift,
+            out.append(RawSite(key.stack_id, sum(c.bytes for c in copies), blocks_fp >> shift,
                                allocs_fp >> shift, sum(c.alloc_bytes for c in copies),
                                sum(getattr(c, "samples", 0) for c in copies),
                                sum(getattr(c, "alloc_samples", 0) for c in copies),
                                sum(c.temp_fp for c in copies) >> shift,
                                sum(c.temp_bytes for c in copies),
                                min((c.first_ns for c in copies if c.first_ns), default=0),
-                               max(c.last_ns for c in copies)))
+                               max(c.last_ns for c in copies), key.tgid))
         return out
 
     def sites_older_than(self, min_age: float) -> list[RawSite]:
         """Every stack's counters, with bytes and blocks outstanding narrowed to the
         blocks at least `min_age` seconds old (allocations made stay all of them)."""
         cutoff = time.monotonic_ns() - int(min_age * 1e9)
-        acc: dict[int, list[int]] = {}
-        for _addr, info in self._iter_allocs():
+        acc: dict[tuple[int, int], list[int]] = {}
+        for key, info in self._iter_allocs():
             if info.ts_ns > cutoff:
                 continue
-            slot = acc.setdefault(info.stack_id, [0, 0, 0])
+            slot = acc.setdefault((key.tgid, info.stack_id), [0, 0, 0])
             slot[0] += self._weight_bytes(info)
             slot[1] += self._weight_blocks_fp(info)
             slot[2] += 1
         none = [0, 0, 0]
-        return [replace(r, bytes=acc.get(r.stack_id, none)[0],
-                        blocks=acc.get(r.stack_id, none)[1] >> self._shift,
-                        samples=acc.get(r.stack_id, none)[2] if self.in_process else 0)
+        return [replace(r, bytes=acc.get((r.pid, r.stack_id), none)[0],
+                        blocks=acc.get((r.pid, r.stack_id), none)[1] >> self._shift,
+                        samples=acc.get((r.pid, r.stack_id), none)[2] if self.in_process
+                        else 0)
                 for r in self.sites()]
 
     def _iter_allocs(self) -> Iterator[tuple[Any, Any]]:

@@ -30,7 +30,7 @@ class ProbeSet:
         self._stacks: StackReader | None = None
         self.unwind: UnwindTables | None = None  # None: frame pointers (bpf_get_stack)
         self._code_stops = False  # the program stops a launched target at new code
-        self._exit_files: set[tuple[int, int]] = set()  # (dev, inode) with the _Exit stop
+        self._exit_files: set[tuple[int, int, int]] = set()  # (pid, dev, inode) stopped in _Exit
         #: Another probe set whose unwind table this one walks (set before attaching).
         self.unwind_owner: ProbeSet | None = None
 
@@ -63,7 +63,9 @@ class ProbeSet:
         owner = self.unwind_owner
         shared = owner.unwind_maps() if unwind != "fp" and owner is not None else None
         self._bpf = bpfprog.compile_program(source, self._defines(target, defines), shared)
-        self._bpf["target"][ctypes.c_int(0)] = ctypes.c_uint32(target.pid)
+        targets = self._bpf["targets"]
+        # a launched command is followed through exec: `env`, `nice` wrap the program
+        targets[targets.Key(target.pid)] = targets.Leaf(follow=int(target.launched))
         self._bpf.attach_tracepoint_functions()
         self._stacks = StackReader(self._bpf)
         if unwind != "fp":
@@ -124,22 +126,50 @@ class ProbeSet:
         for certain, after atexit handlers and static and thread_local destructors ran
         (glibc's exit() ends in _exit, an alias of _Exit; musl's in _Exit). Found in
         libc, or in a static executable itself."""
-        path = target.exit_library() if target.launched else None
+        path = target.exit_library() if target.launched or target.parent else None
         if path is None:
             return
         with contextlib.suppress(OSError):
             st = os.stat(path)
-            if (st.st_dev, st.st_ino) in self._exit_files:
+            if (target.pid, st.st_dev, st.st_ino) in self._exit_files:
                 return  # probed already (a followed exec into the same libc)
-            self._exit_files.add((st.st_dev, st.st_ino))
+            self._exit_files.add((target.pid, st.st_dev, st.st_ino))
         self._bpf.attach_uprobe(name=path, sym="_Exit", fn_name="exit_enter", pid=target.pid)
 
     def follow_exec(self, target: Target) -> None:
-        """The launched target exec'd the program it wraps and waits stopped: record
-        that one from its first instruction (probes persist across exec: same process,
-        and uprobes live on files)."""
-        if self._bpf is not None:
-            self._bpf["armed"][ctypes.c_int(0)] = ctypes.c_uint32(1)
+        """A traced process exec'd another program and waits stopped: record that one
+        from its first instruction (probes persist across exec: same process, and
+        uprobes live on files), in a new address space (its trampoline is not known)."""
+        self._set_proc(target.pid, armed=1, stop=0, trampoline=0)
+
+    def _set_proc(self, pid: int, **fields: int) -> None:
+        """Change fields of a traced process's `targets` entry (bpf/target.bpf.h)."""
+        if self._bpf is None:
+            return
+        table = self._bpf["targets"]
+        key = table.Key(pid)
+        try:
+            value = table[key]
+        except KeyError:
+            return
+        for name, v in fields.items():
+            setattr(value, name, v)
+        table[key] = value
+
+    def follow(self, pid: int) -> None:
+        """Follow a running target through exec: it stops there (bpf/target.bpf.h) for
+        follow_exec(), instead of its exec ending what is recorded."""
+        self._set_proc(pid, follow=1)
+
+    def procs(self) -> dict[int, Any]:
+        """The traced processes (pid -> bpf/natrace.h's natrace_proc)."""
+        if self._bpf is None:
+            return {}
+        return {k.value: v for k, v in self._bpf["targets"].items()}
+
+    def clear_stop(self, pid: int) -> None:
+        """natrace has done what a process stopped itself for (bpf/target.bpf.h)."""
+        self._set_proc(pid, stop=0)
 
     def _arm(self, target: Target) -> None:
         """Call once every probe is attached. A running target records from then on (a
@@ -147,16 +177,15 @@ class ProbeSet:
         of leaving a half-seen call that would hide the thread's later calls as nested);
         a launched one records from its gate's exec."""
         if not target.launched:
-            self._bpf["armed"][ctypes.c_int(0)] = ctypes.c_uint32(1)
+            self._set_proc(target.pid, armed=1)
 
     def stack(self, stack_id: int) -> tuple[int, ...]:
         return self._stacks(stack_id) if self._stacks else ()
 
-    def execs(self) -> int:
-        """exec()s of the target since the probes were attached."""
-        if self._bpf is None:
-            return 0
-        return int(self._bpf["execs"][ctypes.c_int(0)].value)
+    def execs(self, pid: int) -> int:
+        """exec()s of a traced process since the probes were attached."""
+        proc = self.procs().get(pid)
+        return 0 if proc is None else int(proc.execs)
 
     def detach(self) -> None:
         """Remove every probe, in milliseconds. Closing a probe's perf event waits for a
@@ -172,8 +201,9 @@ class ProbeSet:
         bpf, self._bpf = self._bpf, None
         # Inert at once: while the helper tears them down, the probes neither record
         # nor stop the target (exit(), code mappings) once natrace has resumed it.
-        for flag in ("target", "armed"):
-            bpf[flag][ctypes.c_int(0)] = bpf[flag].Leaf(0)
+        if "follow_children" in bpf:
+            bpf["follow_children"][ctypes.c_int(0)] = ctypes.c_uint32(0)
+        bpf["targets"].clear()
         fds = [*bpf.uprobe_fds.values(), *bpf.tracepoint_fds.values()]
         with _last_references_elsewhere(fds):
             bpf.cleanup()

@@ -16,7 +16,8 @@ from tracer.errors import TargetError, UsageError
 
 @dataclass
 class Target:
-    """A process natrace traces. `child` is set when natrace launched it."""
+    """A process natrace traces: launched by natrace, attached by PID, or (`parent` set)
+    forked by a traced process and followed."""
 
     pid: int
     argv: list[str] = field(default_factory=list)
@@ -26,6 +27,7 @@ class Target:
     notes: list[str] = field(default_factory=list)  # what attach() resolved or noticed
     env: dict[str, str] | None = None  # a launched command's environment (None: natrace's)
     _planned: list[str] = field(default_factory=list)  # what a followed exec will load
+    parent: int = 0  # the traced process that forked it (0: the one natrace was given)
 
     def alive(self) -> bool:
         if self.launched:
@@ -44,14 +46,22 @@ class Target:
             return planned_libraries(self.argv, self.env)
         return list(dict.fromkeys([*self._planned, *mapped_files(self.pid)]))
 
+    def stopped_now(self) -> bool:
+        """Is the process stopped (state T) now? Any process, not only natrace's child;
+        never reaps."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as fh:
+                return _stat_state(fh.read()) in ("T", "t")
+        except OSError:
+            return False
+
     def follow_exec(self) -> None:
         """The launched command exec'd another program (env, nice, a script's exec) and
         is stopped before its first instruction: it is that program from now on. Its
         libraries are not mapped yet: they are planned with its own environment
         (LD_PRELOAD, LD_LIBRARY_PATH)."""
+        argv = command_of(self.pid)
         try:
-            with open(f"/proc/{self.pid}/cmdline", "rb") as fh:
-                argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
             with open(f"/proc/{self.pid}/environ", "rb") as fh:
                 env = dict(kv.decode(errors="replace").split("=", 1)
                            for kv in fh.read().split(b"\0") if b"=" in kv)
@@ -147,6 +157,33 @@ class Target:
             time.sleep(0.1)
         os.kill(self.pid, signal.SIGKILL)
         self.wait()
+
+
+def child(pid: int, parent: int) -> Target:
+    """A process a traced one forked, stopped before its first instruction."""
+    return Target(pid=pid, argv=command_of(pid) or [f"[{pid}]"], parent=parent)
+
+
+def shares_memory(pid: int, other: int) -> bool:
+    """Do two processes share one address space (a vfork child until it execs)?
+    kcmp(2) with KCMP_VM; False when it cannot tell."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.syscall(_SYS_KCMP, pid, other, _KCMP_VM, 0, 0) == 0)
+
+
+_SYS_KCMP = 312  # x86-64
+_KCMP_VM = 1
+
+
+def command_of(pid: int) -> list[str]:
+    """A process's argv from /proc (empty when it is gone or has none)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return []
 
 
 def _stat_state(stat: str) -> str:

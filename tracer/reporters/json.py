@@ -20,10 +20,11 @@ from tracer.model.sites import Site
 from tracer.model.snapshot import Snapshot
 from tracer.reporters import triage as triage_report
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 def to_dict(snap: Snapshot) -> dict[str, Any]:
+    period = snap.sample_bytes if snap.estimated else None
     return {
         "format": "natrace-report",
         "version": FORMAT_VERSION,
@@ -40,15 +41,9 @@ def to_dict(snap: Snapshot) -> dict[str, Any]:
         "notes": snap.notes,
         "totals": asdict(snap.totals()),
         "findings": findings(snap),
-        "modules": [{"module": name, "bytes": b, "blocks": n, "sites": len(sites),
-                     "holding_sites": sum(1 for s in sites if s.holds),
-                     "allocs": sum(s.allocs for s in sites),
-                     "alloc_bytes": sum(s.alloc_bytes for s in sites),
-                     "temp_allocs": sum(s.temp_allocs for s in sites),
-                     "temp_bytes": sum(s.temp_bytes for s in sites)}
-                    for name, b, n, sites in snap.by_module()],
-        "sites": [_site(s, snap.sample_bytes if snap.estimated else None)
-                  for s in snap.user_sites()],
+        "modules": _modules(snap),
+        "sites": [_site(s, period, snap.pid) for s in snap.user_sites()],
+        "processes": [_process(snap.of_process(p), period) for p in snap.traced_processes()],
         "runtime": _runtime(snap.runtime_sites()),
         "loss": snap.loss,
         "calls": snap.calls,
@@ -59,6 +54,25 @@ def to_dict(snap: Snapshot) -> dict[str, Any]:
     }
 
 
+def _modules(snap: Snapshot) -> list[dict[str, Any]]:
+    return [{"module": name, "bytes": b, "blocks": n, "sites": len(sites),
+             "holding_sites": sum(1 for s in sites if s.holds),
+             "allocs": sum(s.allocs for s in sites),
+             "alloc_bytes": sum(s.alloc_bytes for s in sites),
+             "temp_allocs": sum(s.temp_allocs for s in sites),
+             "temp_bytes": sum(s.temp_bytes for s in sites)}
+            for name, b, n, sites in snap.by_module()]
+
+
+def _process(snap: Snapshot, period: int | None) -> dict[str, Any]:
+    """One traced process (`snap` narrowed to it): its own totals, modules and sites."""
+    proc = snap.processes[0]
+    return {"pid": proc.pid, "command": proc.command, "parent": proc.parent or None,
+            "exited": proc.exited, "followed": proc.followed,
+            "totals": asdict(snap.totals()), "modules": _modules(snap),
+            "sites": [_site(s, period, snap.pid) for s in snap.user_sites()]}
+
+
 def _runtime(sites: list[Site]) -> dict[str, Any]:
     """The runtime's own memory by kind (mmap: arena heaps, brk: heap growth, stack:
     thread stacks); `blocks` are address ranges."""
@@ -67,11 +81,13 @@ def _runtime(sites: list[Site]) -> dict[str, Any]:
             "sites": [_site(s, None) for s in sites]}
 
 
-def _site(site: Site, period: int | None) -> dict[str, Any]:
-    """`period`: sampled in the process with this mean (0: the process's own), else None."""
+def _site(site: Site, period: int | None, pid: int = 0) -> dict[str, Any]:
+    """`period`: sampled in the process with this mean (0: the process's own), else None.
+    `pid`: the snapshot's own process, for sites that name none."""
     frame = site.frame
     return {
         **(_sampling(site, period) if period is not None else {}),
+        "pid": site.pid or pid or None,
         "kind": site.kind,
         "bytes": site.bytes,
         "blocks": site.blocks,

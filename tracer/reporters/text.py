@@ -55,13 +55,15 @@ def render(snap: Snapshot, top: int = 10) -> str:
         lines.append(f"  of the unfreed bytes, {mapped:,} in mappings are counted exactly "
                      f"(every mmap is seen), {total - mapped:,} in malloc blocks estimated")
     lines.append("")
+    lines += _processes(snap, top)
     lines += _modules(snap, total)
     lines.append("")
-    lines.append(f"Top {min(top, len(user))} call sites by unfreed bytes:")
-    lines.append(f"  {'BYTES':>14} {'BLOCKS':>9} {'%':>6} {'GROWTH/MIN':>11}  {'KIND':6} "
-                 f"{'MODULE':16} CALL SITE")
+    tree = len(snap.processes) > 1
+    lines.append(f"Top {min(top, len(user))} call sites by unfreed bytes" +
+                 (", all processes:" if tree else ":"))
+    lines.append(_SITE_HEADER)
     for site in user[:top]:
-        lines += _site(site, total)
+        lines += _site(site, total, tree)
         interval = site.interval(site.bytes, site.samples, snap.sample_bytes)
         if snap.estimated and site.kind == "malloc" and interval is not None:
             lo, hi = interval
@@ -109,13 +111,38 @@ def _modules(snap: Snapshot, total: int) -> list[str]:
     return out
 
 
-def _site(site: Site, total: int) -> list[str]:
+_SITE_HEADER = (f"  {'BYTES':>14} {'BLOCKS':>9} {'%':>6} {'GROWTH/MIN':>11}  {'KIND':6} "
+                f"{'MODULE':16} CALL SITE")
+
+
+def _processes(snap: Snapshot, top: int) -> list[str]:
+    """A traced tree: each process on its own (pid, command, its figures, its top
+    sites), before the combined view."""
+    if len(snap.processes) <= 1:
+        return []
+    out = [f"Processes traced: {len(snap.processes)}"]
+    for proc in snap.processes:
+        own = snap.of_process(proc)
+        t = own.totals()
+        held = own.holding_sites()
+        state = ", exited" if proc.exited else ""
+        parent = f", child of {proc.parent}" if proc.parent else ""
+        out.append(f"  PID {proc.pid} ({proc.command}{parent}{state}): unfreed {t.bytes:,} "
+                   f"bytes in {t.blocks:,} blocks at {len(held)} call sites; allocated "
+                   f"{t.alloc_bytes:,} bytes in {t.allocs:,} allocations")
+        for site in held[:top]:
+            out += _site(site, t.bytes)[:1]  # the combined view below has the stacks
+    return out + [""]
+
+
+def _site(site: Site, total: int, with_pid: bool = False) -> list[str]:
     module = site.module_class if site.frame else "-"
     growth = "" if site.per_minute is None else f"{'+' if site.per_minute >= 0 else '-'}" \
         f"{size(abs(site.per_minute))}"
     leak = " LEAK" if site.suspect else ""
     out = [f"  {site.bytes:>14,} {site.blocks:>9,} {_pct(site.bytes, total):>6} {growth:>11}  "
-           f"{site.kind:6} {module[:16]:16} {site.label(short=True)}{site.library_via}{leak}"]
+           f"{site.kind:6} {module[:16]:16} {site.label(short=True)}{site.library_via}{leak}"
+           + (f" [PID {site.pid}]" if with_pid else "")]
     for f in site.frames[site.charge_index + 1: site.charge_index + 1 + STACK_FRAMES_SHOWN]:
         out.append(f"  {'':>14} {'':>9} {'':>6} {'':>11}  {'':6} {'':16}   <- "
                    f"{f.label(short=True)} "
