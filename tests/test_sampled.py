@@ -59,9 +59,10 @@ def _run(out: Path, *argv: str | Path, stdin: str = "", env: dict[str, str] | No
 def test_launched_every_entry_point_threads_and_a_forked_exec(built: Built,
                                                              tmp_path: Path) -> None:
     """`run --sampled` preloads the sampler; the forked child that execs (and reloads
-    the sampler, dormant) is not mixed into its parent's figures."""
-    report = _run(tmp_path / "r.json", "--sampled", "--sample", "1", "--", built.family, "2",
-                  built.family, "-1", stdin="xx")
+    the sampler, dormant) is not mixed into its parent's figures. --no-children: the
+    sampler's own counter (`sampler_fired`) is the launched process's."""
+    report = _run(tmp_path / "r.json", "--sampled", "--sample", "1", "--no-children", "--",
+                  built.family, "2", built.family, "-1", stdin="xx")
     assert report["mode"] == "sampled (in-process, mean 1 B)" and report["in_process"]
     _exact(_site(report, "allocate_all"), FAMILY_LIVE)
     _exact(_site(report, "thread_body"), THREADS_LIVE)
