@@ -143,7 +143,9 @@ def test_setup_cpu_is_the_callers_and_its_threads_not_the_servers() -> None:
         loader = threading.Thread(target=_spin, args=(0.3,))
         loader.start()
         loader.join()
-    assert budget.setup_cpu >= 0.29  # /proc's clock ticks are 10 ms
+    # the loader's 0.3 s counts (left out, it would be ~0); /proc's clock ticks are 10 ms
+    # and a loaded machine's accounting is coarse, hence the margins
+    assert budget.setup_cpu >= 0.2
     budget = Budget(limit=0.5, period=0.0)
     stop, burnt = threading.Event(), [0.0]
 
@@ -163,7 +165,8 @@ def test_setup_cpu_is_the_callers_and_its_threads_not_the_servers() -> None:
     finally:
         stop.set()
         other.join()
-    assert 0.09 <= budget.setup_cpu < 0.25
+    # the set-up's own 0.1 s counts, the server's 0.3 s meanwhile does not (it would be >= 0.4)
+    assert 0.05 <= budget.setup_cpu < 0.3
 
 
 def _snapshot() -> Snapshot:

@@ -19,7 +19,7 @@ from tracer.errors import TargetError
 from tracer.model.mappings import MappingTracker, Owner
 from tracer.probes import bpfprog
 from tracer.probes.allocators import EntryPoint, find_entry_points
-from tracer.probes.base import ProbeSet, map_items
+from tracer.probes.base import ProbeSet, exited_while_attaching, map_items
 from tracer.probes.placement import probe_offset
 from tracer.probes.sampler import DEFAULT_PERIOD, Counters, SamplerConfig
 from tracer.probes.target import Target, shares_memory
@@ -123,12 +123,17 @@ class AllocProbes(ProbeSet):
 
     def attach(self, target: Target) -> None:
         usdt = self._usdt(target)
-        if self.options.probes == "in-process" and not usdt:
-            raise TargetError(f"process {target.pid} has no otel_memory probes: start it with "
-                              "LD_PRELOAD=$(natrace sampler-path), or use natrace run --sampled")
         entry_points = ([] if usdt else
                         find_entry_points(target.mapped_files(), target.executable()))
-        if not usdt and not any(ep.family_name == "malloc" for ep in entry_points):
+        in_process_missing = self.options.probes == "in-process" and not usdt
+        if in_process_missing or not (usdt or any(ep.family_name == "malloc"
+                                                   for ep in entry_points)):
+            if not target.alive():  # its maps were read empty, or half
+                raise exited_while_attaching(target)
+            if in_process_missing:
+                raise TargetError(f"process {target.pid} has no otel_memory probes: start it "
+                                  "with LD_PRELOAD=$(natrace sampler-path), or use natrace run "
+                                  "--sampled")
             raise TargetError(f"process {target.pid} maps no known allocator (no malloc found)")
         self.in_process = bool(usdt)
         source, defines = self.program(target)

@@ -19,6 +19,13 @@ from tracer.probes.unwinding import UnwindTables
 from tracer.symbols.procmaps import MapsHistory
 
 
+def exited_while_attaching(target: Target) -> TargetError:
+    """The error for a target that died while its probes were being planned or placed:
+    whatever else went wrong then (no maps left to read, no allocator seen) follows
+    from that."""
+    return TargetError(f"process {target.pid} exited while natrace attached")
+
+
 class ProbeSet:
     #: Frames the CFI walk takes. Each costs the verifier ~2k instructions per program
     #: that walks (~0.02 s to load): allocation stacks get the most, for flamegraphs.
@@ -116,8 +123,7 @@ class ProbeSet:
             if isinstance(err, AttachInterrupted):
                 raise
             if not target.alive():
-                raise TargetError(f"process {target.pid} exited while natrace attached") \
-                    from None
+                raise exited_while_attaching(target) from None
             raise KernelFeatureError(f"could not attach {what}: {err}") from None
 
     def _stop_at_exit(self, target: Target) -> None:
