@@ -120,4 +120,8 @@ def test_rss_split_measures_v8s_heap(e2e: Env, tmp_path: Path) -> None:
     assert parts["live"] > 0 and "free" in parts
     assert not any("V8's heap not measured" in n for n in split["notes"])
     assert mem["books"]["complete"]
-    assert mem["verdict"]["kind"] in ("leak", "both"), mem["verdict"]
+    # no verdict asserted here: node's GC swings glibc's live bytes by tens of MiB between
+    # readings, against ~0.4 MiB of leaked PGresults, so the books' trend is a matter of
+    # when the last reading falls (seen: leak, both, fragmentation, neither); the verdict
+    # is tested on fixtures with a known trend in tests/test_verdict.py
+    assert mem["verdict"]["kind"] in ("leak", "both", "fragmentation", "neither")
