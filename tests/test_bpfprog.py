@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 
 from tracer.errors import KernelFeatureError
-from tracer.probes import bpfprog
+from tracer.probes import bpfcompile, bpfprog
 
 pytestmark = pytest.mark.bpf
 
@@ -120,3 +122,29 @@ def test_the_stack_walk_and_its_continuations_fill_the_program_array(
             continue
         filled.append(slot)
     assert filled == [0, 1, 2]
+
+
+def test_the_compiling_child_answers_bccs_kallsyms_lookup_itself() -> None:
+    """The child compiles with a two-line /proc/kallsyms of its own mount namespace:
+    bcc still finds bpf_probe_read_kernel (helper 113, not bpf_probe_read's 4), and
+    natrace's namespace keeps the real file."""
+    text = ("int f(void *ctx) { u64 v = 0; "
+            "bpf_probe_read_kernel(&v, sizeof(v), (void *)ctx); return v; }")
+    image = bpfprog._Compile("probe.bpf.c", text, []).result()
+    code = image.functions["f"]
+    calls = [int.from_bytes(code[at + 4:at + 8], "little", signed=True)
+             for at in range(0, len(code), 8) if code[at] == 0x85]
+    assert calls == [113]
+    assert "kallsyms" not in Path("/proc/self/mountinfo").read_text()
+    with open("/proc/kallsyms") as fh:
+        assert sum(1 for _ in fh) > 1000
+    child = subprocess.run(
+        [sys.executable, "-c", "from tracer.probes import bpfcompile; bpfcompile.short_kallsyms(); "
+         "print(open('/proc/kallsyms').read(), end='')"], capture_output=True, check=True)
+    assert child.stdout == bpfcompile.KALLSYMS_LOOKED_UP
+    # no writable temporary directory (a read-only root file system): the real file
+    child = subprocess.run(
+        [sys.executable, "-c", "import tempfile; tempfile.tempdir = '/nonexistent'; "
+         "from tracer.probes import bpfcompile; bpfcompile.short_kallsyms(); "
+         "print(sum(1 for _ in open('/proc/kallsyms')))"], capture_output=True, check=True)
+    assert int(child.stdout) > 1000

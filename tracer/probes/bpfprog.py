@@ -2,7 +2,7 @@
 
 With bpfimage.py, the only modules that import bcc's BPF class; it turns bcc's
 failures into NatraceErrors that say what to install or mount. Compiled objects are
-cached under ~/.cache/natrace/bpf; `python -m tracer.probes.bpfprog` is the child
+cached under ~/.cache/natrace/bpf; `python -m tracer.probes.bpfcompile` is the child
 process that compiles.
 """
 
@@ -11,13 +11,14 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import ctypes
+import dataclasses
 import functools
 import hashlib
 import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,7 @@ from tracer.probes import doctor
 from tracer.symbols.elfsyms import default_cache_dir
 
 _HEADER = "natrace.h"
-_CACHE_FORMAT = 1  # bump when bpfimage.Image changes shape
+_CACHE_FORMAT = 1  # bump when bpfcompile.Image changes shape
 _COMPILE_TIMEOUT = 300.0
 
 #: How programs were obtained, for tests and the benchmark: compiled or from the cache.
@@ -78,32 +79,47 @@ def defines_symbol(path: str, name: str) -> bool:
     (aliases and versioned names included)? Checked before attaching anything."""
     bcc = import_bcc()
     try:
-        bcc.BPF._check_path_symbol(path, name, None, -1)
+        bcc.BPF._check_path_symbol(path.encode(), name.encode(), None, -1)
     except Exception:  # bcc raises bare Exception for an unknown symbol
         return False
     return True
 
 
-def attach_counted_uprobe(bpf: Any, fn_name: str, path: str, offset: int, pid: int,
-                          ref_ctr_offset: int) -> None:
-    """A uprobe at a file offset whose semaphore (USDT) the kernel counts in while the
-    probe is attached and out when it is closed, even if natrace dies; bcc's
-    attach_uprobe cannot pass ref_ctr_offset, so libbcc is called directly."""
-    bcc = import_bcc()
-    fn = bpf.load_func(fn_name.encode(), bcc.BPF.KPROBE)
-    attach = ctypes.CDLL(bcc.libbcc.lib._name)["bpf_attach_uprobe"]  # a prototype of our own
-    attach.restype = ctypes.c_int
-    attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
-                       ctypes.c_ulonglong, ctypes.c_int, ctypes.c_uint32]
-    ev_name = f"natrace_{os.getpid()}_{pid}_{abs(hash(path)):x}_{offset:x}".encode()
-    fd = attach(fn.fd, 0, ev_name, path.encode(), offset, pid, ref_ctr_offset)
-    if fd < 0:
-        raise KernelFeatureError(f"could not attach a uprobe at {path}+{offset:#x}")
-    bpf._add_uprobe_fd(ev_name, fd)
+@dataclasses.dataclass
+class Preloaded:
+    """A cached program preload() began loading: `bpf` has its maps, its programs are
+    being verified on worker threads; compile_program() finishes it."""
+
+    path: str  # its cache entry
+    shared: dict[str, int] | None
+    bpf: Any  # bpfimage.LoadedBPF
+
+    def close(self) -> None:
+        self.bpf.close()
+
+
+def preload(name: str, defines: dict[str, int | str],
+            shared: dict[str, int] | None = None) -> Preloaded | None:
+    """Begin loading bpf/<name> from the cache, without waiting for the kernel's
+    verifier (~0.1 s per unit that walks CFI stacks): a session preloads every probe
+    set before attaching the first, so their programs are verified side by side and
+    while natrace reads the target's files. None when the cache has no entry (a cold
+    compile is compile_program()'s) or anything fails (compile_program() says what).
+    Call it with stderr captured (a refused program's verifier log goes to fd 2)."""
+    with contextlib.suppress(KernelFeatureError, OSError):
+        from tracer.probes import bpfimage
+
+        import_bcc()
+        _text, _cflags, path = _request(name, defines)
+        image = _read_cached(path)
+        if image is not None:
+            return Preloaded(path, shared, bpfimage.LoadedBPF(image, shared, wait=False))
+    return None
 
 
 def compile_program(name: str, defines: dict[str, int | str],
-                    shared: dict[str, int] | None = None) -> Any:
+                    shared: dict[str, int] | None = None,
+                    preloaded: Preloaded | None = None) -> Any:
     """bpf/<name> built with -D parameters and loaded (maps created, programs in the
     kernel, nothing attached but tracepoint__* functions; see bpfimage.LoadedBPF).
 
@@ -111,16 +127,31 @@ def compile_program(name: str, defines: dict[str, int | str],
     kernel and bcc were compiled before; otherwise a child process compiles it (one
     prepare() started already, or one started now), so LLVM's second and ~60 MiB
     never enter natrace's own process, and the cache keeps it. `shared` maps (by name,
-    an fd) are another program's, not created anew. One line of the compiler's or the
+    an fd) are another program's, not created anew. `preloaded` (preload()'s) is taken
+    when it is this very program, else closed. One line of the compiler's or the
     kernel's complaint on failure."""
     import_bcc()
     from tracer.probes import bpfimage
 
     tracefs, check = doctor.find_tracefs()
     if tracefs is None:
+        if preloaded is not None:
+            preloaded.close()
         raise KernelFeatureError(f"tracefs is not usable ({check.detail}): {check.fix}")
     text, cflags, path = _request(name, defines)
-    image = _read_cached(path)
+    refused = False  # the cached image, preloaded, was refused: compile afresh
+    if preloaded is not None:
+        if (preloaded.path, preloaded.shared) == (path, shared):
+            try:
+                with captured_stderr():
+                    preloaded.bpf.finish()
+                STATS["cache_hit"] += 1
+                return preloaded.bpf
+            except OSError:
+                refused = True  # finish() closed it
+        else:
+            preloaded.close()
+    image = None if refused else _read_cached(path)
     if image is not None:
         STATS["cache_hit"] += 1
         try:
@@ -154,17 +185,31 @@ def prepare(name: str, defines: dict[str, int | str]) -> None:
 
 
 def _request(name: str, defines: dict[str, int | str]) -> tuple[str, list[str], str]:
-    """(source text with its headers pasted, cflags, cache path) of bpf/<name>."""
+    """(source text with its headers pasted, cflags, cache path) of bpf/<name>; asked
+    three times per probe set (prepare, preload, load), read and hashed once."""
+    text, cflags, digest = _request_once(name, tuple(defines.items()))
+    return text, list(cflags), os.path.join(default_cache_dir(), "bpf", digest + ".json")
+
+
+@functools.lru_cache(maxsize=16)
+def _request_once(name: str, defines_items: tuple[tuple[str, int | str], ...],
+                  ) -> tuple[str, tuple[str, ...], str]:
+    defines = dict(defines_items)
     src = source_dir()
+    text = _paste_bpf_headers((src / name).read_text(), src)
     cflags = [f"-I{src}", "-Wno-macro-redefined", "-Wno-unused-function"]
+    # -g0: bcc asks clang for DWARF (and makes BTF of it), which an Image never carries;
+    # but bcc creates every map while compiling, and a task-storage map only with BTF
+    # (bpfimage gives it its own when loading the Image)
+    if "BPF_TASK_STORAGE(" not in text:
+        cflags.append("-g0")
     defines = {"NCPUS": _possible_cpus(), **defines}
     cflags += [f"-D{key}={value}" for key, value in defines.items()]
-    text = _paste_bpf_headers((src / name).read_text(), src)
-    return text, cflags, _cache_path(text, cflags)
+    return text, tuple(cflags), _cache_digest(text, cflags)
 
 
 class _Compile:
-    """bcc's compile of one source in `python -m tracer.probes.bpfprog`, started at
+    """bcc's compile of one source in `python -m tracer.probes.bpfcompile`, started at
     construction; request and answer go through unnamed files, so the child never
     waits for natrace to read a pipe and several compile at once."""
 
@@ -181,13 +226,13 @@ class _Compile:
         request.write(json.dumps({"text": text, "cflags": cflags}).encode())
         request.seek(0)
         self._deadline = time.monotonic() + _COMPILE_TIMEOUT
-        self._proc = subprocess.Popen([sys.executable, "-m", "tracer.probes.bpfprog"],
+        self._proc = subprocess.Popen([sys.executable, "-m", "tracer.probes.bpfcompile"],
                                       stdin=request, stdout=self._out, stderr=self._err)
         _RUNNING.add(self)
 
     def result(self) -> Any:
         """Wait for the child: its Image, or the compiler's complaint as one line."""
-        from tracer.probes import bpfimage
+        from tracer.probes import bpfcompile
 
         try:
             code = self._proc.wait(timeout=max(self._deadline - time.monotonic(), 0.0))
@@ -204,15 +249,21 @@ class _Compile:
             line = (_first_error_line(stderr) or next(iter(stderr.strip().splitlines()[-1:]), "")
                     or f"the compiler exited with status {code}")
             raise KernelFeatureError(f"could not load the BPF program {self.name}: {line}")
-        return bpfimage.Image.from_json(stdout)
+        return bpfcompile.Image.from_json(stdout)
+
+    def kill(self) -> None:
+        """SIGKILL to the child unless it was reaped: a bare kill(2), safe inside a
+        signal handler that interrupted Popen.wait() (which holds Popen's own lock)."""
+        if self._proc.returncode is None:
+            with contextlib.suppress(OSError):
+                os.kill(self._proc.pid, signal.SIGKILL)
 
     def discard(self) -> None:
         """Stop the child if it still runs (natrace is leaving without its result) and
         drop its files."""
         _RUNNING.discard(self)
         if self._proc.poll() is None:
-            with contextlib.suppress(OSError):
-                self._proc.kill()
+            self.kill()
             self._proc.wait()
         for fh in self._files:
             fh.close()
@@ -224,14 +275,23 @@ _PENDING: dict[str, _Compile] = {}
 _RUNNING: set[_Compile] = set()
 
 
+def stop_compiles() -> None:
+    """Kill every compile child now, reaping none: for a stop signal's handler, which
+    may run inside a wait for one of them. The wait then returns and result() reports
+    the failure, which the session turns into AttachInterrupted."""
+    for compile_ in list(_RUNNING):
+        compile_.kill()
+
+
 @atexit.register
 def _discard_running() -> None:
     for compile_ in list(_RUNNING):
         compile_.discard()
 
 
-def _cache_path(text: str, cflags: list[str]) -> str:
-    """Where the compiled object of (source, flags, headers, kernel, bcc) is kept."""
+def _cache_digest(text: str, cflags: list[str]) -> str:
+    """The cache entry's name for the compiled object of (source, flags, headers,
+    kernel, bcc)."""
     import bcc
 
     uname = os.uname()
@@ -239,21 +299,20 @@ def _cache_path(text: str, cflags: list[str]) -> str:
     build = os.path.realpath(f"/lib/modules/{uname.release}/build")
     key = json.dumps([_CACHE_FORMAT, text, cflags, headers, uname.release, uname.version,
                       build, getattr(bcc, "__version__", "")])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
-    return os.path.join(default_cache_dir(), "bpf", digest + ".json")
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _read_cached(path: str) -> Any:
     """The cached Image at `path`, or None. Trusted only when this user owns it and its
     directory and nobody else can write either: natrace loads it into the kernel."""
-    from tracer.probes import bpfimage
+    from tracer.probes import bpfcompile
 
     fh = open_trusted(path)
     if fh is None:
         return None
     with fh:
         try:
-            return bpfimage.Image.from_json(fh.read())
+            return bpfcompile.Image.from_json(fh.read())
         except (ValueError, KeyError, TypeError):
             return None  # torn or foreign: compiled afresh and overwritten
 
@@ -272,21 +331,6 @@ def _write_cached(path: str, image: Any) -> None:
     with contextlib.suppress(OSError, UsageError):
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         write_private(path, image.to_json())
-
-
-def _child_main() -> int:
-    """The compiling child: a {"text", "cflags"} request on stdin, the Image as JSON on
-    stdout; bcc's complaints stay on stderr for the parent to quote."""
-    from tracer.probes import bpfimage
-
-    request = json.load(sys.stdin)
-    try:
-        image = bpfimage.compile_image(request["text"], request["cflags"])
-    except RuntimeError as err:
-        print(err, file=sys.stderr)
-        return 1
-    sys.stdout.write(image.to_json())
-    return 0
 
 
 _BPF_HEADER_INCLUDE = re.compile(r'^#include "([\w.-]+\.bpf\.h)"$', re.MULTILINE)
@@ -318,6 +362,7 @@ def captured_stderr() -> Iterator[io.StringIO]:
             buf.write(tmp.read().decode(errors="replace"))
 
 
+@functools.cache
 def _possible_cpus() -> int:
     """CPU slots per-CPU maps have (possible, not online: a CPU may come up later)."""
     from bcc.utils import get_possible_cpus
@@ -331,6 +376,3 @@ def _first_error_line(text: str) -> str:
             return line.strip()
     return ""
 
-
-if __name__ == "__main__":
-    sys.exit(_child_main())

@@ -3,7 +3,8 @@
 bcc compiles against the installed headers, which on this project's machines are an
 older kernel's (6.1 headers on 6.18): a struct read through them would use the wrong
 offsets. The few fields natrace reads directly (the uretprobe return instances a stack
-walk must see through) are looked up here by name and passed in as -D parameters.
+walk must see through, a forked task's pid on the raw fork tracepoint) are looked up
+here by name and passed in as -D parameters.
 """
 
 from __future__ import annotations
@@ -28,18 +29,33 @@ URETPROBE_FIELDS = {
 }
 
 
+#: What bpf/alloc.bpf.c's raw sched_process_fork reads of the child task.
+TASK_FIELDS = {("task_struct", "pid"): "KOFF_TASK_PID"}
+
+
 @functools.cache
 def uretprobe_offsets(path: str = VMLINUX_BTF) -> dict[str, int] | None:
     """The byte offsets bpf/stacks.bpf.h needs to read pending uretprobes' original
     return addresses, as -D parameters; None when the kernel has no BTF or the fields."""
-    wanted = {s for s, _ in URETPROBE_FIELDS}
+    return _offsets(URETPROBE_FIELDS, path)
+
+
+@functools.cache
+def task_offsets(path: str = VMLINUX_BTF) -> dict[str, int] | None:
+    """TASK_FIELDS' offsets as -D parameters; None without BTF (alloc.bpf.c then takes
+    forks from the perf-event tracepoint)."""
+    return _offsets(TASK_FIELDS, path)
+
+
+def _offsets(fields: dict[tuple[str, str], str], path: str) -> dict[str, int] | None:
+    wanted = {s for s, _ in fields}
     try:
         with open(path, "rb") as fh:
             members = _struct_members(fh.read(), wanted)
     except (OSError, ValueError, struct.error, IndexError):
         return None
     out = {}
-    for (name, field), define in URETPROBE_FIELDS.items():
+    for (name, field), define in fields.items():
         offset = members.get(name, {}).get(field)
         if offset is None:
             return None
