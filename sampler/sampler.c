@@ -24,6 +24,7 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <link.h>
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -53,15 +54,20 @@ unsigned short otel_memory_free_semaphore __attribute__((section(".probes"), use
 /* What natrace reads and writes in the target (layout versioned by `version`). */
 struct natrace_sampler_config {
     char magic[8];         /* "NTSAMPLR" */
-    uint32_t version;      /* 1 */
+    uint32_t version;      /* 2 (1: no `interposing`) */
     uint32_t set_slots;    /* capacity of the sampled-address set */
     uint64_t period;       /* mean bytes between sample points; natrace writes it */
     uint64_t sampled;      /* alloc probes fired */
     uint64_t dropped;      /* sample points not fired: the address set was full */
     uint64_t tracked;      /* addresses in the set now */
+    /* version 2: 1 when the process's malloc is this library's (preloaded, or linked in
+     * ahead of the allocator); 0 when it came later (dlopen), so that nothing calls it
+     * and its probes would never fire: a tracer should hook the allocator instead */
+    uint32_t interposing;
+    uint32_t reserved;
 };
 EXPORT struct natrace_sampler_config natrace_sampler = {
-    .magic = "NTSAMPLR", .version = 1, .period = DEFAULT_PERIOD,
+    .magic = "NTSAMPLR", .version = 2, .period = DEFAULT_PERIOD,
 };
 
 /* ---- the next allocator ---------------------------------------------------------------- */
@@ -631,8 +637,13 @@ static void after_fork_child(void) {
     ts.countdown = 0;
 }
 
+/* Is the process's malloc ours? Lookups bind in load order: preloaded, this library
+ * comes before the allocator; dlopen'ed, after it (or in a scope of its own). */
+static int interposes(void);
+
 static __attribute__((constructor)) void init(void) {
     resolve();
+    natrace_sampler.interposing = (uint32_t)interposes();
     const char *period = getenv("NATRACE_SAMPLER_PERIOD");
     if (period && *period) {
         unsigned long long v = strtoull(period, NULL, 10);
@@ -644,4 +655,31 @@ static __attribute__((constructor)) void init(void) {
         seed_base = strtoull(seed, NULL, 10) | 1;
     natrace_sampler.set_slots = 1u << SET_BITS;
     pthread_atfork(NULL, NULL, after_fork_child);
+}
+
+/* Objects are searched in load order (dl_iterate_phdr's): the executable, the preloaded
+ * libraries, their dependencies, then whatever dlopen added. Interposing means coming
+ * before the allocator we forward to. (dlsym(RTLD_DEFAULT, "malloc") cannot tell: in a
+ * non-PIE executable that takes malloc's address, node's, it is the executable's PLT.) */
+struct load_order {
+    uintptr_t ours, allocator;
+    int answer;  /* 1: ours came first, 0: the allocator did, -1: neither seen */
+};
+
+static int visit(struct dl_phdr_info *info, size_t size, void *arg) {
+    struct load_order *o = arg;
+    if (info->dlpi_addr == o->ours || info->dlpi_addr == o->allocator) {
+        o->answer = info->dlpi_addr == o->ours;
+        return 1;
+    }
+    return 0;
+}
+
+static int interposes(void) {
+    Dl_info ours, allocator;
+    if (!dladdr((void *)init, &ours) || !dladdr((void *)next.malloc, &allocator))
+        return 0;
+    struct load_order o = {(uintptr_t)ours.dli_fbase, (uintptr_t)allocator.dli_fbase, -1};
+    dl_iterate_phdr(visit, &o);
+    return o.answer == 1;
 }

@@ -4,6 +4,7 @@ library is, and its configuration inside a running process (`natrace_sampler` in
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -13,12 +14,15 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from tracer.errors import UsageError
+from tracer.probes.usdt import UsdtProbe, otel_probes
 
 LIBRARY = "libnatrace_sampler.so"
 DEFAULT_PERIOD = 512 << 10
 _CONFIG_SYMBOL = "natrace_sampler"
 _CONFIG = struct.Struct("<8sIIQQQQ")  # magic, version, set_slots, period, sampled, dropped, tracked
+_INTERPOSING = struct.Struct("<I")  # version 2, after version 1's fields
 _MAGIC = b"NTSAMPLR"
+_VERSIONS = (1, 2)
 _PERIOD_OFFSET = 16
 
 
@@ -47,6 +51,7 @@ class SamplerConfig:
         self.pid = pid
         self.address = address
         self.last: Counters | None = None  # kept once the process is gone
+        self.gone = False  # its memory could not be read any more: `last` is all there is
 
     @classmethod
     def find(cls, pid: int, library: str) -> SamplerConfig | None:
@@ -59,20 +64,34 @@ class SamplerConfig:
         config = cls(pid, base + value)
         return config if config.read() is not None else None
 
-    def read(self) -> Counters | None:
+    def _raw(self, size: int) -> bytes | None:
         try:
             with open(f"/proc/{self.pid}/mem", "rb") as mem:
                 mem.seek(self.address)
-                raw = mem.read(_CONFIG.size)
+                raw = mem.read(size)
         except (OSError, ValueError):
-            return self.last
-        if len(raw) != _CONFIG.size:
+            return None
+        return raw if len(raw) == size else None
+
+    def read(self) -> Counters | None:
+        raw = self._raw(_CONFIG.size)
+        if raw is None:
+            self.gone = True
             return self.last
         magic, version, _slots, period, sampled, dropped, _tracked = _CONFIG.unpack(raw)
-        if magic != _MAGIC or version != 1:
+        if magic != _MAGIC or version not in _VERSIONS:
             return None
         self.last = Counters(period, sampled, dropped)
         return self.last
+
+    def interposes(self) -> bool:
+        """Whether the process's malloc is this copy's (its constructor checked): a
+        sampler dlopen'ed after the allocator is called by nothing and fires nothing.
+        A version 1 library did not say: taken as preloaded."""
+        raw = self._raw(_CONFIG.size + _INTERPOSING.size)
+        if raw is None or _CONFIG.unpack_from(raw)[1] < 2:  # its version
+            return True
+        return bool(_INTERPOSING.unpack_from(raw, _CONFIG.size)[0])
 
     def set_period(self, period: int) -> None:
         """Mean bytes between sample points, written before the probes count in."""
@@ -81,7 +100,29 @@ class SamplerConfig:
             mem.write(struct.pack("<Q", period))
 
 
+def firing_probes(pid: int, files: list[str]) -> tuple[list[UsdtProbe], list[str]]:
+    """The otel_memory probes in `files` that can fire in `pid`, and the copies of
+    natrace's sampler left out because they say they interpose nothing (dlopen'ed after
+    the allocator: nothing calls their malloc). A copy not mapped yet (a launched
+    command before its exec) counts as firing: natrace preloads it."""
+    probes = otel_probes(files)
+    inert = sorted(lib for lib in {p.path for p in probes}
+                   if (config := SamplerConfig.find(pid, lib)) and not config.interposes())
+    return [p for p in probes if p.path not in inert], inert
+
+
 def _config_symbol(path: str) -> int | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _config_symbol_in(path, st.st_ino, st.st_mtime_ns)
+
+
+@functools.cache
+def _config_symbol_in(path: str, _inode: int, _mtime_ns: int) -> int | None:
+    """(cached per file version: read on every poll of a process without natrace's
+    sampler)"""
     try:
         with open(path, "rb") as fh:
             dynsym = ELFFile(fh).get_section_by_name(".dynsym")
