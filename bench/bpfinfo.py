@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 
 _NR_BPF = 321  # x86-64
+_BPF_PROG_GET_NEXT_ID = 11
+_BPF_PROG_GET_FD_BY_ID = 13
 _BPF_OBJ_GET_INFO_BY_FD = 15
 
 
@@ -49,6 +51,7 @@ _libc.syscall.restype = ctypes.c_long
 @dataclass(frozen=True)
 class ProgInfo:
     id: int
+    type: int  # BPF_PROG_TYPE_*: 2 kprobe (uprobes too), 5 tracepoint, 17 raw tracepoint
     name: str
     verified_insns: int
     xlated_insns: int
@@ -63,5 +66,24 @@ def prog_info(fd: int) -> ProgInfo:
                      ctypes.sizeof(attr)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"BPF_OBJ_GET_INFO_BY_FD: {os.strerror(err)}")
-    return ProgInfo(info.id, info.name.decode(errors="replace"), info.verified_insns,
+    return ProgInfo(info.id, info.type, info.name.decode(errors="replace"), info.verified_insns,
                     info.xlated_prog_len // 8, info.run_time_ns, info.run_cnt)
+
+
+def loaded_programs() -> list[ProgInfo]:
+    """Every BPF program loaded on the machine (any process's), by id."""
+    out: list[ProgInfo] = []
+    prog_id = 0
+    while True:
+        attr = (ctypes.c_uint32 * 4)(prog_id, 0, 0, 0)  # start_id, next_id, open_flags
+        if _libc.syscall(_NR_BPF, _BPF_PROG_GET_NEXT_ID, attr, ctypes.sizeof(attr)) != 0:
+            return out
+        prog_id = attr[1]
+        fd = _libc.syscall(_NR_BPF, _BPF_PROG_GET_FD_BY_ID,
+                           (ctypes.c_uint32 * 4)(prog_id, 0, 0, 0), ctypes.sizeof(attr))
+        if fd < 0:
+            continue  # unloaded meanwhile
+        try:
+            out.append(prog_info(fd))
+        finally:
+            os.close(fd)

@@ -14,6 +14,7 @@ indexes and unwind rows rebuilt too). Markdown on stdout.
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import importlib
 import json
@@ -34,6 +35,8 @@ PHASES: list[tuple[str, str, str]] = [
     ("imports of the verb (snapshot)", "tracer.commands", "load"),
     ("session start (everything to probes armed)", "tracer.engine.session", "Session.start"),
     ("  prepare: cold compiles started", "tracer.probes.bpfprog", "prepare"),
+    ("  preload: cached programs' maps made, their verifying started", "tracer.probes.bpfprog",
+     "preload"),
     ("  alloc probes attach", "tracer.probes.alloc", "AllocProbes.attach"),
     ("    allocator entry points (ELF symbols)", "tracer.probes.allocators",
      "find_entry_points"),
@@ -44,17 +47,23 @@ PHASES: list[tuple[str, str, str]] = [
     ("  handle probes attach", "tracer.probes.handles", "HandleProbes.attach"),
     ("  kernel BTF offsets", "tracer.probes.kernelbtf", "_struct_members"),
     ("  image: cache lookup or compile, load", "tracer.probes.bpfprog", "compile_program"),
-    ("    cache key", "tracer.probes.bpfprog", "_cache_path"),
+    ("    cache key", "tracer.probes.bpfprog", "_cache_digest"),
     ("    cache read", "tracer.probes.bpfprog", "_read_cached"),
     ("    cold compile (waited for)", "tracer.probes.bpfprog", "_Compile.result"),
     ("    maps created, programs loaded (verifier)", "tracer.probes.bpfimage",
      "LoadedBPF.__init__"),
-    ("  tracepoints attached", "tracer.probes.bpfimage", "LoadedBPF.attach_tracepoint_functions"),
-    ("  uprobes attached", "bcc", "BPF.attach_uprobe"),
-    ("  uretprobes attached", "bcc", "BPF.attach_uretprobe"),
-    ("    bcc's symbol/path check (ELF read)", "bcc", "BPF._check_path_symbol"),
-    ("    perf_event_open of a uprobe (libbcc)", "bcc", "lib.bpf_attach_uprobe"),
+    ("    verifier of preloaded programs (waited for)", "tracer.probes.bpfimage",
+     "LoadedBPF.finish"),
+    ("  tracepoints attached (raw)", "tracer.probes.bpfimage",
+     "LoadedBPF.attach_tracepoint_functions"),
+    ("    bpf_raw_tracepoint_open (libbcc)", "bcc", "lib.bpf_attach_raw_tracepoint"),
     ("    perf_event_open of a tracepoint (libbcc)", "bcc", "lib.bpf_attach_tracepoint"),
+    ("  uprobes and uretprobes attached", "tracer.probes.bpfimage",
+     "LoadedBPF.attach_uprobe_at"),
+    ("    bcc's symbol/path check (ELF read)", "bcc", "BPF._check_path_symbol"),
+    ("    uprobe_multi link created", "tracer.probes.bpfimage", "_uprobe_link"),
+    ("    perf_event_open of a uprobe (libbcc: another tool's probe there)", "bcc",
+     "lib.bpf_attach_uprobe"),
     ("  unwind table update", "tracer.probes.unwinding", "UnwindTables.update"),
     ("    CFI rows of an object (cache or decode)", "tracer.symbols.cfi", "unwind_table"),
     ("    rows clipped to mappings", "tracer.probes.unwinding", "_clip"),
@@ -97,15 +106,15 @@ def _child(argv: list[str], out_path: str) -> int:
     marks["imports"] = time.monotonic() - started  # natrace's modules, bcc, pyelftools...
     sys.argv = ["natrace", *argv]
     from tracer.cli import main
-    code = 0
-    try:
-        main()
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 0
-    marks["returned_at"] = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes
-    with open(out_path, "w") as fh:
-        json.dump({"totals": totals, "marks": marks}, fh)
-    return code
+
+    @atexit.register  # natrace's main() ends in os._exit, after the atexit handlers
+    def _write() -> None:
+        marks["returned_at"] = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes
+        with open(out_path, "w") as fh:
+            json.dump({"totals": totals, "marks": marks}, fh)
+
+    main()
+    return 0
 
 
 def _timed(fn: Callable[..., Any], cell: list[float]) -> Callable[..., Any]:

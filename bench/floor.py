@@ -3,8 +3,11 @@
 Whatever natrace's handlers cost above this is natrace's own; this much any uprobe
 tracer with the same placement pays. `--free-at-zero` puts the entry-only probes
 (free) at offset 0 instead, as memleak-bpfcc does, to show what placement saves.
+`--syscalls N` adds N empty programs on each of raw_syscalls' sys_enter and sys_exit
+(natrace's session has 1 of each): a uretprobe returns through a syscall (x86-64,
+Linux 6.11+), so each malloc return runs them too.
 
-usage: python -m bench.floor -p PID [--free-at-zero]
+usage: python -m bench.floor -p PID [--free-at-zero] [--syscalls N]
 Prints "attached N probes" once every probe is in place, then waits for SIGINT/SIGTERM.
 """
 
@@ -14,7 +17,7 @@ import argparse
 import signal
 import sys
 
-from tracer.probes import bpfprog
+from tracer.probes import bpfimage, bpfprog
 from tracer.probes import target as targets
 from tracer.probes.alloc import entry_probe_offset
 from tracer.probes.allocators import find_entry_points
@@ -39,14 +42,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.floor")
     parser.add_argument("-p", "--pid", type=int, required=True)
     parser.add_argument("--free-at-zero", action="store_true")
+    parser.add_argument("--syscalls", type=int, default=0)
     args = parser.parse_args(argv)
-    bpf = bpfprog.import_bcc().BPF(text=PROGRAM)
-    n = 0
+    # one program per attach, as natrace's units have (the kernel refuses a second
+    # attach of one program to one tracepoint)
+    syscall_programs = [f"on_syscall_{i}" for i in range(2 * args.syscalls)]
+    bcc = bpfprog.import_bcc()
+    bpf = bcc.BPF(text=PROGRAM + "".join(
+        f"int {name}(void *ctx) {{ return 0; }}\n" for name in syscall_programs))
+    n, links = 0, []  # bcc's attach_raw_tracepoint takes one program per tracepoint
+    for i, name in enumerate(syscall_programs):
+        fd = bpf.load_func(name, bpf.RAW_TRACEPOINT).fd
+        links.append(bcc.lib.bpf_attach_raw_tracepoint(
+            fd, ("sys_enter", "sys_exit")[i % 2].encode()))
+        if links[-1] < 0:
+            raise SystemExit(f"cannot attach {name}")
+        n += 1
     for path, addr, has_return in probe_points(args.pid, args.free_at_zero):
-        bpf.attach_uprobe(name=path, addr=addr, fn_name="on_entry", pid=args.pid)
+        # perf events counting no semaphore, as natrace's probes: bcc's attach_uprobe
+        # would count a stack word, and the kernel refuses a probe on an instruction
+        # another probe of which counts a different one (bpfimage.attach_uprobe_at)
+        file, offset = bpf._check_path_symbol(path, "", addr, args.pid)
+        bpfimage.attach_perf_uprobe(bpf, "on_entry", file, offset, args.pid, False)
         n += 1
         if has_return:
-            bpf.attach_uretprobe(name=path, addr=addr, fn_name="on_return", pid=args.pid)
+            bpfimage.attach_perf_uprobe(bpf, "on_return", file, offset, args.pid, True)
             n += 1
     print(f"attached {n} probes", flush=True)
     signal.sigwait({signal.SIGINT, signal.SIGTERM})

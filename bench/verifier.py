@@ -22,6 +22,7 @@ from typing import Any
 from bench.bpfinfo import prog_info
 from tracer.probes import bpfprog, kernelbtf
 from tracer.probes.alloc import AllocOptions, AllocProbes
+from tracer.probes.base import ProbeSet
 from tracer.probes.handles import HandleOptions, HandleProbes
 from tracer.probes.triage import _OPTIONAL, TriageOptions, TriageProbes
 
@@ -29,22 +30,24 @@ from tracer.probes.triage import _OPTIONAL, TriageOptions, TriageProbes
 def _units(unwind: str) -> list[tuple[str, dict[str, int | str]]]:
     a, t, h = AllocOptions(), TriageOptions(), HandleOptions()
     events = "/sys/kernel/tracing/events"
-    units: list[tuple[str, dict[str, int | str], int]] = [
+    units: list[tuple[str, dict[str, int | str], type[ProbeSet]]] = [
         ("alloc.bpf.c", {"SAMPLE_BYTES": 0, "MAX_ALLOCS": a.max_allocs,
                          "MAX_STACKS": a.stack_map_size, "RINGBUF_PAGES": a.ringbuf_pages,
                          "TARGET_PAGE_SIZE": os.sysconf("SC_PAGE_SIZE")},
-         AllocProbes.unwind_depth),
+         AllocProbes),
         ("triage.bpf.c", {"MAX_KEYS": t.max_keys, "MAX_STACKS": t.stack_map_size,
                           **{flag: 1 for ev, flag in _OPTIONAL
                              if os.path.isdir(os.path.join(events, ev))}},
-         TriageProbes.unwind_depth),
+         TriageProbes),
         ("handles.bpf.c", {"MAX_HANDLES": h.max_handles, "MAX_STACKS": h.stack_map_size},
-         HandleProbes.unwind_depth),
+         HandleProbes),
     ]
     out = []
-    for source, defines, depth in units:
-        if unwind != "fp":
-            defines = {**defines, "UNWIND_CFI": 1, "UNWIND_DEPTH": depth,
+    for source, defines, probes in units:
+        if unwind != "fp":  # as ProbeSet._defines() adds them
+            defines = {**defines, "UNWIND_CFI": 1, "UNWIND_DEPTH": probes.unwind_depth,
+                       "STACK_CHUNK": probes.stack_chunk,
+                       "STACK_CHUNK_TP": probes.stack_chunk_tp,
                        **(kernelbtf.uretprobe_offsets() or {})}
         out.append((source, defines))
     return out

@@ -1,5 +1,6 @@
 /* Native allocation tracing: the malloc family through uprobes, anonymous
- * mappings through syscall tracepoints.
+ * mappings through raw_syscalls or, when nothing else needs those, uprobes at the
+ * syscall instructions of libc's and the loader's wrappers.
  *
  * malloc/free run millions of times a second, so they are aggregated here, in
  * the kernel: outstanding blocks by address (allocs) and per-CPU per-stack
@@ -19,6 +20,22 @@
  */
 #include <uapi/linux/ptrace.h>
 #include "natrace.h"
+
+BPF_RINGBUF_OUTPUT(mem_events, RINGBUF_PAGES);
+/* A traced process stopped itself for natrace (at birth, exec, _Exit): one event that
+ * wakes natrace's poll at once (tracer/engine/session.py waits on the ring buffer),
+ * where mapping events never wake it. natrace's production mode polls every 0.5 s: a
+ * shell loop running /bin/true 10 times took 12-14 s under it (0.6-2.0 s woken). */
+static __always_inline void wake_natrace(void) {
+    struct mem_event *ev = mem_events.ringbuf_reserve(sizeof(struct mem_event));
+    if (!ev)
+        return;   /* full: natrace's next poll finds the stop */
+    __builtin_memset(ev, 0, sizeof(*ev));
+    ev->kind = NATRACE_EV_STOP;
+    ev->tgid = bpf_get_current_pid_tgid() >> 32;
+    mem_events.ringbuf_submit(ev, BPF_RB_FORCE_WAKEUP);
+}
+#define STOPPED_FOR_NATRACE() wake_natrace()
 #include "target.bpf.h"
 
 /* What the continuations of a stack capture (stacks.bpf.h) need of their event. */
@@ -30,18 +47,21 @@ struct capture_event {
 #define STACKS_TP 1       /* mmap and brk, from syscall tracepoints: tail_tp */
 #define CONT_RECORD 1     /* tail_kp__1__record_block */
 #define CONT_MEM_EVENT 1  /* tail_tp__1__mem_event */
+#define CONT_SITE_EVENT 2 /* tail_kp__2__site_event */
 #include "stacks.bpf.h"
 
 BPF_HASH(allocs, struct alloc_key, struct alloc_info, MAX_ALLOCS);
 /* Allocated on insert: per-CPU values cost (CPUs x 64 B) per site, only for sites seen. */
 BPF_F_TABLE("percpu_hash", struct site_key, struct site_stats, sites, MAX_STACKS + 16,
             BPF_F_NO_PREALLOC);
-BPF_TABLE("lru_hash", u32, struct entry_state, entries, 65536);
+/* Each thread's allocator-call state, in the thread's own task storage: found through
+ * the task itself (no hash, no key), one allocation per thread apart from every other
+ * thread's (no cache line two threads write), gone with the thread. */
+BPF_TASK_STORAGE(entries, struct entry_state);
 BPF_PERCPU_ARRAY(counters, u64, NATRACE_NCOUNTERS);
 /* Processes and threads the traced processes forked, by pid (threads dropped at exit). */
 BPF_TABLE("lru_hash", u32, struct natrace_fork, forks, 4096);
 BPF_ARRAY(follow_children, u32, 1);   /* 1: trace the processes a traced one forks */
-BPF_RINGBUF_OUTPUT(mem_events, RINGBUF_PAGES);
 
 struct syscall_args {
     u64 a0, a1, a2, a3;
@@ -49,6 +69,18 @@ struct syscall_args {
     u32 flags;
 };
 BPF_HASH(pending, u32, struct syscall_args, 16384);
+/* triage.bpf.c's raw_syscalls programs when it traces too (tracer/probes/base.py puts
+ * them here instead of attaching them): alloc's sys_enter/sys_exit tail-call them last.
+ * An empty slot (no triage) makes the call a no-op. */
+BPF_PROG_ARRAY(sys_next, 2);
+#define SYS_NEXT_ENTER 0
+#define SYS_NEXT_EXIT 1
+
+/* The current thread's state, or NULL if it has none (`create`: made, zeroed). */
+static __always_inline struct entry_state *thread_state(int create) {
+    return entries.task_storage_get(bpf_get_current_task_btf(), 0,
+                                    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
 
 static __always_inline void count(u32 which, u64 n) {
     u64 *c = counters.lookup(&which);
@@ -96,9 +128,12 @@ static __always_inline u64 weight_blocks_fp(const struct alloc_info *info) {
     return 1ULL << NATRACE_BLOCK_SHIFT;
 }
 
-/* `st`: the releasing thread's entry state (NULL if it has none): freeing the block
- * it recorded last makes that block a temporary allocation. */
-static __always_inline void release(u32 tgid, u64 addr, struct entry_state *st) {
+/* `st`: the releasing thread's entry state (NULL if it has none), or, with `find_st`,
+ * found here once the block is (a free of a block natrace never saw, allocated before
+ * it attached, pays no task-storage lookup): freeing the block the thread recorded
+ * last makes that block a temporary allocation. */
+static __always_inline void release(u32 tgid, u64 addr, struct entry_state *st,
+                                    int find_st) {
     struct alloc_key key = {.addr = addr, .tgid = tgid};
     struct alloc_info *found = allocs.lookup(&key);
     if (!found)
@@ -106,6 +141,8 @@ static __always_inline void release(u32 tgid, u64 addr, struct entry_state *st) 
     struct alloc_info info = *found;
     if (allocs.delete(&key) != 0)
         return;   /* another path released it first */
+    if (find_st)
+        st = thread_state(0);
     int temporary = st && st->last == addr;
     struct site_key sk = {.stack_id = info.stack_id, .tgid = tgid};
     struct site_stats *s = sites.lookup(&sk);
@@ -129,34 +166,8 @@ static __always_inline void release(u32 tgid, u64 addr, struct entry_state *st) 
     count(NATRACE_CNT_FREE_CALLS, 1);
 }
 
-/* `weight`: the process's own estimate (USDT_SAMPLED), else unused. The block is
- * recorded by record_block once its stack is taken (stacks.bpf.h). */
-static __always_inline void record(struct pt_regs *ctx, u64 addr, u64 size, u64 caller,
-                                   u64 weight) {
-    count(NATRACE_CNT_ALLOC_CALLS, 1);
-#if SAMPLE_BYTES > 0
-    if (size < SAMPLE_BYTES && (bpf_get_prandom_u32() % SAMPLE_BYTES) >= size) {
-        count(NATRACE_CNT_SAMPLED_OUT, 1);
-        return;
-    }
-#endif
-    struct stack_capture *cap = capture_begin(CONT_RECORD, caller);
-    if (cap) {
-        cap->ev.addr = addr;
-        cap->ev.size = size;
-        cap->ev.ts_ns = bpf_ktime_get_ns();
-        cap->ev.weight = weight;
-        tail_kp.call(ctx, STACK_WALK);
-        stack_drop();
-    }
-    count(NATRACE_CNT_UNTRACKED, 1);
-    count(NATRACE_CNT_UNTRACKED_BYTES, size);
-}
-
-int tail_kp__1__record_block(struct pt_regs *ctx) {
-    struct stack_capture *cap = capture_resume();
-    if (!cap)
-        return 0;
+/* The block of a capture whose stack is taken: recorded under its stack's site. */
+static __always_inline void record_block(struct stack_capture *cap) {
     u64 addr = cap->ev.addr, size = cap->ev.size;
     struct alloc_info info = {};
     info.size = size;
@@ -167,7 +178,7 @@ int tail_kp__1__record_block(struct pt_regs *ctx) {
     info.weight = cap->ev.weight;
 #endif
 
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;   /* the continuation runs in the caller */
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;   /* run by the allocating task */
     struct site_key sk = {.stack_id = info.stack_id, .tgid = tgid};
     struct site_stats *s = sites.lookup(&sk);
     if (!s) {
@@ -177,7 +188,7 @@ int tail_kp__1__record_block(struct pt_regs *ctx) {
         if (!s) {
             count(NATRACE_CNT_SITES_FULL, 1);
             count(NATRACE_CNT_UNTRACKED_BYTES, size);
-            return 0;
+            return;
         }
     }
     /* Insert-if-absent spares a lookup on every allocation; an address already
@@ -185,14 +196,14 @@ int tail_kp__1__record_block(struct pt_regs *ctx) {
     struct alloc_key key = {.addr = addr, .tgid = tgid};
     int err = allocs.insert(&key, &info);
     if (err == -EEXIST) {
-        release(tgid, addr, NULL);
+        release(tgid, addr, NULL, 0);
         count(NATRACE_CNT_STALE, 1);
         err = allocs.insert(&key, &info);
     }
     if (err != 0) {
         count(NATRACE_CNT_UNTRACKED, 1);
         count(NATRACE_CNT_UNTRACKED_BYTES, size);
-        return 0;
+        return;
     }
     u64 wb = weight_bytes(&info), wn = weight_blocks_fp(&info);
     s->bytes += (s64)wb;   /* this CPU's copy: no atomic */
@@ -209,6 +220,41 @@ int tail_kp__1__record_block(struct pt_regs *ctx) {
         s->alloc_samples += 1;
     }
 #endif
+}
+
+/* `weight`: the process's own estimate (USDT_SAMPLED), else unused. The block is
+ * recorded once its stack is taken: here if the stack-id cache has it, else by
+ * record_block's continuation after the walk (stacks.bpf.h). */
+static __always_inline void record(struct pt_regs *ctx, u64 addr, u64 size, u64 caller,
+                                   u64 weight) {
+    count(NATRACE_CNT_ALLOC_CALLS, 1);
+#if SAMPLE_BYTES > 0
+    if (size < SAMPLE_BYTES && (bpf_get_prandom_u32() % SAMPLE_BYTES) >= size) {
+        count(NATRACE_CNT_SAMPLED_OUT, 1);
+        return;
+    }
+#endif
+    struct stack_capture *cap = capture_begin(CONT_RECORD, caller);
+    if (cap) {
+        cap->ev.addr = addr;
+        cap->ev.size = size;
+        cap->ev.ts_ns = bpf_ktime_get_ns();
+        cap->ev.weight = weight;
+        if (capture_cached(cap, ctx)) {
+            record_block(cap);
+            return;
+        }
+        tail_kp.call(ctx, STACK_WALK);
+        stack_drop();
+    }
+    count(NATRACE_CNT_UNTRACKED, 1);
+    count(NATRACE_CNT_UNTRACKED_BYTES, size);
+}
+
+int tail_kp__1__record_block(struct pt_regs *ctx) {
+    struct stack_capture *cap = capture_resume();
+    if (cap)
+        record_block(cap);
     return 0;
 }
 
@@ -267,26 +313,34 @@ static __always_inline int wrapper_live(struct entry_state *st, u64 sp) {
            slot == st->wrap_caller;
 }
 
-static __always_inline struct entry_state *thread_state(u32 tid) {
-    struct entry_state *st = entries.lookup(&tid);
-    if (st)
+/* The state of the current thread if its process is armed, else NULL. While the
+ * targets' generation has not moved since the thread saw its process armed, that still
+ * holds: the `targets` lookup is spared (the thread state is found without a hash). */
+static __always_inline struct entry_state *armed_thread(void) {
+    u64 gen = targets_generation();
+    struct entry_state *st = thread_state(0);
+    if (st && st->armed_gen == gen)
         return st;
-    struct entry_state fresh = {};
-    entries.update(&tid, &fresh);
-    return entries.lookup(&tid);
+    if (!armed_proc())
+        return NULL;
+    if (!st)
+        st = thread_state(1);
+    if (st)
+        st->armed_gen = gen;   /* read before the lookup: a change since moves it on */
+    return st;
 }
 
 /* Entry: only the outermost allocator call of a thread is recorded; a call found
  * nested in one that is gone starts afresh (the lost one is counted). */
 static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ptr) {
-    struct natrace_proc *p = armed_proc();
-    if (!p)
-        return 0;
-    u64 sp = PT_REGS_SP(ctx);
-    struct entry_state *st = thread_state((u32)bpf_get_current_pid_tgid());
+    struct entry_state *st = armed_thread();
     if (!st)
         return 0;
+    u64 sp = PT_REGS_SP(ctx);
     if (st->depth > 0) {
+        struct natrace_proc *p = armed_proc();
+        if (!p)
+            return 0;
         if (outer_live(p, st, sp)) {
             st->depth++;
             return 0;
@@ -357,14 +411,18 @@ int posix_memalign_enter(struct pt_regs *ctx) {
  * it runs inside an allocator call or another wrapper (nothrow new -> new), whose
  * caller is the one that counts. */
 int wrapper_enter(struct pt_regs *ctx) {
-    struct natrace_proc *p = armed_proc();
-    if (!p)
+    struct entry_state *st = armed_thread();
+    if (!st)
         return 0;
     u64 sp = PT_REGS_SP(ctx), ret = 0;
     if (bpf_probe_read_user(&ret, sizeof(ret), (void *)sp) != 0)
         return 0;
-    struct entry_state *st = thread_state((u32)bpf_get_current_pid_tgid());
-    if (!st || (st->depth > 0 && outer_live(p, st, sp)) || wrapper_live(st, sp))
+    if (st->depth > 0) {
+        struct natrace_proc *p = armed_proc();
+        if (!p || outer_live(p, st, sp))
+            return 0;
+    }
+    if (wrapper_live(st, sp))
         return 0;
     st->wrap_sp = sp;
     st->wrap_caller = ret;
@@ -374,9 +432,8 @@ int wrapper_enter(struct pt_regs *ctx) {
 /* Return: frame 0 of the stack taken here is the allocator's real caller (a wrapper's
  * caller is spliced in after it). */
 int alloc_return(struct pt_regs *ctx) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tid = (u32)pid_tgid, tgid = pid_tgid >> 32;
-    struct entry_state *st = entries.lookup(&tid);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct entry_state *st = thread_state(0);
     if (!st || st->depth == 0)
         return 0;   /* the call began before natrace attached */
     if (--st->depth > 0)
@@ -393,10 +450,10 @@ int alloc_return(struct pt_regs *ctx) {
     case NATRACE_FN_REALLOC:
         if (ret) {
             if (ptr)
-                release(tgid, ptr, st);
+                release(tgid, ptr, st, 0);
             block = ret;
         } else if (size == 0 && ptr) {
-            release(tgid, ptr, st);   /* realloc(p, 0) freed p */
+            release(tgid, ptr, st, 0);   /* realloc(p, 0) freed p */
         }
         break;
     default:
@@ -411,12 +468,21 @@ int alloc_return(struct pt_regs *ctx) {
 
 /* Every process (and thread) a traced process forks is kept, so a report names those
  * natrace does not trace. */
-TRACEPOINT_PROBE(sched, sched_process_fork) {
+#ifdef KOFF_TASK_PID
+RAW_TRACEPOINT_PROBE(sched_process_fork) {   /* (parent, child): task_structs */
+#else
+TRACEPOINT_PROBE(sched, sched_process_fork) {   /* no BTF: a perf-event tracepoint */
+#endif
     u64 pid_tgid = bpf_get_current_pid_tgid();
     struct natrace_proc *p = target_proc(pid_tgid);
     if (!p || !p->armed)
         return 0;
+#ifdef KOFF_TASK_PID
+    u32 child = 0;
+    bpf_probe_read_kernel(&child, sizeof(child), (void *)ctx->args[1] + KOFF_TASK_PID);
+#else
     u32 child = args->child_pid;
+#endif
     struct natrace_fork f = {.parent = pid_tgid >> 32};
     bpf_get_current_comm(f.comm, sizeof(f.comm));   /* a child's comm is its parent's */
     forks.update(&child, &f);
@@ -445,17 +511,13 @@ static __always_inline int born(long ret) {
         return 0;   /* no room: named in the report as not traced */
     f->traced = 1;
     bpf_send_signal(19 /* SIGSTOP */);
+    wake_natrace();
     return 0;
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_clone) { return born(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_clone3) { return born(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_fork) { return born(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_vfork) { return born(args->ret); }
 
 /* A thread that ends inside an allocator call (killed, pthread_exit from a signal
- * handler) leaves its state behind: drop it, counted. */
-
-TRACEPOINT_PROBE(sched, sched_process_exit) {
+ * handler): counted (its state is freed with the task). */
+RAW_TRACEPOINT_PROBE(sched_process_exit) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tid = (u32)pid_tgid;
     struct natrace_fork *forked = forks.lookup(&tid);
@@ -469,12 +531,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     }
     if (!is_target(pid_tgid))
         return 0;
-    struct entry_state *st = entries.lookup(&tid);
-    if (!st)
-        return 0;
-    if (st->depth > 0)
-        count(NATRACE_CNT_UNRETURNED, 1);
-    entries.delete(&tid);
+    struct entry_state *st = thread_state(0);
+    if (st && st->depth > 0)
+        count(NATRACE_CNT_UNRETURNED, 1);   /* the state goes with the thread */
     return 0;
 }
 
@@ -482,26 +541,58 @@ int free_enter(struct pt_regs *ctx) {
     u64 ptr = PT_REGS_PARM1(ctx);
     if (!ptr)
         return 0;
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tid = (u32)pid_tgid;
-    release(pid_tgid >> 32, ptr, entries.lookup(&tid));
+    release(bpf_get_current_pid_tgid() >> 32, ptr, NULL, 1);
     return 0;
 }
 
 /* ---- anonymous mappings ------------------------------------------------ */
 
-static __always_inline int syscall_enter(u64 a0, u64 a1, u64 a2, u64 a3, u32 flags) {
+#define MAP_ANONYMOUS_FLAG 0x20
+#define PROT_EXEC_FLAG 0x4
+
+/* A memory syscall's arguments (a0-a3: its first four, in the syscall's registers)
+ * as its event needs them. */
+static __always_inline void mem_args(struct syscall_args *a, long nr, u64 a0, u64 a1,
+                                     u64 a2, u64 a3) {
+    a->a0 = a0;
+    switch (nr) {
+    case NR_MMAP:   /* (addr, len, prot, flags, fd, off) */
+        a->a1 = a1;
+        a->a2 = a2;
+        a->a3 = a3;
+        a->flags = (a3 & MAP_ANONYMOUS_FLAG) ? NATRACE_EVF_ANON : 0;
+        if (a2 & PROT_EXEC_FLAG)
+            a->flags |= NATRACE_EVF_EXEC;
+        break;
+    case NR_MUNMAP:   /* (addr, len) */
+        a->a1 = a1;
+        break;
+    case NR_MREMAP:   /* (addr, old_len, new_len, flags, new_addr) */
+        a->a1 = a1;
+        a->a2 = a2;
+        a->a3 = a3;
+        break;
+    }   /* brk: (addr) */
+}
+
+/* What the thread adds to a syscall's event: inside an allocator call or not, and *sp,
+ * the wrapper's caller (see user_sp). */
+static __always_inline void mem_context(struct syscall_args *a, u64 sp) {
+    struct entry_state *st = thread_state(0);
+    if (st && st->depth > 0)
+        a->flags |= NATRACE_EVF_ALLOCATOR;
+    bpf_probe_read_user(&a->caller, sizeof(a->caller), (void *)sp);
+}
+
+static __always_inline int syscall_enter(long nr, u64 a0, u64 a1, u64 a2, u64 a3) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     struct natrace_proc *p = target_proc(pid_tgid);
     if (!p || !p->armed)
         return 0;
     u32 tid = (u32)pid_tgid;
-    struct syscall_args args = {.a0 = a0, .a1 = a1, .a2 = a2, .a3 = a3, .flags = flags};
-    struct entry_state *st = entries.lookup(&tid);
-    if (st && st->depth > 0)
-        args.flags |= NATRACE_EVF_ALLOCATOR;
-    /* *sp: the wrapper's caller (see user_sp) */
-    bpf_probe_read_user(&args.caller, sizeof(args.caller), (void *)user_sp());
+    struct syscall_args args = {};
+    mem_args(&args, nr, a0, a1, a2, a3);
+    mem_context(&args, user_sp());
     pending.update(&tid, &args);
     return 0;
 }
@@ -516,6 +607,63 @@ static __always_inline void emit_mem_event(const struct mem_event *e) {
     mem_events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 }
 
+/* The event of a memory syscall that returned `ret`, with the stack of the thread at
+ * its return (mmap and brk): from raw_syscalls' sys_exit, or (`site`) from a uprobe
+ * just past the syscall instruction in libc's or the loader's wrapper, where the
+ * registers are the syscall's own. */
+static __always_inline int mem_event(void *ctx, struct natrace_proc *p, u32 kind, long ret,
+                                     const struct syscall_args *a, const int site) {
+    if (ret < 0 && ret > -4096)
+        return 0;   /* failed calls change no mapping */
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct mem_event e = {};
+    e.ts_ns = bpf_ktime_get_ns();
+    e.kind = kind;
+    e.flags = a->flags;
+    e.tid = (u32)pid_tgid;
+    e.tgid = pid_tgid >> 32;
+    e.caller = a->caller;
+    int stack = 0;
+    switch (kind) {
+    case NATRACE_EV_MMAP:
+        e.addr = ret;
+        e.len = a->a1;
+        stack = a->flags & NATRACE_EVF_ANON;
+        if ((a->flags & NATRACE_EVF_EXEC) && !(a->flags & NATRACE_EVF_ANON) && !p->parent)
+            stop_for_unwind_rows();   /* the table is of the launched process's code */
+        break;
+    case NATRACE_EV_MUNMAP:
+        e.addr = a->a0;
+        e.len = a->a1;
+        break;
+    case NATRACE_EV_MREMAP:
+        e.addr = a->a0;
+        e.len = a->a1;
+        e.new_len = a->a2;
+        e.new_addr = ret;
+        break;
+    case NATRACE_EV_BRK:
+        e.addr = ret;
+        stack = 1;
+        break;
+    }
+    if (stack) {
+        struct stack_capture *cap = capture_begin(site ? CONT_SITE_EVENT : CONT_MEM_EVENT, 0);
+        if (cap) {
+            cap->ev.mem = e;
+            if (site)
+                tail_kp.call(ctx, STACK_WALK);
+            else
+                tail_tp.call(ctx, STACK_WALK);
+            stack_drop();
+        }
+        e.stack_id = -ENOEXEC;   /* no walk program: natrace is detaching */
+        count_stack_error(e.stack_id);
+    }
+    emit_mem_event(&e);
+    return 0;
+}
+
 static __always_inline int syscall_exit(void *ctx, u32 kind, long ret) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     struct natrace_proc *p = target_proc(pid_tgid);
@@ -527,84 +675,121 @@ static __always_inline int syscall_exit(void *ctx, u32 kind, long ret) {
         return 0;
     struct syscall_args a = *args;
     pending.delete(&tid);
-    if (ret < 0 && ret > -4096)
-        return 0;   /* failed calls change no mapping */
-
-    struct mem_event e = {};
-    e.ts_ns = bpf_ktime_get_ns();
-    e.kind = kind;
-    e.flags = a.flags;
-    e.tid = tid;
-    e.tgid = pid_tgid >> 32;
-    e.caller = a.caller;
-    int stack = 0;
-    switch (kind) {
-    case NATRACE_EV_MMAP:
-        e.addr = ret;
-        e.len = a.a1;
-        stack = a.flags & NATRACE_EVF_ANON;
-        if ((a.flags & NATRACE_EVF_EXEC) && !(a.flags & NATRACE_EVF_ANON) && !p->parent)
-            stop_for_unwind_rows();   /* the table is of the launched process's code */
-        break;
-    case NATRACE_EV_MUNMAP:
-        e.addr = a.a0;
-        e.len = a.a1;
-        break;
-    case NATRACE_EV_MREMAP:
-        e.addr = a.a0;
-        e.len = a.a1;
-        e.new_len = a.a2;
-        e.new_addr = ret;
-        break;
-    case NATRACE_EV_BRK:
-        e.addr = ret;
-        stack = 1;
-        break;
-    }
-    if (stack) {
-        struct stack_capture *cap = capture_begin(CONT_MEM_EVENT, 0);
-        if (cap) {
-            cap->ev.mem = e;
-            tail_tp.call(ctx, STACK_WALK);
-            stack_drop();
-        }
-        e.stack_id = -ENOEXEC;   /* no walk program: natrace is detaching */
-        count_stack_error(e.stack_id);
-    }
-    emit_mem_event(&e);
-    return 0;
+    return mem_event(ctx, p, kind, ret, &a, 0);
 }
 
-/* An mmap or brk event once its stack is taken. */
-int tail_tp__1__mem_event(void *ctx) {
-    struct stack_capture *cap = capture_resume();
-    if (!cap)
-        return 0;
+/* A captured event's stack is taken: the event goes out. */
+static __always_inline void emit_captured(struct stack_capture *cap) {
     struct mem_event e = cap->ev.mem;
     e.stack_id = cap->stack_id;
     count_stack_error(e.stack_id);
     emit_mem_event(&e);
+}
+
+/* An mmap or brk event once its stack is taken; then the next unit's sys_exit. */
+int tail_tp__1__mem_event(void *ctx) {
+    struct stack_capture *cap = capture_resume();
+    if (cap)
+        emit_captured(cap);
+    sys_next.call(ctx, SYS_NEXT_EXIT);
     return 0;
 }
 
-#define MAP_ANONYMOUS_FLAG 0x20
-#define PROT_EXEC_FLAG 0x4
-
-TRACEPOINT_PROBE(syscalls, sys_enter_mmap) {
-    u32 flags = (args->flags & MAP_ANONYMOUS_FLAG) ? NATRACE_EVF_ANON : 0;
-    if (args->prot & PROT_EXEC_FLAG)
-        flags |= NATRACE_EVF_EXEC;
-    return syscall_enter(args->addr, args->len, args->prot, args->flags, flags);
+int tail_kp__2__site_event(struct pt_regs *ctx) {
+    struct stack_capture *cap = capture_resume();
+    if (cap)
+        emit_captured(cap);
+    return 0;
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_mmap) { return syscall_exit(args, NATRACE_EV_MMAP, args->ret); }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_munmap) { return syscall_enter(args->addr, args->len, 0, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_munmap) { return syscall_exit(args, NATRACE_EV_MUNMAP, args->ret); }
-
-TRACEPOINT_PROBE(syscalls, sys_enter_mremap) {
-    return syscall_enter(args->addr, args->old_len, args->new_len, args->flags, 0);
+/* The memory syscalls without raw_syscalls (tracer/probes/syscallsites.py): a uprobe
+ * just after each `mov $NR, %eax; syscall` of libc's and the loader's wrappers (mmap,
+ * munmap, mremap, brk: sbrk and malloc call the same ones), on the conditional jump
+ * that tests the result where one follows (emulated, not single-stepped), where rax
+ * holds what the syscall returned and every argument register used still holds its
+ * argument. Then no syscall of the process takes the kernel's traced-syscall path: not
+ * its futex calls, nor the uretprobe syscall every traced malloc returns through. */
+static __always_inline int syscall_site(struct pt_regs *ctx, long nr, u32 kind) {
+    struct natrace_proc *p = armed_proc();
+    if (!p)
+        return 0;
+    struct syscall_args a = {};
+    mem_args(&a, nr, ctx->di, ctx->si, ctx->dx, ctx->r10);
+    mem_context(&a, PT_REGS_SP(ctx));
+    a.flags |= NATRACE_EVF_SITE;   /* frame 0 is the probe's pc: put back by Python */
+    return mem_event(ctx, p, kind, (long)PT_REGS_RC(ctx), &a, 1);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_mremap) { return syscall_exit(args, NATRACE_EV_MREMAP, args->ret); }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_brk) { return syscall_enter(args->brk, 0, 0, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_brk) { return syscall_exit(args, NATRACE_EV_BRK, args->ret); }
+int site_mmap(struct pt_regs *ctx) {
+    return syscall_site(ctx, NR_MMAP, NATRACE_EV_MMAP);
+}
+
+int site_munmap(struct pt_regs *ctx) {
+    return syscall_site(ctx, NR_MUNMAP, NATRACE_EV_MUNMAP);
+}
+
+int site_mremap(struct pt_regs *ctx) {
+    return syscall_site(ctx, NR_MREMAP, NATRACE_EV_MREMAP);
+}
+
+int site_brk(struct pt_regs *ctx) {
+    return syscall_site(ctx, NR_BRK, NATRACE_EV_BRK);
+}
+
+/* raw_syscalls, dispatched by number (target.bpf.h): the memory syscalls and a forked
+ * child's first return. These run for every syscall of every process: a syscall no
+ * natrace unit traces returns at once, and when triage.bpf.c traces too its programs
+ * are not attached but tail-called from here (sys_next), so a syscall costs the
+ * machine one natrace program per direction, not two. */
+static __always_inline int alloc_sys_enter(struct bpf_raw_tracepoint_args *ctx, long nr) {
+    if (nr != NR_MMAP && nr != NR_MUNMAP && nr != NR_MREMAP && nr != NR_BRK)
+        return 0;
+    struct pt_regs *regs = syscall_regs(ctx);
+    u64 a0 = syscall_arg(regs, 0);
+    if (nr == NR_BRK)
+        return syscall_enter(nr, a0, 0, 0, 0);
+    u64 a1 = syscall_arg(regs, 1);
+    if (nr == NR_MUNMAP)
+        return syscall_enter(nr, a0, a1, 0, 0);
+    return syscall_enter(nr, a0, a1, syscall_arg(regs, 2), syscall_arg(regs, 3));
+}
+
+RAW_TRACEPOINT_PROBE(sys_enter) {
+    long nr = ctx->args[1];
+    if (!natrace_syscall(nr))
+        return 0;
+    alloc_sys_enter(ctx, nr);
+    sys_next.call(ctx, SYS_NEXT_ENTER);
+    return 0;
+}
+
+/* An event with a stack tail-calls the walk: its continuation (tail_tp__1__mem_event)
+ * calls the next unit's sys_exit then. */
+RAW_TRACEPOINT_PROBE(sys_exit) {
+    long nr = syscall_exit_nr();
+    if (!natrace_syscall(nr))
+        return 0;
+    long ret = (long)ctx->args[1];
+    switch (nr) {
+    case NR_CLONE:
+    case NR_CLONE3:
+    case NR_FORK:
+    case NR_VFORK:
+        born(ret);
+        break;
+    case NR_MMAP:
+        syscall_exit(ctx, NATRACE_EV_MMAP, ret);
+        break;
+    case NR_MUNMAP:
+        syscall_exit(ctx, NATRACE_EV_MUNMAP, ret);
+        break;
+    case NR_MREMAP:
+        syscall_exit(ctx, NATRACE_EV_MREMAP, ret);
+        break;
+    case NR_BRK:
+        syscall_exit(ctx, NATRACE_EV_BRK, ret);
+        break;
+    }
+    sys_next.call(ctx, SYS_NEXT_EXIT);
+    return 0;
+}

@@ -53,6 +53,8 @@ struct unwind_row {
 struct unwind_conf {
     u32 base;       /* the half in use starts at this index of unwind_rows */
     u32 count;      /* its rows */
+    u32 gen;        /* bumped by every rewrite: stacks.bpf.h's cache keeps walks per table */
+    u32 pad;
 };
 
 /* Why a stack walk ended (natrace_stack.end; per-capture counters in unwind_ends). */
@@ -102,11 +104,13 @@ struct unwind_conf {
 #define NATRACE_EV_MUNMAP 2
 #define NATRACE_EV_MREMAP 3
 #define NATRACE_EV_BRK 4
+#define NATRACE_EV_STOP 5   /* no mapping: a traced process stopped for natrace (a wake-up) */
 
 /* mem_event.flags */
 #define NATRACE_EVF_ALLOCATOR 1   /* made by the allocator itself (inside a malloc-family call) */
 #define NATRACE_EVF_ANON 2        /* anonymous mapping */
 #define NATRACE_EVF_EXEC 4        /* executable mapping: the process's module list changed */
+#define NATRACE_EVF_SITE 8        /* seen at a syscall site's uprobe (its pc: syscallsites.py) */
 
 /* Outstanding blocks and call sites are per address space: a forked child holds the
  * same addresses as its parent, an exec'd one different code at the same ones. */
@@ -172,6 +176,8 @@ struct entry_state {
     u64 wrap_caller;  /* ... and the return address found there */
     u64 last;         /* the thread's latest recorded block: freed before the next one is
                          recorded, it was a temporary allocation */
+    u64 armed_gen;    /* the targets' generation at which its process was seen armed
+                         (bpf/target.bpf.h's targets_generation; 0: not seen) */
     u32 depth;
     u32 kind;
 };

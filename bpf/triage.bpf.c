@@ -1,6 +1,6 @@
 /* Triage: futex waits per lock word and call site, memory syscalls, page faults.
  *
- * Tracepoints only (no uprobes), aggregated here in the kernel, so the traced
+ * Raw tracepoints only (no uprobes; see target.bpf.h), aggregated here in the kernel, so the traced
  * program pays a tracepoint hit and a stack walk per event and Python reads a few
  * maps at snapshot time: cheap enough for hours on a production process.
  *
@@ -129,15 +129,11 @@ static __always_inline int wakes_threads(u32 cmd) {
 }
 
 static __always_inline int futex_enter(u64 uaddr, u32 cmd) {
-    if (!ours())
-        return 0;
     begin(CALL_FUTEX, cmd, uaddr, 0);
     return 0;
 }
 
 static __always_inline int futex_exit(void *ctx, long ret) {
-    if (!ours())
-        return 0;
     struct pending_call call;
     if (!finish(CALL_FUTEX, &call))
         return 0;
@@ -197,33 +193,9 @@ int tail_tp__1__futex(void *ctx) {
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_futex) {
-    u32 op = (u32)args->op;
-    return futex_enter((u64)args->uaddr, (op & FUTEX_CMD_MASK) | (op & NATRACE_FUTEX_PRIVATE_FLAG));
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_futex) { return futex_exit(args, args->ret); }
-
-#ifdef HAVE_FUTEX_WAIT
-TRACEPOINT_PROBE(syscalls, sys_enter_futex_wait) {
-    return futex_enter((u64)args->uaddr,
-                       NATRACE_FUTEX2_WAIT | (args->flags & NATRACE_FUTEX_PRIVATE_FLAG));
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_futex_wait) { return futex_exit(args, args->ret); }
-#endif
-
-#ifdef HAVE_FUTEX_WAKE
-TRACEPOINT_PROBE(syscalls, sys_enter_futex_wake) {
-    return futex_enter((u64)args->uaddr,
-                       NATRACE_FUTEX2_WAKE | (args->flags & NATRACE_FUTEX_PRIVATE_FLAG));
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_futex_wake) { return futex_exit(args, args->ret); }
-#endif
-
 /* futex_waitv and futex_requeue take an array of struct futex_waitv
  * {u64 val; u64 uaddr; u32 flags; u32 reserved}: keyed by the first lock word. */
 static __always_inline int futex_vector_enter(void *waiters, u32 cmd) {
-    if (!ours())
-        return 0;
     u64 uaddr = 0;
     u32 flags = 0;
     bpf_probe_read_user(&uaddr, sizeof(uaddr), waiters + 8);
@@ -231,20 +203,6 @@ static __always_inline int futex_vector_enter(void *waiters, u32 cmd) {
     begin(CALL_FUTEX, cmd | (flags & NATRACE_FUTEX_PRIVATE_FLAG), uaddr, 0);
     return 0;
 }
-
-#ifdef HAVE_FUTEX_WAITV
-TRACEPOINT_PROBE(syscalls, sys_enter_futex_waitv) {
-    return futex_vector_enter((void *)args->waiters, NATRACE_FUTEX2_WAITV);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_futex_waitv) { return futex_exit(args, args->ret); }
-#endif
-
-#ifdef HAVE_FUTEX_REQUEUE
-TRACEPOINT_PROBE(syscalls, sys_enter_futex_requeue) {
-    return futex_vector_enter((void *)args->waiters, NATRACE_FUTEX2_REQUEUE);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_futex_requeue) { return futex_exit(args, args->ret); }
-#endif
 
 /* ---- memory syscalls ------------------------------------------------------ */
 
@@ -271,15 +229,11 @@ static __always_inline void add_memsys(u32 sys, s32 stack_id, u64 ns, int failed
 }
 
 static __always_inline int mem_enter(u32 sys, u64 addr, u64 len) {
-    if (!ours())
-        return 0;
     begin(CALL_MEM, sys, addr, len);
     return 0;
 }
 
 static __always_inline int mem_exit(void *ctx, long ret) {
-    if (!ours())
-        return 0;
     struct pending_call call;
     if (!finish(CALL_MEM, &call))
         return 0;
@@ -335,45 +289,100 @@ int tail_tp__2__memsys(void *ctx) {
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_mmap) {
-    if (ours() && (args->prot & PROT_EXEC_FLAG))
-        count(NATRACE_TC_EXEC_MMAPS, 1);
-    return mem_enter(NATRACE_MS_MMAP, args->addr, args->len);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_mmap) { return mem_exit(args, args->ret); }
+/* ---- the syscalls, by number (target.bpf.h) ------------------------------- */
 
-TRACEPOINT_PROBE(syscalls, sys_enter_munmap) {
-    return mem_enter(NATRACE_MS_MUNMAP, args->addr, args->len);
+/* 1 for a syscall triage traces: anything else returns at once (a program on
+ * raw_syscalls runs for every syscall of every process). */
+static __always_inline int traced_syscall(long nr) {
+    switch (nr) {
+    case NR_FUTEX:
+#ifdef HAVE_FUTEX_WAIT
+    case NR_FUTEX_WAIT:
+#endif
+#ifdef HAVE_FUTEX_WAKE
+    case NR_FUTEX_WAKE:
+#endif
+#ifdef HAVE_FUTEX_WAITV
+    case NR_FUTEX_WAITV:
+#endif
+#ifdef HAVE_FUTEX_REQUEUE
+    case NR_FUTEX_REQUEUE:
+#endif
+    case NR_MMAP:
+    case NR_MUNMAP:
+    case NR_MREMAP:
+    case NR_MPROTECT:
+    case NR_MADVISE:
+    case NR_BRK:
+        return 1;
+    }
+    return 0;
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_munmap) { return mem_exit(args, args->ret); }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_mremap) {
-    return mem_enter(NATRACE_MS_MREMAP, args->addr, args->new_len);
+RAW_TRACEPOINT_PROBE(sys_enter) {
+    long nr = ctx->args[1];
+    if (!traced_syscall(nr) || !ours())
+        return 0;
+    struct pt_regs *regs = syscall_regs(ctx);
+    u32 op;
+    switch (nr) {
+    case NR_FUTEX:
+        op = (u32)syscall_arg(regs, 1);
+        return futex_enter(syscall_arg(regs, 0),
+                           (op & FUTEX_CMD_MASK) | (op & NATRACE_FUTEX_PRIVATE_FLAG));
+    case NR_FUTEX_WAIT:   /* (uaddr, val, mask, flags, timeout, clockid) */
+        return futex_enter(syscall_arg(regs, 0), NATRACE_FUTEX2_WAIT |
+                           (syscall_arg(regs, 3) & NATRACE_FUTEX_PRIVATE_FLAG));
+    case NR_FUTEX_WAKE:   /* (uaddr, mask, nr, flags) */
+        return futex_enter(syscall_arg(regs, 0), NATRACE_FUTEX2_WAKE |
+                           (syscall_arg(regs, 3) & NATRACE_FUTEX_PRIVATE_FLAG));
+    case NR_FUTEX_WAITV:
+        return futex_vector_enter((void *)syscall_arg(regs, 0), NATRACE_FUTEX2_WAITV);
+    case NR_FUTEX_REQUEUE:
+        return futex_vector_enter((void *)syscall_arg(regs, 0), NATRACE_FUTEX2_REQUEUE);
+    case NR_MMAP:
+        if (syscall_arg(regs, 2) & PROT_EXEC_FLAG)
+            count(NATRACE_TC_EXEC_MMAPS, 1);
+        return mem_enter(NATRACE_MS_MMAP, syscall_arg(regs, 0), syscall_arg(regs, 1));
+    case NR_MUNMAP:
+        return mem_enter(NATRACE_MS_MUNMAP, syscall_arg(regs, 0), syscall_arg(regs, 1));
+    case NR_MREMAP:       /* (addr, old_len, new_len, flags, new_addr) */
+        return mem_enter(NATRACE_MS_MREMAP, syscall_arg(regs, 0), syscall_arg(regs, 2));
+    case NR_MPROTECT:
+        return mem_enter(NATRACE_MS_MPROTECT, syscall_arg(regs, 0), syscall_arg(regs, 1));
+    case NR_MADVISE:
+        return mem_enter(NATRACE_MS_MADVISE, syscall_arg(regs, 0), syscall_arg(regs, 1));
+    case NR_BRK:
+        return mem_enter(NATRACE_MS_BRK, syscall_arg(regs, 0), 0);
+    }
+    return 0;
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_mremap) { return mem_exit(args, args->ret); }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_mprotect) {
-    return mem_enter(NATRACE_MS_MPROTECT, args->start, args->len);
+RAW_TRACEPOINT_PROBE(sys_exit) {
+    long nr = syscall_exit_nr();
+    if (!traced_syscall(nr) || !ours())
+        return 0;
+    long ret = (long)ctx->args[1];
+    switch (nr) {
+    case NR_FUTEX:
+    case NR_FUTEX_WAIT:
+    case NR_FUTEX_WAKE:
+    case NR_FUTEX_WAITV:
+    case NR_FUTEX_REQUEUE:
+        return futex_exit(ctx, ret);
+    }
+    return mem_exit(ctx, ret);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_mprotect) { return mem_exit(args, args->ret); }
-
-TRACEPOINT_PROBE(syscalls, sys_enter_madvise) {
-    return mem_enter(NATRACE_MS_MADVISE, args->start, args->len_in);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_madvise) { return mem_exit(args, args->ret); }
-
-TRACEPOINT_PROBE(syscalls, sys_enter_brk) { return mem_enter(NATRACE_MS_BRK, args->brk, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_brk) { return mem_exit(args, args->ret); }
 
 /* ---- page faults ------------------------------------------------------------ */
 
 #ifdef HAVE_PAGE_FAULT_USER
-TRACEPOINT_PROBE(exceptions, page_fault_user) {
+RAW_TRACEPOINT_PROBE(page_fault_user) {
     if (!ours())
         return 0;
     count(NATRACE_TC_FAULTS, 1);
     if (capture(CONT_FAULT)) {
-        tail_tp.call(args, STACK_WALK);
+        tail_tp.call(ctx, STACK_WALK);
         stack_drop();
     }
     return 0;

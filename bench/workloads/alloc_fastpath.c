@@ -36,9 +36,10 @@ int main(int argc, char **argv) {
         t_malloc += b - a;
     }
     uint64_t hot = now_ns() - t0, calls = (uint64_t)rounds * BATCH;
-    printf("hot_ns=%llu calls=%llu malloc_ns=%.2f free_ns=%.2f\n", (unsigned long long)hot,
-           (unsigned long long)(2 * calls), (double)t_malloc / (double)calls,
-           (double)t_free / (double)calls);
+    printf("hot_ns=%llu calls=%llu malloc_ns=%.2f free_ns=%.2f cpu_ns=%llu\n",
+           (unsigned long long)hot, (unsigned long long)(2 * calls),
+           (double)t_malloc / (double)calls, (double)t_free / (double)calls,
+           (unsigned long long)(cpu_ns() - gate_cpu0));
     fflush(stdout);
     gate_idle();
     return 0;

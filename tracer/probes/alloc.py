@@ -17,13 +17,13 @@ from typing import Any
 
 from tracer.errors import TargetError
 from tracer.model.mappings import MappingTracker, Owner
-from tracer.probes import bpfprog
-from tracer.probes.allocators import EntryPoint, find_entry_points
+from tracer.probes import bpfprog, kernelbtf, syscallsites
+from tracer.probes.allocators import EntryPoint, find_entry_points, inode_of
 from tracer.probes.base import ProbeSet, exited_while_attaching, map_items
 from tracer.probes.placement import probe_offset
-from tracer.probes.sampler import DEFAULT_PERIOD, Counters, SamplerConfig
+from tracer.probes.sampler import DEFAULT_PERIOD, Counters, SamplerConfig, firing_probes
 from tracer.probes.target import Target, shares_memory
-from tracer.probes.usdt import UsdtProbe, otel_probes
+from tracer.probes.usdt import UsdtProbe
 from tracer.symbols.unwind import splice_caller
 
 _COUNTERS = {
@@ -98,14 +98,30 @@ class AllocProbes(ProbeSet):
         self._shift = self._c["NATRACE_BLOCK_SHIFT"]
         self.in_process = False  # the process samples itself (otel_memory probes)
         self.period = 0  # in-process: mean bytes between samples (0: the process's own)
-        self._samplers: list[SamplerConfig] = []
+        # in-process: each traced process's copies of natrace's sampler, with what their
+        # counters said when natrace began counting that process image (see fired())
+        self._samplers: dict[int, list[tuple[SamplerConfig, Counters]]] = {}
         self._sampler_libs: list[str] = []
-        self._target_pid = 0
+        self._fresh: set[int] = set()  # processes whose image natrace saw begin (count from 0)
+        self._final: set[int] = set()  # processes whose samplers were read held in _Exit
         self._root = 0  # the process natrace was given
         self._probed: dict[int, set[tuple[int, int] | None]] = {}  # pid -> files probed
+        self.notes: list[str] = []  # what the report must say about how allocations were seen
+        self._exec_from_thread_noted = False
+        self._set_aside_calls: dict[str, int] = {}  # calls of forgotten images (_forget)
+        #: Must the memory syscalls come from raw_syscalls? True: yes (triage chains its
+        #: programs to them, followed children stop at their fork's return); None: unless
+        #: the process samples itself (production mode leaves triage out); False: no.
+        #: Otherwise they come from libc's syscall sites where it has them
+        #: (tracer/probes/syscallsites.py). Set by the session before attach().
+        self.raw_syscalls: bool | None = True
+        self.syscall_source = "raw_syscalls"  # or "syscall sites", once attached
+        self._site_files: set[tuple[int, tuple[int, int] | None]] = set()  # (pid, inode)
+        self._sites: list[syscallsites.SyscallSite] = []
+        self._site_pcs: dict[int, int] = {}  # see syscallsites.pc_of
 
     def program(self, target: Target) -> tuple[str, dict[str, int | str]]:
-        usdt = self._usdt(target)
+        usdt, _inert = self._usdt(target)
         defines: dict[str, int | str] = {
             "SAMPLE_BYTES": 0 if usdt else self.options.sample_bytes,
             "MAX_ALLOCS": self.options.max_allocs,
@@ -115,14 +131,18 @@ class AllocProbes(ProbeSet):
         }
         if usdt:
             defines["USDT_SAMPLED"] = 1
+        defines.update(kernelbtf.task_offsets() or {})
         return "alloc.bpf.c", defines
 
-    def _usdt(self, target: Target) -> list[UsdtProbe]:
-        """The otel_memory probes to attach to instead of the allocator (none: exact)."""
-        return [] if self.options.probes == "exact" else otel_probes(target.mapped_files())
+    def _usdt(self, target: Target) -> tuple[list[UsdtProbe], list[str]]:
+        """The otel_memory probes to attach to instead of the allocator (none: exact),
+        and the copies of natrace's sampler that would never fire (dlopen'ed)."""
+        if self.options.probes == "exact":
+            return [], []
+        return firing_probes(target.pid, target.mapped_files())
 
     def attach(self, target: Target) -> None:
-        usdt = self._usdt(target)
+        usdt, inert = self._usdt(target)
         entry_points = ([] if usdt else
                         find_entry_points(target.mapped_files(), target.executable()))
         in_process_missing = self.options.probes == "in-process" and not usdt
@@ -135,15 +155,26 @@ class AllocProbes(ProbeSet):
                                   "with LD_PRELOAD=$(natrace sampler-path), or use natrace run "
                                   "--sampled")
             raise TargetError(f"process {target.pid} maps no known allocator (no malloc found)")
+        if inert and not usdt:
+            self.notes.append("the in-process sampler was loaded with dlopen, after the "
+                              "allocator, and samples nothing: exact uprobes instead "
+                              "(preload it, LD_PRELOAD=$(natrace sampler-path), for "
+                              "production mode)")
         self.in_process = bool(usdt)
         source, defines = self.program(target)
         self._root = target.pid
+        raw = self.raw_syscalls if self.raw_syscalls is not None else not usdt
+        sites = None if raw else syscallsites.find(target.mapped_files(), target.executable())
+        self.skip_raw_syscalls = sites is not None
         self._load(source, target, defines)
         with self._attaching(target, "uprobes"):
             if usdt:
                 self._attach_in_process(target, usdt)
             for ep in entry_points:
                 self._attach_entry_point(ep, target.pid)
+            if sites is not None:
+                self.syscall_source = "syscall sites"
+                self._attach_syscall_sites(sites, target.pid)
             self._stop_at_exit(target)
         self._bpf["mem_events"].open_ring_buffer(self._on_mem_event)
         self._arm(target)
@@ -153,33 +184,89 @@ class AllocProbes(ProbeSet):
         in (so the process leaves its dormant path) and out at detach. natrace's own
         sampler gets its period first; a launched one reads it from its environment."""
         self.period = self.options.sample_bytes or DEFAULT_PERIOD
-        self._target_pid = target.pid
         self._sampler_libs = sorted({p.path for p in usdt})
-        if not target.launched:
-            self._samplers = [c for c in (SamplerConfig.find(target.pid, lib)
-                                          for lib in self._sampler_libs) if c]
-            for config in self._samplers:
+        if target.launched:
+            self._fresh.add(target.pid)
+        else:
+            configs = self._find_samplers(target.pid)
+            for config, _start in configs:
                 config.set_period(self.period)
-            if not self._samplers:
+            if not configs:
                 self.period = 0  # another otel_memory provider: its period is its own
-        # frees first: the process keeps a sampled address for its free only while the
-        # free probe is on
-        for p in sorted(usdt, key=lambda p: p.name != "free"):
-            program = "otel_alloc" if p.name == "alloc" else "free_enter"
-            bpfprog.attach_counted_uprobe(self._bpf, program, p.path, p.offset, target.pid,
-                                          p.semaphore_offset)
+        self._attach_usdt(usdt, target.pid)
+        for p in usdt:
             self.points.append(ProbePoint(p.path, f"otel_memory:{p.name}", p.offset, False))
 
+    def _attach_usdt(self, usdt: list[UsdtProbe], pid: int) -> None:
+        """The otel_memory probes for one process, frees first: the process keeps a
+        sampled address for its free only while the free probe is on."""
+        for p in sorted(usdt, key=lambda p: p.name != "free"):
+            program = "otel_alloc" if p.name == "alloc" else "free_enter"
+            self._bpf.attach_uprobe_at(program, p.path, p.offset, pid, p.semaphore_offset)
+            self._probed.setdefault(pid, set()).add(inode_of(p.path))
+
+    def _probe_sampler(self, target: Target) -> None:
+        """A followed process in production mode: its own otel_memory probes (a forked
+        child shares its parent's sampler; an exec'd one has loaded its own), or, with
+        none, one line on why it is not traced (the program samples, uprobes would not
+        fit it)."""
+        usdt, _inert = firing_probes(target.pid, target.mapped_files())
+        if not usdt and target.pid == self._root:
+            self.notes.append(f"process {target.pid} exec'd {' '.join(target.argv)}, which "
+                              "does not load the in-process sampler: nothing it allocates "
+                              "is seen (--exact traces any program)")
+            return
+        if not usdt:
+            raise TargetError("no in-process sampler in it: production mode traces the "
+                              "processes that preload it (--exact traces any)")
+        probed = self._probed.get(target.pid, set())
+        self._attach_usdt([p for p in usdt if inode_of(p.path) not in probed], target.pid)
+        self._samplers.pop(target.pid, None)  # a new image: counted from here on
+        self._sampler_libs = sorted({*self._sampler_libs, *(p.path for p in usdt)})
+        self._find_samplers(target.pid)
+
+    def _find_samplers(self, pid: int) -> list[tuple[SamplerConfig, Counters]]:
+        """The process's copies of natrace's sampler, each with its counters now (what
+        natrace's count of it starts from); found once mapped."""
+        if not self._samplers.get(pid):
+            found = []
+            for lib in self._sampler_libs:
+                config = SamplerConfig.find(pid, lib)
+                start = config.read() if config is not None else None
+                if pid in self._fresh:
+                    start = Counters(0, 0, 0)  # loaded since natrace began counting
+                if config is not None and start is not None:
+                    found.append((config, start))
+            self._samplers[pid] = found
+        return self._samplers[pid]
+
+    def read_exiting(self, pid: int) -> None:
+        """A process held in _Exit: its samplers' last word, before it goes."""
+        if self.in_process:
+            for config, _start in self._find_samplers(pid):
+                config.read()
+            self._final.add(pid)
+
     def sampler_counters(self) -> Counters | None:
-        """What the process's sampler says it fired and dropped (summed over copies)."""
-        if self.in_process and not self._samplers and self._target_pid:
-            self._samplers = [c for c in (SamplerConfig.find(self._target_pid, lib)
-                                          for lib in self._sampler_libs) if c]
-        read = [c for c in (s.read() for s in self._samplers) if c]
-        if not read:
-            return None
-        return Counters(read[0].period, sum(c.sampled for c in read),
-                        sum(c.dropped for c in read))
+        """What the traced processes' samplers say they fired and dropped since natrace
+        began counting each (its attach, a child's fork or exec), summed over processes
+        and copies: the process's own count of the probes natrace should have seen. Read
+        on every poll and while a process is held in _Exit; None when a process went
+        without that last reading (an attached one that exited between polls), as the
+        sum would then undercount."""
+        fired = dropped = 0
+        period = None
+        for pid in {self._root, *self.procs(), *self._samplers}:  # exited ones too
+            for config, start in self._find_samplers(pid):
+                now = config.read()
+                if config.gone and pid not in self._final:
+                    return None
+                if now is None:
+                    continue
+                period = now.period if period is None else period
+                fired += now.sampled - start.sampled
+                dropped += now.dropped - start.dropped
+        return None if period is None else Counters(period, fired, dropped)
 
     def forks(self) -> dict[int, tuple[str, bool, bool]]:
         """Child processes (and live threads) the traced processes forked:
@@ -214,29 +301,87 @@ class AllocProbes(ProbeSet):
             return
         self.poll()  # the old program's last mapping events, dropped with its tracker
         self._forget(target.pid)
+        self._fresh.add(target.pid)
         self._probe_files(target)
         super().follow_exec(target)
+        if self._bpf.links_of_gone_tasks(target.pid) and not self._exec_from_thread_noted:
+            self._exec_from_thread_noted = True  # the kernel refused to make them again
+            self.notes.append(f"process {target.pid} exec'd from a thread other than its "
+                              "main one and natrace's allocator probes could not be placed "
+                              "again for it: allocations of "
+                              f"'{' '.join(target.argv)}' are not all traced")
+
+    def _attach_syscall_sites(self, sites: list[syscallsites.SyscallSite], pid: int) -> None:
+        """The memory syscalls' uprobes for one process, each file once (uprobes live
+        on inodes and stay across exec)."""
+        for site in sites:
+            key = (pid, inode_of(site.path))
+            if key not in self._site_files:
+                self._bpf.attach_uprobe(name=site.path, addr=site.vaddr, fn_name=site.program,
+                                        pid=pid)
+        self._site_files |= {(pid, inode_of(site.path)) for site in sites}
+        self._sites += sites
+        self._site_pcs = syscallsites.pc_of(self._sites)
+
+    def _follow_syscalls(self, target: Target) -> None:
+        """A followed exec in a session taking memory syscalls from syscall sites: the
+        new program's, or raw_syscalls from now on when it has none (a static one)."""
+        if self.syscall_source != "syscall sites":
+            return
+        sites = syscallsites.find(target.mapped_files(), target.executable())
+        if sites is None:
+            self.attach_raw_syscalls()
+            self.syscall_source = "raw_syscalls"
+        else:
+            self._attach_syscall_sites(sites, target.pid)
 
     def _probe_files(self, target: Target) -> None:
+        self._follow_syscalls(target)
+        if self.in_process:
+            self._probe_sampler(target)
+            self._stop_at_exit(target)
+            return
         probed = set(self._probed.get(target.pid, ()))  # files, not entry points
         for ep in find_entry_points(target.mapped_files(), target.executable()):
-            if _inode(ep.path) not in probed:
+            if inode_of(ep.path) not in probed:
                 self._attach_entry_point(ep, target.pid)
         self._stop_at_exit(target)
 
     def _forget(self, pid: int) -> None:
-        """Drop what was recorded in a process's old address space."""
+        """Drop what was recorded in a process's old address space: its blocks, sites
+        and, from the call counts, the calls they counted (the report is of the last
+        program, as the samplers' count, which starts afresh at the exec)."""
+        self._set_aside(r for r in self.sites() if r.pid == pid)
         tables = [self._bpf[name] for name in ("allocs", "sites")]
         for table in tables:
             for key in [k for k, _v in map_items(table) if k.tgid == pid]:
                 with contextlib.suppress(KeyError):
                     del table[key]
-        for name in ("entries", "pending"):
-            with contextlib.suppress(KeyError):
-                del self._bpf[name][ctypes.c_uint32(pid)]
+        with contextlib.suppress(KeyError):
+            del self._bpf["pending"][ctypes.c_uint32(pid)]
+        self._bpf.delete_task_storage("entries", pid)
         if len(self.procs()) <= 1:
             self._bpf["counters"].clear()  # one process: the report is of the last program
+            self._set_aside_calls = {}
         self._mappings.pop(pid, None)
+
+    def _set_aside(self, sites: Iterator[RawSite]) -> None:
+        """Count the allocator calls of sites about to be dropped, to take them out of
+        the kernel's call counters (shared by every process, per CPU): the allocations
+        and the frees of their blocks (a free is counted only for a block the process
+        allocated itself). Calls counted one by one only: sampled in the process (its
+        samples) or exact without in-kernel sampling."""
+        if not self.in_process and self.options.sample_bytes:
+            return
+        allocs = frees = 0
+        for r in sites:
+            made, left = (r.alloc_samples, r.samples) if self.in_process else (r.allocs,
+                                                                                r.blocks)
+            allocs += made
+            frees += made - left
+        aside = self._set_aside_calls
+        aside["allocs"] = aside.get("allocs", 0) + allocs
+        aside["frees"] = aside.get("frees", 0) + frees
 
     def mappings(self, pid: int) -> MappingTracker:
         """The live anonymous mappings and brk growth of one traced process."""
@@ -248,26 +393,37 @@ class AllocProbes(ProbeSet):
         if ep.has_return:
             self._bpf.attach_uretprobe(name=ep.path, addr=ep.vaddr, fn_name="alloc_return",
                                        pid=pid)
-        self._probed.setdefault(pid, set()).add(_inode(ep.path))
+        self._probed.setdefault(pid, set()).add(inode_of(ep.path))
         if pid == self._root:
             self.points.append(ProbePoint(ep.path, ep.symbol, offset, ep.has_return))
 
     def poll(self) -> None:
-        """Drain streamed mapping events (the producer never wakes us: we poll)."""
+        """Drain streamed mapping events (the producer never wakes us: we poll); read
+        the samplers' counters while their processes live."""
         if self._bpf is not None:
             self._bpf.ring_buffer_consume()
+        if self.in_process:
+            self.sampler_counters()
+
+    def wakeup_fd(self) -> int | None:
+        """A file descriptor that becomes readable when a traced process stops for
+        natrace (bpf/alloc.bpf.c's wake_natrace: the ring buffer woken), for the poll
+        loop's sleep to end on (edge-triggered: mapping events never wake it)."""
+        return None if self._bpf is None else int(self._bpf["mem_events"].map_fd)
 
     def _on_mem_event(self, _ctx: Any, data: Any, _size: int) -> None:
         ev = self._bpf["mem_events"].event(data)
         kind = ev.kind
-        tracker = self.mappings(ev.tgid)
         c = self._c
+        if kind == c["NATRACE_EV_STOP"]:
+            return  # a wake-up only: the poll looks at every process's stop
+        tracker = self.mappings(ev.tgid)
         internal = bool(ev.flags & c["NATRACE_EVF_ALLOCATOR"])
         if ev.flags & c["NATRACE_EVF_EXEC"]:
             self.modules_changed = True
         if kind == c["NATRACE_EV_MMAP"]:
             if ev.flags & c["NATRACE_EVF_ANON"]:
-                owner = Owner(self._syscall_stack(ev.stack_id, ev.caller), "mmap", internal)
+                owner = Owner(self._syscall_stack(ev), "mmap", internal)
                 tracker.mmap(ev.addr, ev.len, owner)
             else:
                 tracker.munmap(ev.addr, ev.len)  # a file mapping replaced the range
@@ -276,7 +432,7 @@ class AllocProbes(ProbeSet):
         elif kind == c["NATRACE_EV_MREMAP"]:
             tracker.mremap(ev.addr, ev.len, ev.new_addr, ev.new_len)
         elif kind == c["NATRACE_EV_BRK"]:
-            owner = Owner(self._syscall_stack(ev.stack_id, ev.caller), "brk", internal)
+            owner = Owner(self._syscall_stack(ev), "brk", internal)
             tracker.brk(ev.addr, owner)
 
     def site_stack(self, stack_id: int) -> tuple[int, ...]:
@@ -287,10 +443,14 @@ class AllocProbes(ProbeSet):
         stack = self.stack(stack_id)
         return stack[1:] if self.in_process else stack
 
-    def _syscall_stack(self, stack_id: int, caller: int) -> tuple[int, ...]:
-        """The stack of a syscall, with the wrapper's caller put back in: the
-        frame-pointer walk from inside a libc wrapper skips it."""
-        return splice_caller(self.stack(stack_id), caller)
+    def _syscall_stack(self, ev: Any) -> tuple[int, ...]:
+        """The stack of a syscall's event, with the wrapper's caller put back in (the
+        frame-pointer walk from inside a libc wrapper skips it), and frame 0 the pc
+        after the syscall when a syscall site's probe sat a few instructions on."""
+        stack = self.stack(ev.stack_id)
+        if stack and ev.flags & self._c["NATRACE_EVF_SITE"]:
+            stack = (stack[0] - self._site_pcs.get(stack[0] & 0xFFF, 0), *stack[1:])
+        return splice_caller(stack, ev.caller)
 
     def sites(self) -> list[RawSite]:
         """Per-stack counters, the CPUs' copies summed (see site_stats in natrace.h)."""
@@ -357,7 +517,8 @@ class AllocProbes(ProbeSet):
             return int(sum(table[ctypes.c_int(self._c[macro])]))
 
         loss = {name: total(m) for name, m in _COUNTERS.items()}
-        calls = {name: total(m) for name, m in _CALL_COUNTERS.items()}
+        calls = {name: total(m) - self._set_aside_calls.get(name, 0)
+                 for name, m in _CALL_COUNTERS.items()}
         if self.in_process:
             del calls["sampled_out"]
             sampler = self.sampler_counters()
@@ -376,14 +537,6 @@ def entry_probe_offset(ep: EntryPoint) -> int:
     if not ep.null_first_arg_ignored:
         return 0
     return probe_offset(ep.path, ep.file_offset, ep.size)
-
-
-def _inode(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
 
 
 def stack_error_name(stack_id: int) -> str:

@@ -179,6 +179,15 @@ def vaddr_to_offset(loads: list[tuple[int, int, int]], vaddr: int) -> int | None
     return None
 
 
+def inode_of(path: str) -> tuple[int, int] | None:
+    """A file's (device, inode): uprobes live on inodes, whatever path reached them."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def find_entry_points(paths: Iterable[str], executable: str | None) -> list[EntryPoint]:
     """Every allocator entry point among the target's files, executable included."""
     points: list[EntryPoint] = []

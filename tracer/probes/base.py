@@ -26,10 +26,21 @@ def exited_while_attaching(target: Target) -> TargetError:
     return TargetError(f"process {target.pid} exited while natrace attached")
 
 
+#: Each unit's raw_syscalls programs, in the order of bpf/alloc.bpf.c's sys_next slots.
+SYSCALL_PROGRAMS = (b"raw_tracepoint__sys_enter", b"raw_tracepoint__sys_exit")
+
+
 class ProbeSet:
     #: Frames the CFI walk takes. Each costs the verifier ~2k instructions per program
     #: that walks (~0.02 s to load): allocation stacks get the most, for flamegraphs.
     unwind_depth = 127
+    #: Frames per run of the walk program (bpf/stacks.bpf.h's STACK_CHUNK, and
+    #: STACK_CHUNK_TP for the tracepoint walk): the verifier follows one run, so its work
+    #: grows with this (8 frames: ~25 ms of CPU a walk program, 16: ~60); a deeper stack
+    #: tail-calls the walk more. Tracepoint events (mmap, brk, futex) are far rarer than
+    #: malloc's uprobes.
+    stack_chunk = 16
+    stack_chunk_tp = 8
 
     def __init__(self, unwind: str = "fp") -> None:
         self.unwind_mode = unwind  # tracer/probes/unwinding.py's UNWIND_MODES
@@ -40,6 +51,13 @@ class ProbeSet:
         self._exit_files: set[tuple[int, int, int]] = set()  # (pid, dev, inode) stopped in _Exit
         #: Another probe set whose unwind table this one walks (set before attaching).
         self.unwind_owner: ProbeSet | None = None
+        self._preloaded: bpfprog.Preloaded | None = None  # preload()'s, until _load()
+        #: The set (attached first) whose raw_syscalls programs tail-call this one's:
+        #: this set's are then put in its sys_next (bpf/alloc.bpf.c), not attached.
+        self.syscalls_via: ProbeSet | None = None
+        #: This set's own raw_syscalls programs are left unattached (its memory
+        #: syscalls come from elsewhere: tracer/probes/syscallsites.py).
+        self.skip_raw_syscalls = False
 
     def program(self, target: Target) -> tuple[str, dict[str, int | str]] | None:
         """(bpf/ source, -D parameters) this set loads for `target` (before the
@@ -53,12 +71,27 @@ class ProbeSet:
         if program is not None:
             bpfprog.prepare(program[0], self._defines(target, program[1]))
 
+    def preload(self, target: Target) -> None:
+        """Begin loading this set's program from the cache (see bpfprog.preload), after
+        prepare() and before attach(), whose _load() takes it: called for every set, the
+        unwind table's owner first (the others' programs point at its maps)."""
+        program = self.program(target)
+        if program is not None and self._preloaded is None:
+            self._preloaded = bpfprog.preload(
+                program[0], self._defines(target, program[1]), self._shared_unwind())
+
+    def _shared_unwind(self) -> dict[str, int] | None:
+        """The unwind table this set walks when another set owns it (its maps' fds)."""
+        owner = self.unwind_owner
+        return owner.unwind_maps() if self.unwind_mode != "fp" and owner is not None else None
+
     def _defines(self, target: Target, defines: dict[str, int | str]) -> dict[str, int | str]:
         """`defines` plus the launch gate's and the unwind mode's parameters."""
         if target.launched:
             defines = {**defines, "WAIT_EXEC": 1}
         if self.unwind_mode != "fp":
             defines = {**defines, "UNWIND_CFI": 1, "UNWIND_DEPTH": self.unwind_depth,
+                       "STACK_CHUNK": self.stack_chunk, "STACK_CHUNK_TP": self.stack_chunk_tp,
                        **(kernelbtf.uretprobe_offsets() or {})}
         return defines
 
@@ -67,13 +100,17 @@ class ProbeSet:
         An unwind mode other than "fp" walks stacks with CFI rows (bpf/stacks.bpf.h); a
         running target's table is filled before anything is recorded."""
         unwind = self.unwind_mode
-        owner = self.unwind_owner
-        shared = owner.unwind_maps() if unwind != "fp" and owner is not None else None
-        self._bpf = bpfprog.compile_program(source, self._defines(target, defines), shared)
+        shared = self._shared_unwind()
+        preloaded, self._preloaded = self._preloaded, None
+        self._bpf = bpfprog.compile_program(source, self._defines(target, defines), shared,
+                                            preloaded)
         targets = self._bpf["targets"]
         # a launched command is followed through exec: `env`, `nice` wrap the program
         targets[targets.Key(target.pid)] = targets.Leaf(follow=int(target.launched))
-        self._bpf.attach_tracepoint_functions()
+        via = self.syscalls_via
+        chained = via is not None and via._chain_syscalls(self._bpf)
+        skip = chained or self.skip_raw_syscalls
+        self._bpf.attach_tracepoint_functions(skip=SYSCALL_PROGRAMS if skip else ())
         self._stacks = StackReader(self._bpf)
         if unwind != "fp":
             self._code_stops = target.launched
@@ -82,23 +119,56 @@ class ProbeSet:
                 with contextlib.suppress(OSError):
                     self.unwind.update(MapsHistory(target.pid))
 
+    def attach_raw_syscalls(self) -> None:
+        """This set's raw_syscalls programs, left out at load (skip_raw_syscalls)."""
+        for name in SYSCALL_PROGRAMS:
+            self._bpf.attach_raw_tracepoint(tp=name.removeprefix(b"raw_tracepoint__"),
+                                           fn_name=name)
+        self.skip_raw_syscalls = False
+
+    def _chain_syscalls(self, later: Any) -> bool:
+        """Put `later`'s (another unit's, loaded) raw_syscalls programs in this set's
+        sys_next, which this set's own tail-call last: every syscall on the machine
+        then runs one natrace program per direction instead of one per unit (~75 ns
+        each on this project's VM). False when this set has no sys_next, or the kernel
+        refuses the programs there: `later` then attaches its own."""
+        if self._bpf is None or not self._bpf.has_map("sys_next"):
+            return False
+        table = self._bpf["sys_next"]
+        try:
+            for slot, name in enumerate(SYSCALL_PROGRAMS):
+                table[slot] = later.funcs[name].fd
+        except Exception:  # bcc raises bare Exception for a refused update
+            with contextlib.suppress(Exception):
+                table.clear()
+            return False
+        return True
+
     def unwind_maps(self) -> dict[str, int] | None:
-        """The fds of this set's unwind table, for another set to share (None in fp mode)."""
-        if self.unwind is None or not self.unwind.owned or self._bpf is None:
+        """The fds of this set's unwind table, for another set to share (None in fp mode
+        or when it walks another's); a preloaded program's already."""
+        if self._bpf is not None:
+            bpf = self._bpf if self.unwind is not None and self.unwind.owned else None
+        elif self._preloaded is not None and self._preloaded.shared is None:
+            bpf = self._preloaded.bpf if self.unwind_mode != "fp" else None
+        else:
+            bpf = None
+        if bpf is None:
             return None
-        return {name: self._bpf[name].map_fd for name in ("unwind_conf", "unwind_rows")}
+        return {name: bpf[name].map_fd for name in ("unwind_conf", "unwind_rows")}
 
     def update_unwind(self, maps: MapsHistory) -> None:
         """The target's code changed: bring the unwind table up to date."""
         if self.unwind is not None and self._bpf is not None:
             self.unwind.update(maps)
 
-    def unwind_report(self) -> tuple[dict[str, str], dict[str, int]]:
-        """(object path -> "cfi" | "fp", walks by why they ended); empty in fp mode."""
+    def unwind_report(self) -> tuple[dict[str, str], dict[str, int], tuple[int, int]]:
+        """(object path -> "cfi" | "fp", walks by why they ended, (captures the stack-id
+        cache answered, those it found stale)); empty in fp mode."""
         if self.unwind is None or self._bpf is None:
-            return {}, {}
+            return {}, {}, (0, 0)
         return ({path: obj.how for path, obj in self.unwind.objects.items()},
-                self.unwind.ends())
+                self.unwind.ends(), self.unwind.cached())
 
     def take_code_stop(self) -> bool:
         """Was the launched target's last stop one for new code (bpf/target.bpf.h's
@@ -145,7 +215,12 @@ class ProbeSet:
     def follow_exec(self, target: Target) -> None:
         """A traced process exec'd another program and waits stopped: record that one
         from its first instruction (probes persist across exec: same process, and
-        uprobes live on files), in a new address space (its trampoline is not known)."""
+        uprobes live on files), in a new address space (its trampoline is not known).
+        An exec from a thread other than the main one (Go's syscall.Exec) ended the
+        main thread's task, which the kernel's probe links filter on: they are made
+        again for the task that holds the pid now."""
+        if self._bpf is not None:
+            self._bpf.replace_links_of_gone_tasks(target.pid)
         self._set_proc(target.pid, armed=1, stop=0, trampoline=0)
 
     def _set_proc(self, pid: int, **fields: int) -> None:
@@ -161,6 +236,8 @@ class ProbeSet:
         for name, v in fields.items():
             setattr(value, name, v)
         table[key] = value
+        if "armed" in fields:
+            _targets_changed(self._bpf)
 
     def follow(self, pid: int) -> None:
         """Follow a running target through exec: it stops there (bpf/target.bpf.h) for
@@ -199,7 +276,11 @@ class ProbeSet:
         many threads close them), paid by whoever drops the last reference. A helper
         process gets a copy of every probe's fd first, so bcc's cleanup() here only
         drops references; the helper exits as soon as that is done and the kernel
-        tears the probes down in its exit, while natrace goes on (or returns)."""
+        tears the probes down in its exit, while natrace goes on (or returns). A
+        preloaded program never attached is closed."""
+        if self._preloaded is not None:
+            self._preloaded.close()
+            self._preloaded = None
         if self._bpf is None:
             return
         if self._code_stops:  # the programs outlive this call for a moment: no more stops
@@ -210,9 +291,17 @@ class ProbeSet:
         if "follow_children" in bpf:
             bpf["follow_children"][ctypes.c_int(0)] = ctypes.c_uint32(0)
         bpf["targets"].clear()
-        fds = [*bpf.uprobe_fds.values(), *bpf.tracepoint_fds.values()]
-        with _last_references_elsewhere(fds):
+        _targets_changed(bpf)
+        with _last_references_elsewhere(bpf.probe_fds()):
             bpf.cleanup()
+
+
+def _targets_changed(bpf: Any) -> None:
+    """Move the targets' generation on (bpf/target.bpf.h): after a change of `armed`,
+    so no thread goes on trusting what it saw before."""
+    gen = bpf["targets_gen"]
+    key = ctypes.c_int(0)  # Python's counter; BPF has its own
+    gen[key] = ctypes.c_uint64(gen[key].value + 1)
 
 
 def map_items(table: Any) -> Iterator[tuple[Any, Any]]:

@@ -33,16 +33,20 @@ PRIVILEGE_FIX = "run natrace with sudo, or give it CAP_BPF+CAP_PERFMON (kernel >
 TRACEFS_DEFAULT = "/sys/kernel/tracing"
 TRACEFS_FALLBACK = "/sys/kernel/debug/tracing"
 
-# (category, event, required): every tracepoint natrace attaches to.
+# (category, event, required): every tracepoint natrace attaches to (as a raw
+# tracepoint: bpf/target.bpf.h), and the syscall events whose presence says which
+# syscalls this kernel has.
 TRACEPOINTS: tuple[tuple[str, str, bool], ...] = (
+    ("raw_syscalls", "sys_enter", True),
+    ("raw_syscalls", "sys_exit", True),
     *(
-        ("syscalls", f"sys_{side}_{call}", True)
+        ("syscalls", f"sys_enter_{call}", True)
         for call in ("mmap", "munmap", "mremap", "brk", "mprotect", "madvise", "futex")
-        for side in ("enter", "exit")
     ),
     ("exceptions", "page_fault_user", False),
     ("sched", "sched_process_exec", True),
     ("sched", "sched_process_exit", True),
+    ("sched", "sched_process_fork", True),
 )
 
 # bpf(2) syscall numbers by `uname -m`.

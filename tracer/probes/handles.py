@@ -165,6 +165,7 @@ class RawHandleSite:
 
 class HandleProbes(ProbeSet):
     unwind_depth = 64  # one walking program per pair
+    stack_chunk = 8  # its uprobes fire far less often than malloc's
     def __init__(self, options: HandleOptions, unwind: str = "fp") -> None:
         super().__init__(unwind)
         self.options = options

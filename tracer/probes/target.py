@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -28,32 +29,27 @@ class Target:
     env: dict[str, str] | None = None  # a launched command's environment (None: natrace's)
     _planned: list[str] = field(default_factory=list)  # what a followed exec will load
     parent: int = 0  # the traced process that forked it (0: the one natrace was given)
+    _gate_files: list[str] | None = None  # planned_libraries() while held at the gate
 
     def alive(self) -> bool:
         if self.launched:
             if self.exit_code is None:
                 self._reap(os.WNOHANG)
             return self.exit_code is None
-        try:
-            with open(f"/proc/{self.pid}/stat") as fh:
-                return _stat_state(fh.read()) not in ("Z", "X")
-        except OSError:
-            return False
+        return _proc_state(self.pid) not in (None, "Z", "X")
 
     def mapped_files(self) -> list[str]:
         """Files the target maps now (or, before exec, the files it will load)."""
-        if self._gate is not None:
-            return planned_libraries(self.argv, self.env)
+        if self._gate is not None:  # the plan cannot change before the exec: asked once
+            if self._gate_files is None:
+                self._gate_files = planned_libraries(self.argv, self.env)
+            return list(self._gate_files)
         return list(dict.fromkeys([*self._planned, *mapped_files(self.pid)]))
 
     def stopped_now(self) -> bool:
         """Is the process stopped (state T) now? Any process, not only natrace's child;
         never reaps."""
-        try:
-            with open(f"/proc/{self.pid}/stat") as fh:
-                return _stat_state(fh.read()) in ("T", "t")
-        except OSError:
-            return False
+        return _proc_state(self.pid) in ("T", "t")
 
     def follow_exec(self) -> None:
         """The launched command exec'd another program (env, nice, a script's exec) and
@@ -145,6 +141,18 @@ class Target:
             self._reap(0)
         return self.exit_code
 
+    def pass_on(self, signum: signal.Signals) -> None:
+        """Send a launched command the stop signal natrace got, unless the terminal
+        already sent it to the command's process group too (Ctrl-C, a hangup): a second
+        SIGINT reads as "force quit" to many programs."""
+        if not self.launched or not self.alive():
+            return
+        if signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP) and \
+                _in_terminal_foreground(self.pid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+
     def terminate(self) -> None:
         """Stop a child natrace launched (never an attached process)."""
         if not self.alive():
@@ -188,6 +196,15 @@ def command_of(pid: int) -> list[str]:
 
 def _stat_state(stat: str) -> str:
     return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _proc_state(pid: int) -> str | None:
+    """The process's state letter from /proc/PID/stat (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return _stat_state(fh.read())
+    except OSError:
+        return None
 
 
 def attach(pid: int) -> Target:
@@ -247,11 +264,7 @@ def _tgid(pid: int) -> int | None:
 def stopped_note(pid: int) -> str | None:
     """What a report must say when the process is stopped (SIGSTOP, Ctrl-Z, a debugger):
     it allocates nothing meanwhile, so small or empty figures are no all-clear."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = _stat_state(fh.read())
-    except OSError:
-        return None
+    state = _proc_state(pid)
     if state not in ("T", "t"):
         return None
     return (f"process {pid} is stopped (state {state}: SIGSTOP, Ctrl-Z or a debugger): it "
@@ -327,7 +340,7 @@ def planned_libraries(argv: Sequence[str], env: dict[str, str] | None = None) ->
     if exe is None:
         return []
     exe = _interpreter_of_script(exe) or exe
-    interp = _elf_interpreter(exe)
+    interp = elf_interpreter(exe)
     if interp is None:
         return [exe]  # static: the allocator lives in the executable
     try:
@@ -358,7 +371,7 @@ def _interpreter_of_script(path: str) -> str | None:
 
 def is_static_executable(path: str) -> bool:
     """An ELF program with no dynamic loader: its libc and allocator are inside it."""
-    return _elf_interpreter(path) is None and _is_elf(path)
+    return elf_interpreter(path) is None and _is_elf(path)
 
 
 def _is_elf(path: str) -> bool:
@@ -369,7 +382,7 @@ def _is_elf(path: str) -> bool:
         return False
 
 
-def _elf_interpreter(path: str) -> str | None:
+def elf_interpreter(path: str) -> str | None:
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
 
@@ -381,3 +394,18 @@ def _elf_interpreter(path: str) -> str | None:
     except (OSError, ELFError):
         return None
     return None
+
+
+def _in_terminal_foreground(pid: int) -> bool:
+    """Is `pid` in the foreground process group of natrace's controlling terminal (the
+    group a terminal's Ctrl-C and hangup go to)?"""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgid(pid)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

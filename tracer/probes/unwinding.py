@@ -58,6 +58,7 @@ class UnwindTables:
         self._c = bpfprog.constants()
         self._half = self._c["NATRACE_UNWIND_ROWS"]
         self._base = self._half  # the first update writes half 0
+        self._gen = 0  # unwind_conf's generation: walks cached under an older one are stale
         self._loaded: tuple[tuple[int, int, int, str], ...] = ()
         self._rows_of: dict[tuple[str, int, int, int], bytes] = {}
         self.objects: dict[str, ObjectUnwind] = {}
@@ -124,7 +125,8 @@ class UnwindTables:
             values = (table.Leaf * count).from_buffer_copy(rows)
             table.items_update_batch(keys, values)
         conf = self._bpf["unwind_conf"]
-        conf[ctypes.c_int(0)] = conf.Leaf(base, count)
+        self._gen += 1
+        conf[ctypes.c_int(0)] = conf.Leaf(base, count, self._gen)
         self._base = base
 
     def ends(self) -> dict[str, int]:
@@ -132,6 +134,13 @@ class UnwindTables:
         table = self._bpf["unwind_ends"]
         return {name: int(sum(table[ctypes.c_int(self._c[macro])]))
                 for macro, name in _END_NAMES.items()}
+
+    def cached(self) -> tuple[int, int]:
+        """Stack captures the stack-id cache answered without a walk, and those it found
+        stale (a word the kept walk used had changed: walked), summed over CPUs
+        (bpf/stacks.bpf.h)."""
+        table = self._bpf["stack_cache_counts"]
+        return (int(sum(table[ctypes.c_int(0)])), int(sum(table[ctypes.c_int(2)])))
 
 
 def _walkable(m: Mapping) -> bool:
