@@ -127,7 +127,7 @@ def write_private(path: str, data: str | bytes, option: str = "output") -> None:
         if out.kind == "fd":
             write_fd(out.fd, raw)
         elif out.kind == "device":
-            fd = os.open(out.real, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+            fd = _open_device(out)
             try:
                 write_fd(fd, raw)
             finally:
@@ -141,6 +141,23 @@ def write_private(path: str, data: str | bytes, option: str = "output") -> None:
                          "written") from None
     except OSError as err:
         raise out.fail(f"cannot write: {err.strerror or err}") from None
+
+
+def _open_device(out: Output) -> int:
+    """A device or FIFO opened for writing, as a shell's `>` would: a FIFO nobody reads
+    yet waits for its reader, and natrace says so rather than hang in silence."""
+    flags = os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(out.real, flags | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno != errno.ENXIO:  # ENXIO: a FIFO with no reader
+            raise
+        with contextlib.suppress(OSError):
+            write_fd(2, f"natrace: {out.option} {out.path}: waiting for a reader of the "
+                        "FIFO (Ctrl-C gives up)\n".encode(errors="replace"))
+        return os.open(out.real, flags)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def open_stream(path: str, option: str) -> int:
@@ -209,16 +226,51 @@ def write_fd(fd: int, data: bytes) -> None:
 def write_stdout(text: str) -> None:
     """A report to stdout. EPIPE (a reader such as `head` gone) is left to the CLI,
     which ends quietly with 141; any other failure is an OutputError."""
-    sys.stdout.flush()
+    encoding = "utf-8"
+    if sys.stdout is not None:
+        sys.stdout.flush()
+        encoding = sys.stdout.encoding or encoding
+    stdout_bytes(text.encode(encoding, errors="replace"))
+
+
+STDOUT_UNUSABLE = "stdout is closed or open for reading only: redirect it (> FILE)"
+
+
+def stdout_bytes(data: bytes) -> None:
+    """`data` to natrace's stdout, failing as write_stdout says (the CLI's sys.stdout
+    writes through here, so click's output, --version and --help fail the same way)."""
     try:
-        write_fd(sys.stdout.fileno(), text.encode(sys.stdout.encoding or "utf-8",
-                                                  errors="replace"))
+        write_fd(1, data)
     except BrokenPipeError:
         raise
     except OSError as err:
         if err.errno == errno.EPIPE:
             raise BrokenPipeError(err.errno, err.strerror) from None
-        raise OutputError(f"cannot write the report to stdout: {err.strerror}") from None
+        if err.errno == errno.EBADF:
+            raise OutputError(STDOUT_UNUSABLE) from None
+        raise OutputError(f"cannot write to stdout: {err.strerror}") from None
+
+
+def check_stdout(instead: str) -> None:
+    """Before tracing, for a report that will go to stdout: refuse a stdout that cannot
+    take it (`>&-`) rather than lose the report at the end; `instead` says what to do."""
+    try:
+        unusable = fcntl.fcntl(1, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    except OSError:
+        unusable = True
+    if unusable:
+        raise OutputError(f"{STDOUT_UNUSABLE} {instead}")
+
+
+def hold_standard_fds() -> None:
+    """Put /dev/null on whichever of descriptors 0-2 natrace was started without
+    (`>&-`), so no file natrace opens lands there and gets stdout's or stderr's writes;
+    read-only on stdout, so a write there still fails (EBADF) and says so."""
+    for fd, mode in ((0, os.O_RDONLY), (1, os.O_RDONLY), (2, os.O_WRONLY)):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            os.open(os.devnull, mode)  # the lowest free descriptor: `fd` (0..fd-1 are open)
 
 
 def _own_fd(path: str) -> int | None:
@@ -254,11 +306,17 @@ def prepare_dir(path: str, option: str) -> None:
 def open_trusted(path: str, mode: str = "r") -> IO[Any] | None:
     """A cache entry at `path` opened for reading when this user owns it and its
     directory and nobody else can write either (natrace runs as root and acts on what
-    its caches say); None otherwise, or when it is missing. Not a symlink."""
+    its caches say); None otherwise, or when it is missing. Not a symlink, and only a
+    regular file: opened non-blocking, since a FIFO put there would hold natrace in
+    open() until someone wrote to it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    os.set_blocking(fd, True)
     fh = os.fdopen(fd, mode)
     try:
         for st in (os.fstat(fh.fileno()), os.stat(os.path.dirname(path) or ".")):

@@ -26,7 +26,7 @@ from tracer.model import books
 from tracer.model.snapshot import Snapshot
 from tracer.probes import target as targets
 from tracer.probes.handles import HandleOptions
-from tracer.probes.usdt import otel_probes
+from tracer.probes.sampler import firing_probes
 from tracer.reporters import json as json_report
 from tracer.reporters import text as text_report
 from tracer.units import format_size
@@ -102,7 +102,7 @@ class Supervisor:
         self._seen = (0, 0)  # probe hits counted so far: allocator calls, syscalls
         # the process samples itself (otel_memory probes): allocation tracing all the
         # time at the sampler's cost; a tripped limit writes a report from it, no window
-        self.sampler = bool(otel_probes(self.target.mapped_files()))
+        self.sampler = bool(firing_probes(self.target.pid, self.target.mapped_files())[0])
 
     def start(self) -> None:
         with self.budget.setup():

@@ -12,7 +12,7 @@ import click
 from tracer.commands import outputs
 from tracer.engine.session import Session, SessionOptions
 from tracer.errors import UsageError
-from tracer.files import check_output, is_stdout, open_stream
+from tracer.files import check_output, check_stdout, is_stdout, open_stream
 from tracer.model.snapshot import Snapshot
 from tracer.probes import target as targets
 from tracer.probes.alloc import AllocOptions
@@ -150,6 +150,8 @@ class TraceArgs:
         report must never be lost at the end of a trace for a name that could not work."""
         if self.output:
             check_output(self.output, "-o")
+        else:
+            check_stdout("or give -o FILE")
         if self.target_output:
             check_output(self.target_output, "--target-output")
         outputs.check(self.record, self.flamegraph)
@@ -200,10 +202,11 @@ def announce(session: Session, doing: str) -> None:
         click.echo(f"natrace: note: {note}", err=True)
 
 
-def trace(target: Target, args: TraceArgs, duration: float | None) -> None:
+def trace(target: Target, args: TraceArgs, duration: float | None) -> str | None:
     """Attach, trace until done, then deliver the report, recording and flamegraph
     before detaching (detaching takes seconds; the report shouldn't wait for it).
-    Probes are detached whatever happens."""
+    Probes are detached whatever happens. Returns the name of the stop signal that
+    ended the window, if one did (`run` passes it on to its command)."""
     session = Session(target, args.session)
     try:
         session.start()
@@ -217,6 +220,7 @@ def trace(target: Target, args: TraceArgs, duration: float | None) -> None:
             outputs.save(snap, args.session, args.record, args.flamegraph)
     finally:
         session.close()
+    return session.stop_requested
 
 
 def print_report(snap: Snapshot, args: TraceArgs) -> None:

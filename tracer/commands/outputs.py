@@ -6,7 +6,6 @@ snapshot, and by `natrace flamegraph` for exports from a recording.
 
 from __future__ import annotations
 
-from tracer.engine.recordings import build_ids, new_recording
 from tracer.engine.session import SessionOptions
 from tracer.files import check_output, write_private, write_stdout
 from tracer.model.snapshot import Snapshot
@@ -46,6 +45,10 @@ def check(record: str | None, flamegraph: str | None) -> None:
 def save(snap: Snapshot, options: SessionOptions, record: str | None,
          flamegraph: str | None) -> None:
     """The --record and --flamegraph files asked for on run or snapshot."""
+    if not (record or flamegraph):
+        return
+    from tracer.engine.recordings import build_ids, new_recording  # sqlite3: when asked
+
     if record:
         with new_recording(record, snap.pid, snap.command, options, None,
                            "--record") as rec:

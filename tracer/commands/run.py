@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 from typing import Any
 
 import click
@@ -25,9 +26,11 @@ from tracer.probes import sampler
 def command(ctx: click.Context, argv: tuple[str, ...], sampled: bool, **opts: Any) -> None:
     """Run CMD from its first allocation and report what it left unfreed.
 
-    Exits with the command's exit code. The command's stdout goes to natrace's stderr
-    when the report is written to stdout as JSON or to a pipe or file (--target-output
-    FILE to keep it elsewhere).
+    Exits with the command's exit code. A stop signal sent to natrace alone (kill,
+    timeout, systemd) goes on to the command once the report is written, as perf
+    record does; a Ctrl-C the terminal sent to both is not sent twice. The command's
+    stdout goes to natrace's stderr when the report is written to stdout as JSON or to
+    a pipe or file (--target-output FILE to keep it elsewhere).
     """
     args = common.TraceArgs.from_options(opts)
     env = None
@@ -43,9 +46,11 @@ def command(ctx: click.Context, argv: tuple[str, ...], sampled: bool, **opts: An
     common.check_privileges()
     target = args.launch(list(argv), env=env)
     try:
-        common.trace(target, args, duration=None)
+        stopped_by = common.trace(target, args, duration=None)
     finally:
         target.abandon()  # a failed attach: the command must not run untraced
+    if stopped_by is not None and stopped_by in signal.Signals.__members__:
+        target.pass_on(signal.Signals[stopped_by])
     ctx.exit(target.wait() or 0)
 
 

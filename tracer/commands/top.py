@@ -14,17 +14,17 @@ from typing import Any
 import click
 
 from tracer.commands import common, outputs
-from tracer.engine.live import LiveDriver, LiveState
+from tracer.engine.live import LiveDriver, LiveSampler, LiveState
 from tracer.engine.session import Session
 from tracer.errors import NatraceError, UsageError
-from tracer.files import check_directory, write_private
+from tracer.files import check_directory, write_private, write_stdout
 from tracer.probes import target as targets
 from tracer.reporters import flamegraph_html
 from tracer.reporters import json as json_report
 from tracer.reporters import text as text_report
 from tracer.reporters.stacks import ExportOptions
 from tracer.tui.app import Writer, report_name, run_tui
-from tracer.tui.batch import run_batch
+from tracer.tui.batch import batch_text
 from tracer.tui.views import VIEWS
 from tracer.units import Duration
 
@@ -61,19 +61,22 @@ def command(pid: int | None, interval: float, iterations: int | None, view: str,
     target = (targets.attach(pid) if pid is not None else
               args.launch(list(argv), full_screen=sys.stdout.isatty()))
     session = Session(target, args.session)
+    crash = None
     try:
         session.start()
         if sys.stdout.isatty():
-            last = run_tui(LiveDriver(session, interval), _writer(args), view)
+            last, crash = run_tui(LiveDriver(session, interval), _writer(args), view)
         else:
             common.announce(session, f"printing a frame every {interval:g} s")
             width = shutil.get_terminal_size((120, 24)).columns
-            last = run_batch(session, interval, iterations, view, width, args.top)
+            last = _run_batch(session, interval, iterations, view, width, args.top)
     finally:
         session.close()
         target.abandon()  # a failed attach: the command must not run untraced
     if last is not None:  # the last state shown, as --record and --flamegraph files
         outputs.save(last.snapshot, args.session, args.record, args.flamegraph)
+    if crash is not None:  # a bug in the view: one line and exit 1, the files kept
+        raise crash
 
 
 def _writer(args: common.TraceArgs) -> Writer:
@@ -94,3 +97,22 @@ def _writer(args: common.TraceArgs) -> Writer:
             return str(err)
         return f"wrote {path}"
     return write
+
+
+def _run_batch(session: Session, interval: float, iterations: int | None, view: str,
+              width: int, limit: int) -> LiveState | None:
+    """Print a frame every interval until `iterations` frames, a signal, or the target's
+    exit (whose final figures are printed as one more frame); the last frame's state."""
+    sampler = LiveSampler(session)
+    shown: list[LiveState] = []
+
+    def frame(s: Session) -> None:
+        shown.append(sampler.sample())
+        write_stdout(batch_text(shown[-1], view, width, limit))
+        if iterations is not None and len(shown) >= iterations:
+            s.stop_requested = "iterations"
+
+    session.run(None, interval, frame)
+    if session.stop_requested is None:  # the target exited
+        frame(session)
+    return shown[-1] if shown else None

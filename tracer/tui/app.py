@@ -8,10 +8,12 @@ Paused, the app keeps receiving states but shows none until resumed.
 from __future__ import annotations
 
 import contextlib
+import io
 import threading
 import time
 from collections.abc import Callable
 
+from rich.console import Console
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -53,9 +55,9 @@ class StackScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="stack"):
-            yield Static(self.title_text, id="stack-title")
+            yield Static(self.title_text, id="stack-title", markup=False)
             with VerticalScroll():
-                yield Static("\n".join(self.lines), id="stack-frames")
+                yield Static("\n".join(self.lines), id="stack-frames", markup=False)
         yield Footer()
 
 
@@ -117,11 +119,22 @@ class TopApp(App[None]):
         self.filter_text = ""
         self.shown: list[Row] = []  # the rows on screen, in order
         self._thread: threading.Thread | None = None
+        self.crash: Exception | None = None  # what ended the app, if a bug did
+        # Textual prints a crash's traceback (with locals) once the screen is restored:
+        # natrace says it in one line instead (run_tui), --debug shows the traceback
+        self.error_console = Console(file=io.StringIO())
+
+    def _handle_exception(self, error: Exception) -> None:
+        if self.crash is None:
+            self.crash = error
+        super()._handle_exception(error)
 
     def compose(self) -> ComposeResult:
-        yield Static("natrace top: waiting for the first interval…", id="header")
-        yield Static("", id="status")
-        yield Static("", id="message")
+        # markup off: a command line, function or filter holding `[/x]` is text
+        yield Static("natrace top: waiting for the first interval…", id="header",
+                     markup=False)
+        yield Static("", id="status", markup=False)
+        yield Static("", id="message", markup=False)
         yield DataTable(cursor_type="row", zebra_stripes=True)
         yield Footer()
 
@@ -268,7 +281,7 @@ class TopApp(App[None]):
     def action_write(self, what: str) -> None:
         if self.state is None:
             return
-        self.notify(self.writer(self.state, what), timeout=6)
+        self.notify(self.writer(self.state, what), timeout=6, markup=False)
 
     async def action_quit(self) -> None:
         if self.driver is not None:
@@ -276,15 +289,17 @@ class TopApp(App[None]):
         self.exit()
 
 
-def run_tui(driver: LiveDriver, writer: Writer, view: str = "sites") -> LiveState | None:
+def run_tui(driver: LiveDriver, writer: Writer,
+            view: str = "sites") -> tuple[LiveState | None, Exception | None]:
     """Run the app until quit or Ctrl-C; the driver is stopped before returning. The
-    state last on screen, for the --record/--flamegraph files saved at the end."""
+    state last on screen, for the --record/--flamegraph files saved at the end, and
+    the exception that ended the app if it crashed (raised once those are saved)."""
     app = TopApp(driver, writer, view)
     try:
         app.run()
     finally:
         app.stop_driver()
-    return app.state
+    return app.state, app.crash
 
 
 def report_name(pid: int, suffix: str) -> str:

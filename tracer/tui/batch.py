@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tracer.engine.live import LiveSampler, LiveState
-from tracer.engine.session import Session
-from tracer.files import write_stdout
+from tracer.engine.live import LiveState
 from tracer.tui.views import VIEWS, Table, header_lines
 
 
@@ -33,22 +31,3 @@ def batch_text(state: LiveState, view: str, width: int, limit: int) -> str:
     table = VIEWS[view][1](state)
     lines = [f"natrace top - {when}", *header_lines(state), "", *table_text(table, width, limit)]
     return "\n".join(lines) + "\n\n"
-
-
-def run_batch(session: Session, interval: float, iterations: int | None, view: str,
-              width: int, limit: int) -> LiveState | None:
-    """Print a frame every interval until `iterations` frames, a signal, or the target's
-    exit (whose final figures are printed as one more frame); the last frame's state."""
-    sampler = LiveSampler(session)
-    shown: list[LiveState] = []
-
-    def frame(s: Session) -> None:
-        shown.append(sampler.sample())
-        write_stdout(batch_text(shown[-1], view, width, limit))
-        if iterations is not None and len(shown) >= iterations:
-            s.stop_requested = "iterations"
-
-    session.run(None, interval, frame)
-    if session.stop_requested is None:  # the target exited
-        frame(session)
-    return shown[-1] if shown else None

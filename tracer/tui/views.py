@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from tracer.engine.live import LiveState
 from tracer.model.callsite import CallSite
 from tracer.model.frames import Frame, shorten
+from tracer.model.sites import Site, SiteKey
 from tracer.units import format_size as size
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -71,18 +72,19 @@ def sites_table(state: LiveState) -> Table:
     """Call sites: suspects first (fastest growth first), then by unfreed bytes."""
     rank = {key: i for i, key in enumerate(state.suspects)}
     rows = []
-    for site in state.snapshot.user_sites():
-        key = site.key
+    for key, (site, nbytes, blocks, allocs, pids) in _by_key(state.snapshot.user_sites()).items():
         fit = state.fit(key)
         suspect = key in rank
         name = (shorten(site.frame.symbol) if site.frame and site.frame.symbol
                 else site.label()) + site.library_via
         symbol = name if site.kind == "malloc" else f"[{site.kind}] {name}"
+        if pids > 1:
+            symbol += f" ({pids} processes)"
         rows.append(Row(
             key="\0".join(str(k) for k in key),
-            cells=(SUSPECT if suspect else "", size(site.bytes), f"{site.blocks:,}",
-                   f"{site.allocs:,}", rate(fit.per_minute), site.module_class, symbol),
-            sort=(rank.get(key, len(rank)), site.bytes, site.blocks, site.allocs,
+            cells=(SUSPECT if suspect else "", size(nbytes), f"{blocks:,}",
+                   f"{allocs:,}", rate(fit.per_minute), site.module_class, symbol),
+            sort=(rank.get(key, len(rank)), nbytes, blocks, allocs,
                   fit.per_minute, site.module_class, symbol),
             module=site.module_class,
             stack=stack_lines(site.frames, site.charge_index, site.label()),
@@ -94,11 +96,24 @@ def sites_table(state: LiveState) -> Table:
                                 Column("MODULE", 11), Column("SYMBOL", 0)], rows)
 
 
+def _by_key(sites: list[Site]) -> dict[SiteKey, tuple[Site, int, int, int, int]]:
+    """A function's sites in every traced process as one row, as its growth is fitted
+    (engine/live.py): its heaviest site (for the names and stack) and the summed bytes,
+    blocks and allocations, and in how many processes it is."""
+    out: dict[SiteKey, tuple[Site, int, int, int, int]] = {}
+    for s in sites:  # most bytes first: the first of a key represents it
+        have = out.get(s.key)
+        out[s.key] = (s, s.bytes, s.blocks, s.allocs, 1) if have is None else (
+            have[0], have[1] + s.bytes, have[2] + s.blocks, have[3] + s.allocs, have[4] + 1)
+    return out
+
+
 def modules_table(state: LiveState) -> Table:
     rows = []
     for name, nbytes, blocks, sites in state.snapshot.by_module():
-        growth = sum(state.fit(s.key).per_minute for s in sites)
-        leaks = sum(1 for s in sites if s.key in state.suspects)
+        keys = {s.key for s in sites}  # a function in several processes: fitted once
+        growth = sum(state.fit(k).per_minute for k in keys)
+        leaks = sum(1 for k in keys if k in state.suspects)
         rows.append(Row(
             key=name,
             cells=(name, size(nbytes), f"{blocks:,}", f"{len(sites):,}", rate(growth),
