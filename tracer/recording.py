@@ -4,8 +4,8 @@ A recording holds a series of Snapshots with every stack already symbolized, so 
 opens on a machine that never saw the traced process. It is a plain SQLite database
 (stdlib sqlite3) that users may query; docs/recording.md has example queries.
 
-Schema, version 5 (`meta.schema_version`; a reader refuses a newer version and reads
-versions 1 to 4, which lack the columns marked v2 to v5):
+Schema, version 6 (`meta.schema_version`; a reader refuses a newer version and reads
+versions 1 to 5, which lack the columns marked v2 to v6):
 
   meta(key TEXT PRIMARY KEY, value TEXT)
       format='natrace-recording', schema_version, natrace_version, created_at (epoch s),
@@ -35,7 +35,7 @@ versions 1 to 4, which lack the columns marked v2 to v5):
         charge_index, bytes, blocks, allocs, alloc_bytes, allocator_internal,
         lost_stack NULL, via NULL, per_minute NULL, suspect, temp_allocs, temp_bytes,
         first_at NULL, last_at NULL (the last four v2), samples, alloc_samples (v3),
-        library_index NULL (v5),
+        library_index NULL (v5), pid (v6),
         PRIMARY KEY(snapshot_id, seq))
       every call site that allocated while traced or holds memory, at that snapshot:
       bytes/blocks outstanding (unfreed; 0 for a site whose blocks were all freed),
@@ -52,6 +52,8 @@ versions 1 to 4, which lack the columns marked v2 to v5):
       samples/alloc_samples: in a sampled session, the samples behind bytes/blocks and
       behind allocs/alloc_bytes (what the sampling error is computed from; 0: exact, or
       a v1/v2 file, whose reports then show no intervals).
+      pid: the traced process the site is of (a process tree has several; 0 in a file
+      before v6: the snapshot's own process).
       total_* in snapshots leave allocator_internal sites out, as reports do.
   counters(snapshot_id, grp ('loss'|'calls'), name, value, PRIMARY KEY(...))
       lost and untracked counts, probe call counts.
@@ -88,7 +90,7 @@ from tracer.model.sites import Site
 from tracer.model.snapshot import Snapshot
 
 FORMAT = "natrace-recording"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -118,7 +120,7 @@ CREATE TABLE sites(snapshot_id INTEGER NOT NULL REFERENCES snapshots, seq INTEGE
                    temp_allocs INTEGER NOT NULL, temp_bytes INTEGER NOT NULL,
                    first_at REAL, last_at REAL,
                    samples INTEGER NOT NULL, alloc_samples INTEGER NOT NULL,
-                   library_index INTEGER,
+                   library_index INTEGER, pid INTEGER NOT NULL,
                    PRIMARY KEY(snapshot_id, seq)) WITHOUT ROWID;
 CREATE TABLE counters(snapshot_id INTEGER NOT NULL REFERENCES snapshots, grp TEXT NOT NULL,
                       name TEXT NOT NULL, value INTEGER NOT NULL,
@@ -168,12 +170,12 @@ class RecordingWriter:
             sid = cur.lastrowid
             assert sid is not None
             db.executemany(
-                "INSERT INTO sites VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO sites VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(sid, seq, s.kind, self._stack(s.frames) if s.frames else None,
                   s.charge_index, s.bytes, s.blocks, s.allocs, s.alloc_bytes,
                   int(s.allocator_internal), s.lost_stack, s.via, s.per_minute,
                   int(s.suspect), s.temp_allocs, s.temp_bytes, s.first_at, s.last_at,
-                  s.samples, s.alloc_samples, s.library_index)
+                  s.samples, s.alloc_samples, s.library_index, s.pid)
                  for seq, s in enumerate(snap.sites)])
             db.executemany("INSERT INTO counters VALUES (?,?,?,?)",
                            [(sid, grp, name, int(value))
@@ -364,10 +366,11 @@ class Recording:
         sites = []
         later = ("temp_allocs, temp_bytes, first_at, last_at" if v2 else "0, 0, NULL, NULL") \
             + (", samples, alloc_samples" if self.version >= 3 else ", 0, 0") \
-            + (", library_index" if self.version >= 5 else ", NULL")
+            + (", library_index" if self.version >= 5 else ", NULL") \
+            + (", pid" if self.version >= 6 else ", 0")
         for (kind, stack_id, charge, nbytes, blocks, allocs, alloc_bytes, internal,
              lost, via, per_minute, suspect, temp_allocs, temp_bytes, first_at,
-             last_at, samples, alloc_samples, library) in db.execute(
+             last_at, samples, alloc_samples, library, site_pid) in db.execute(
                 "SELECT kind, stack_id, charge_index, bytes, blocks, allocs, alloc_bytes,"
                 " allocator_internal, lost_stack, via, per_minute, suspect, " + later +
                 " FROM sites WHERE snapshot_id=? ORDER BY seq", (sid,)):
@@ -380,7 +383,7 @@ class Recording:
                               temp_bytes=_int(temp_bytes), first_at=_opt(_num, first_at),
                               last_at=_opt(_num, last_at), samples=_int(samples),
                               alloc_samples=_int(alloc_samples),
-                              library_index=_opt(_int, library)))
+                              library_index=_opt(_int, library), pid=_int(site_pid)))
         counters: dict[str, dict[str, int]] = {"loss": {}, "calls": {}}
         for grp, name, value in db.execute("SELECT grp, name, value FROM counters"
                                            " WHERE snapshot_id=?", (sid,)):

@@ -35,6 +35,7 @@ class CallSites:
         self.callees = CalleeResolver(symbolizer)
         self.returns = ReturnChecker(symbolizer.maps)
         self._memo: dict[tuple[StackReader, int, frozenset[str], bool], CallSite] = {}
+        self._frames: dict[tuple[int, ...], list[Frame]] = {}  # final ones, see frames()
         self.unnamed_jit: set[int] = set()  # return addresses stacks were cut at
 
     def frames(self, stack: tuple[int, ...]) -> list[Frame]:
@@ -42,16 +43,23 @@ class CallSites:
         anonymous memory no perf map names: executable, so JIT code, but a return
         address is code only where something says which (issue 16); the cut addresses
         are kept for the report's note (`jit_note`). Frame 0, the pc (a fault's, a
-        syscall's), is code when its memory is executable: unnamed JIT code."""
+        syscall's), is an instruction the CPU ran: in anonymous memory, unnamed JIT code,
+        even where the maps read later say rw- (V8 flips its code pages, W^X).
+        Memoized once final (every frame named or in a file): each snapshot charges
+        every stack id again, and node's thousands of them cost a recording ~0.5 s
+        a second in symbolizing alone."""
+        got = self._frames.get(stack)
+        if got is not None:
+            return list(got)
         frames = self.symbolizer.frames(self.returns.true_frames(stack))
         if frames and frames[0].module == ANON_MODULE:
-            m = self.symbolizer.maps.find(frames[0].address)
-            if m is not None and m.executable:
-                frames[0] = replace(frames[0], module=JIT_MODULE, module_class="js")
+            frames[0] = replace(frames[0], module=JIT_MODULE, module_class="js")
         for i in range(1, len(frames)):
             if frames[i].module == ANON_MODULE:
                 self.unnamed_jit.add(frames[i].address)
-                return frames[:i]
+                return frames[:i]  # a perf map may name the rest later
+        if all(f.symbol is not None or (f.module or "").startswith("/") for f in frames):
+            self._frames[stack] = list(frames)
         return frames
 
     def charged(self, stack: tuple[int, ...], rule: ChargeRule) -> tuple[list[Frame], int]:

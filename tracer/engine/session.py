@@ -8,12 +8,13 @@ probes hold into a model Snapshot. Probes are always detached, whatever happens.
 from __future__ import annotations
 
 import os
+import select
 import shlex
 import signal
 import threading
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any
@@ -81,6 +82,9 @@ class Child:
     followed: list[str] = field(default_factory=list)
     exited: bool = False  # stopped in _Exit (its report is of that moment) or gone
     allocator_modules: frozenset[str] = DEFAULT_ALLOCATOR_MODULES
+    # once it is gone, its sites as first symbolized: its maps and symbolizer are dropped
+    # (a forking server's thousands of short children), its figures no longer change
+    sites: list[Site] | None = None
 
 
 class Session:
@@ -93,6 +97,8 @@ class Session:
         self.handles = HandleProbes(options.handles, options.unwind)
         self._call_sites: dict[int, CallSites] = {}  # per process, see _call_sites_for
         self._share_unwind_table()
+        if self.triage is not None and options.allocs:
+            self.triage.syscalls_via = self.probes  # one raw_syscalls program per direction
         self.production = False  # the process samples itself: see start()
         self._poll_seconds = POLL_SECONDS
         self._growth_seconds = GROWTH_SECONDS
@@ -116,29 +122,29 @@ class Session:
         self.follow_children = options.allocs and (
             target.launched if options.children is None else options.children)
         self._untraced: dict[int, str] = {}  # children that could not be traced: why
+        # raw_syscalls only where something needs them: triage's programs are chained to
+        # them, and a followed child stops itself at its fork's return (sys_exit); triage
+        # by default is left out in production mode
+        asked = options.triage is True or self.follow_children
+        self.probes.raw_syscalls = True if asked else (None if self.triage is not None else False)
 
     def start(self) -> None:
         """Probes in place, then (for a launched command) let it run. bcc's own
         complaints are kept off the terminal: each failure becomes one NatraceError.
-        A stop signal meanwhile (compiles and attaches take seconds) raises
-        AttachInterrupted at once: close() then removes whatever was placed."""
+        A stop signal meanwhile (compiles and attaches take seconds) ends the attach
+        in AttachInterrupted at the next step, and close() removes whatever was
+        placed: its handler kills the compiles (the long waits), and whatever error
+        their end causes becomes AttachInterrupted too."""
         self._signals = _catch_stop_signals(self)
         self.attaching = True
         try:
-            with bpfprog.captured_stderr():
-                for probes in self._probe_sets():  # cold compiles side by side
-                    if probes is not self.probes or self.options.allocs:
-                        probes.prepare(self.target)
-                if self.options.allocs:
-                    self.probes.attach(self.target)
-                    if self.probes.in_process:
-                        self._production()
-                if self.triage is not None:
-                    self.triage.attach(self.target, stop_at_exit=not self.options.allocs)
-                self.handles.attach(self.target, stop_at_exit=not self.options.allocs and
-                                    self.triage is None)
+            self._place_probes()
+        except Exception:
+            if self.stop_requested is None:
+                raise
         finally:
             self.attaching = False
+        self._stop_if_asked()
         self._allocator_modules = _allocator_modules(self.target)
         if self.options.follow_exec and not self.target.launched:
             for probes in self._probe_sets():
@@ -149,6 +155,34 @@ class Session:
         if not self.target.launched:
             self.maps = MapsHistory(self.target.pid)
         self.target.release()
+
+    def _place_probes(self) -> None:
+        """Every probe set compiled (side by side) and attached; a launched command
+        still waits at its gate."""
+        with bpfprog.captured_stderr():
+            used = [p for p in self._probe_sets() if p is not self.probes or self.options.allocs]
+            for probes in used:  # cold compiles side by side
+                probes.prepare(self.target)
+            for probes in used:  # cached programs verified side by side (owner first)
+                self._stop_if_asked()
+                probes.preload(self.target)
+            if self.options.allocs:
+                self._stop_if_asked()
+                self.probes.attach(self.target)
+                if self.probes.in_process:
+                    self._production()
+            if self.triage is not None:
+                self._stop_if_asked()
+                self.triage.attach(self.target, stop_at_exit=not self.options.allocs)
+            self._stop_if_asked()
+            self.handles.attach(self.target, stop_at_exit=not self.options.allocs and
+                                self.triage is None)
+
+    def _stop_if_asked(self) -> None:
+        """A step of the attach ends here when a stop signal came during the last one."""
+        if self.stop_requested is not None:
+            raise AttachInterrupted(self.stop_requested,
+                                    signal.Signals[self.stop_requested].value)
 
     def _share_unwind_table(self) -> None:
         owner = self.probes if self.options.allocs else self.triage  # attached first
@@ -163,9 +197,11 @@ class Session:
         self.production = True
         left_out = []
         if self.options.triage is None and self.triage is not None:
+            self.triage.detach()  # preloaded only
             self.triage = None
             left_out.append(("triage tracepoints", "--triage"))
         if self.options.handles.presets is None:
+            self.handles.detach()
             self.handles = HandleProbes(replace(self.options.handles, presets=False),
                                         self.options.unwind)
             self._share_unwind_table()
@@ -185,17 +221,18 @@ class Session:
         call `on_interval` every `interval` seconds meanwhile (recordings, live views)."""
         deadline = None if duration is None else self.started + duration
         next_tick = None if interval is None else self.started + interval
-        while self.stop_requested is None:
-            if not self.poll():
-                break
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                break
-            if next_tick is not None and interval is not None and now >= next_tick:
-                next_tick = now + interval
-                if on_interval is not None:
-                    on_interval(self)
-            time.sleep(self._poll_seconds)
+        with _naps(self.probes.wakeup_fd() if self.options.allocs else None) as nap:
+            while self.stop_requested is None:
+                if not self.poll():
+                    break
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                if next_tick is not None and interval is not None and now >= next_tick:
+                    next_tick = now + interval
+                    if on_interval is not None:
+                        on_interval(self)
+                nap(self._poll_seconds)
         self._poll()
 
     def poll(self) -> bool:
@@ -229,8 +266,21 @@ class Session:
         if changed or self.maps is None:
             self.probes.modules_changed = False
             self._refresh_maps()
+            if changed and self.maps is not None and self.maps.gone:
+                self._note_maps_missed()
             if changed and self._past_gate():
                 self.handles.refresh(self.target)
+
+    def _note_maps_missed(self) -> None:
+        """The target mapped code and exited before natrace could re-read its maps (an
+        attached process is not held at its exit): the last maps read are kept, and the
+        report says why frames in that code are missing."""
+        note = (f"process {self.target.pid} exited before natrace could read its memory map "
+                "again: frames in code it mapped last (e.g. a library dlopen'ed just before "
+                "exiting) could not be named, and their bytes are charged to their nearest "
+                "caller natrace could name")
+        if note not in self.notes:
+            self.notes.append(note)
 
     def _observe_growth(self) -> None:
         """Each call site's bytes once a second (raw, per stack id: no symbolizing
@@ -279,6 +329,7 @@ class Session:
         self.exiting = True
         self._refresh_maps()
         self.probes.poll()
+        self.probes.read_exiting(self.target.pid)
         return True
 
     def _tend_children(self) -> None:
@@ -312,6 +363,7 @@ class Session:
                     else:  # in _Exit: the last moment its address space exists
                         if child.maps is not None:
                             child.maps.refresh()
+                        self.probes.read_exiting(pid)
                         child.exited = True
                         self.probes.clear_stop(pid)
             except Exception as err:  # gone meanwhile, or a file could not be probed
@@ -324,7 +376,7 @@ class Session:
         """Every child process the target forked, alive or exited, that is not traced."""
         forked = self.probes.forks()
         traced = set(self.children) - set(self._untraced)
-        kids = {pid: _command_of(pid) or forked.get(pid, ("?", False, False))[0]
+        kids = {pid: " ".join(targets.command_of(pid)) or forked.get(pid, ("?", False, False))[0]
                 for pid in self.target.children() if pid not in traced}
         kids.update({pid: f"{comm}, exited" for pid, (comm, exited, _t) in forked.items()
                      if exited and pid not in traced})
@@ -381,13 +433,23 @@ class Session:
         return False
 
     def _followed_note(self) -> list[str]:
-        notes = []
+        """One note per exec chain: a shell loop runs the same command in a new child
+        each time, and a note per child buried the report under copies of one line."""
+        chains: dict[tuple[str, ...], list[int]] = {}
         for pid, followed, argv in [(self.target.pid, self.followed, self.target.argv)] + [
                 (pid, c.followed, c.target.argv) for pid, c in sorted(self.children.items())]:
             if followed:
-                chain = " -> ".join(f"'{c}'" for c in [*followed, " ".join(argv)])
-                notes.append(f"followed process {pid} through exec: {chain}; its report is "
-                             "of the last program")
+                chains.setdefault((*followed, " ".join(argv)), []).append(pid)
+        notes = []
+        for chain, pids in chains.items():
+            text = " -> ".join(f"'{c}'" for c in chain)
+            if len(pids) == 1:
+                notes.append(f"followed process {pids[0]} through exec: {text}; its report "
+                             "is of the last program")
+            else:
+                shown = ", ".join(str(p) for p in pids[:8]) + (", ..." if len(pids) > 8 else "")
+                notes.append(f"followed {len(pids)} processes through exec: {text} (PIDs "
+                             f"{shown}); each one's report is of the last program")
         return notes
 
     def _follow_exec(self) -> None:
@@ -424,7 +486,7 @@ class Session:
                        self.exiting or not self.target.alive(), list(self.followed))
         out = [(root, self.maps, self._allocator_modules)]
         for pid, c in sorted(self.children.items()):
-            if pid in self._untraced or c.maps is None:
+            if pid in self._untraced or (c.maps is None and c.sites is None):
                 continue
             out.append((Process(pid, " ".join(c.target.argv), c.target.parent,
                                 c.exited or not c.target.alive(), list(c.followed)),
@@ -435,15 +497,20 @@ class Session:
         """Each process's sites, symbolized in its own address space and charged by its
         own allocator, with its growth; all of them together, most bytes first."""
         out: list[Site] = []
+        by_pid: dict[int, list[RawSite]] = {}  # one pass: a forking server has hundreds
+        for r in raw:
+            by_pid.setdefault(r.pid, []).append(r)
         for proc, maps, allocator in self._processes():
-            call_sites = self._call_sites_for(proc.pid, maps)
-            aggregator = Aggregator(call_sites, self.options.charge_to, allocator)
-            mappings = (list(self.probes.mappings(proc.pid).totals())
-                        if self.options.allocs and self.options.min_age <= 0 else [])
-            sites = aggregator.sites([r for r in raw if r.pid == proc.pid], self.probes.site_stack,
-                                     mappings, origin_ns=int(self.started * 1e9))
+            child = self.children.get(proc.pid) if proc.pid != self.target.pid else None
+            if child is not None and child.sites is not None:
+                sites = child.sites
+            else:
+                sites = self._symbolized_sites(proc.pid, maps, allocator,
+                                               by_pid.get(proc.pid, []))
+                if child is not None and self._gone_for_good(child):
+                    child.sites, child.maps = sites, None
+                    self._call_sites.pop(proc.pid, None)
             for site in sites:
-                site.pid = proc.pid
                 if site.stack_ids:
                     f = self.growth.combined_fit((proc.pid, i) for i in site.stack_ids)
                     site.per_minute = f.per_minute if f.samples >= 2 else None
@@ -452,8 +519,30 @@ class Session:
         return sorted(out, key=lambda s: (-s.bytes, -s.blocks, -s.alloc_bytes, s.label(),
                                           s.pid))
 
+    def _symbolized_sites(self, pid: int, maps: MapsHistory | None,
+                          allocator: frozenset[str], raw: list[RawSite]) -> list[Site]:
+        aggregator = Aggregator(self._call_sites_for(pid, maps), self.options.charge_to,
+                                allocator)
+        mappings = (list(self.probes.mappings(pid).totals())
+                    if self.options.allocs and self.options.min_age <= 0 else [])
+        sites = aggregator.sites(raw, self.probes.site_stack, mappings,
+                                 origin_ns=int(self.started * 1e9))
+        for site in sites:
+            site.pid = pid
+        return sites
+
+    def _gone_for_good(self, child: Child) -> bool:
+        """A child whose figures can no longer change: it exited and is gone (with
+        --min-age the set of old-enough blocks still moves on with the clock)."""
+        return child.exited and self.options.min_age <= 0 and not child.target.alive()
+
     def snapshot(self) -> Snapshot:
+        if not self.target.alive():  # the last mapping events may have come after the last poll
+            self.probes.poll()
+        changed = self.probes.modules_changed
         self._refresh_maps()
+        if changed and self.maps is not None and self.maps.gone:
+            self._note_maps_missed()
         call_sites = self._call_sites_for(self.target.pid, self.maps)
         if not self.options.allocs:
             raw = []
@@ -488,7 +577,7 @@ class Session:
                                       command=shlex.join(self.target.argv)),
             **self._triage_report(call_sites, duration),
             handles=handle_types(self.handles, call_sites),
-            notes=self.notes + self._followed_note() + self._children_note()
+            notes=self.notes + self.probes.notes + self._followed_note() + self._children_note()
             + self._stopped_note()
             + jit_note(call_sites.symbolizer, len(call_sites.unnamed_jit)),
             unwinding=self._unwinding(),
@@ -499,8 +588,10 @@ class Session:
         """Which objects each probe set walked how, and its walks' ends, summed."""
         out = Unwinding(self.options.unwind)
         for probes in self._probe_sets():
-            objects, ends = probes.unwind_report()
+            objects, ends, (cached, stale) = probes.unwind_report()
             out.objects.update(objects)
+            out.cached += cached
+            out.cache_stale += stale
             for reason, n in ends.items():
                 out.ended[reason] = out.ended.get(reason, 0) + n
         return out
@@ -538,10 +629,14 @@ class Session:
         }
 
     def close(self) -> None:
-        """Detach every probe; let a launched target that stopped in _Exit finish."""
-        for signum, handler in self._signals.items():
-            signal.signal(signum, handler)
-        self._signals = {}
+        """Detach every probe; let a launched target that stopped in _Exit finish. The
+        stop signals' handlers go back only on the main thread (Python allows no other):
+        top's driver thread closes the session the moment the target ends, and the
+        command's own close() on the main thread restores them after."""
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._signals.items():
+                signal.signal(signum, handler)
+            self._signals = {}
         self.probes.detach()
         if self.triage is not None:
             self.triage.detach()
@@ -564,29 +659,72 @@ def _allocator_modules(target: Target) -> frozenset[str]:
     return DEFAULT_ALLOCATOR_MODULES
 
 
-def _command_of(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return b" ".join(a for a in fh.read().split(b"\0") if a).decode(
-                errors="replace") or None
-    except OSError:
-        return None
+@contextmanager
+def _naps(stops: int | None = None) -> Iterator[Callable[[float], None]]:
+    """A sleep between polls that ends early when a signal comes: SIGCHLD (a launched
+    target, natrace's child, stopping for natrace at a code mapping or in _Exit, or
+    exiting) or a stop signal. `natrace run -- true` waited up to a poll interval for
+    each of its two or three stops (~0.1 s of its wall clock). Python's wakeup fd
+    carries the signals (main thread only; elsewhere, or when someone else uses it,
+    none); SIGCHLD restarts interrupted system calls, and the threads that load BPF
+    programs block it (bpfimage: the verifier gives up on a pending signal). Any other
+    traced process stopping for natrace (a child at birth, exec and _Exit) wakes
+    `stops`, watched edge-triggered (the allocation probes' ring buffer, which mapping
+    events never wake): in production mode (polls 0.5 s apart) each child of a `sh -c`
+    loop waited that long at each of its stops."""
+    with select.epoll() as ep:
+        if stops is not None:
+            ep.register(stops, select.EPOLLIN | select.EPOLLET)
+
+        def sleep(seconds: float) -> None:
+            ep.poll(seconds)
+
+        if threading.current_thread() is not threading.main_thread():
+            yield sleep
+            return
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        if previous != -1:  # someone else's (an event loop): leave it theirs
+            signal.set_wakeup_fd(previous)
+            os.close(r)
+            os.close(w)
+            yield sleep
+            return
+        ep.register(r, select.EPOLLIN)
+        chld = signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+        signal.siginterrupt(signal.SIGCHLD, False)
+
+        def nap(seconds: float) -> None:
+            sleep(seconds)
+            with suppress(BlockingIOError):
+                while os.read(r, 512):
+                    pass
+
+        try:
+            yield nap
+        finally:
+            signal.signal(signal.SIGCHLD, chld)
+            signal.set_wakeup_fd(-1)
+            os.close(r)
+            os.close(w)
 
 
 def _catch_stop_signals(session: Session) -> dict[int, Any]:
     """From the first probe placed until close(), SIGINT/SIGTERM/SIGHUP end the session
-    cleanly instead of killing natrace mid-way: while attaching, by raising
-    AttachInterrupted (the compiler runs in a child process, so the wait for it is
-    interrupted at once); once traced, by ending the poll loop (report written, probes
-    detached). Returns the handlers to restore (none off the main thread)."""
+    cleanly instead of killing natrace mid-way: while attaching, at the next step of
+    start(), the compile children killed at once (the waits that take seconds); once
+    traced, by ending the poll loop (report written, probes detached). The handler
+    raises nothing: an exception raised from it lands in whatever code runs, and
+    libraries break on it (pyelftools reported it as a malformed ELF file, capstone's
+    half-built disassembler complained on stderr, subprocess left a started child
+    unkilled). Returns the handlers to restore (none off the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         session.stop_requested = signal.Signals(signum).name
         if session.attaching:
-            session.attaching = False  # once: close() must not be interrupted in turn
-            raise AttachInterrupted(session.stop_requested, signum)
+            bpfprog.stop_compiles()
 
     return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM,
                                                    signal.SIGHUP)}

@@ -33,7 +33,7 @@ from tracer.files import write_private
 from tracer.memory.regions import find_arenas, read_smaps
 from tracer.model.books import AllocatorBooks, ArenaBooks, TcacheBooks
 from tracer.model.memory import ArenaHeap, Region
-from tracer.symbols.elfsyms import ElfSymbols, default_cache_dir
+from tracer.symbols.elfsyms import ElfSymbols, default_cache_dir, read_build_id
 
 LAYOUT_VERSION = 1
 SIZE_SZ = 8
@@ -128,8 +128,7 @@ def layout_for(libc: str, debug_dirs: Sequence[str] | None = None,
 
 def _layout_for(libc: str, debug_dirs: Sequence[str] | None,
                 cache_dir: str | None) -> Layout:
-    syms = ElfSymbols(libc, debug_dirs=debug_dirs, cache_dir="")
-    build_id = syms.build_id
+    build_id = read_build_id(libc)  # not ElfSymbols: its uncached index cost ~50 ms a report
     if build_id is None:
         raise NoLayout(f"{libc} has no build-id: its malloc books cannot be matched "
                        f"to debug info")
@@ -143,6 +142,7 @@ def _layout_for(libc: str, debug_dirs: Sequence[str] | None,
                 return Layout(build_id, data["sizes"], data["members"], data["addresses"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
+    syms = ElfSymbols(libc, debug_dirs=debug_dirs, cache_dir="")
     debug = syms.debug_file if syms.source != "symtab" else libc
     if debug is None:
         dirs = ", ".join(syms.debug_dirs)
@@ -512,7 +512,9 @@ def _read_arena(mem: Memory, layout: Layout, arena: _Arena,
     system_mem = field("system_mem")
     top = field("top")
     bin0 = arena.address + layout.off("malloc_state", "bins") - 2 * SIZE_SZ
-    if system_mem == 0 and top == bin0:  # never used (another allocator, or no malloc yet)
+    # never used: another allocator, or no malloc yet (top is 0 until malloc's first call
+    # initializes the arena, then the unsorted bin's address until memory is taken)
+    if system_mem == 0 and top in (0, bin0):
         return ArenaBooks(arena.address, arena.main, 0, 0, 0, 0, 0, 0, 0, 0)
     walk = _Walk(mem, arena)
     top_size = walk.chunk_size(top)

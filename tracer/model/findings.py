@@ -153,7 +153,7 @@ def site_line(site: Site, snap: Snapshot) -> str:
         if est and site.kind == "malloc" and site.samples else None
     margin = "" if interval is None else \
         f" (95% {format_size(interval[0])}-{format_size(interval[1])}, {site.samples:,} samples)"
-    text = (f"{site.label(short=True)} [{_class(site.frame)}] holds {est}"
+    text = (f"{site.label(short=True)} [{_class(site.frame)}]{snap.pid_tag(site)} holds {est}"
             f"{format_size(site.bytes)}{margin} in {est}{site.blocks:,} {_unit(site)}{share}")
     if site.allocs:
         text += f", {est}{site.blocks:,} of its {est}{site.allocs:,} allocations unfreed"

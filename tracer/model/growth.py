@@ -111,10 +111,15 @@ class GrowthTracker(Generic[K]):
             series.add(t, value)
         for key in [k for k, s in self._series.items() if not any(s.values())]:
             del self._series[key]
-        self._fits = {k: s.fit() for k, s in self._series.items()}
+        self._fits = {}  # fitted when asked: a session observes thousands of keys a second
 
     def fit(self, key: K) -> Fit:
-        return self._fits.get(key) or Fit(0.0, 0.0, 0, 0.0, 0.0)
+        got = self._fits.get(key)
+        if got is None:
+            series = self._series.get(key)
+            got = series.fit() if series is not None else Fit(0.0, 0.0, 0, 0.0, 0.0)
+            self._fits[key] = got
+        return got
 
     def suspect(self, key: K) -> bool:
         return self.policy.is_suspect(self.fit(key))
@@ -131,5 +136,5 @@ class GrowthTracker(Generic[K]):
 
     def suspects(self) -> list[K]:
         """Suspect keys, fastest-growing first."""
-        keys = [k for k, f in self._fits.items() if self.policy.is_suspect(f)]
-        return sorted(keys, key=lambda k: -self._fits[k].per_minute)
+        keys = [k for k in self._series if self.policy.is_suspect(self.fit(k))]
+        return sorted(keys, key=lambda k: -self.fit(k).per_minute)

@@ -110,6 +110,11 @@ class Snapshot:
         natrace followed children has one)."""
         return self.processes or [Process(self.pid, self.command, 0, self.target_exited)]
 
+    def pid_tag(self, site: Site) -> str:
+        """` [PID 123]` after a site's label when several processes were traced: the
+        same function in two of them is two sites. Nothing for one process."""
+        return f" [PID {site.pid or self.pid}]" if len(self.processes) > 1 else ""
+
     def process_sites(self, pid: int) -> list[Site]:
         """The sites of one traced process."""
         return [s for s in self.sites if (s.pid or self.pid) == pid]

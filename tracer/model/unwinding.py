@@ -26,6 +26,8 @@ class Unwinding:
     mode: str  # auto | cfi | fp (--unwind)
     objects: dict[str, str] = field(default_factory=dict)  # module path -> "cfi" | "fp"
     ended: dict[str, int] = field(default_factory=dict)  # reason -> walks (CFI walk only)
+    cached: int = 0  # of those, answered by the stack-id cache (the same stack, not walked)
+    cache_stale: int = 0  # captures the cache matched by registers but a word had changed
 
     @property
     def walks(self) -> int:

@@ -3,16 +3,17 @@ flamegraph`, `--flamegraph FILE`)."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from types import ModuleType
 
 from tracer.errors import UsageError
 from tracer.model.snapshot import Snapshot
-from tracer.reporters import flamegraph_html, flamegraph_svg, folded, pprof, speedscope
 from tracer.reporters.stacks import ExportOptions
 
-FORMATS: dict[str, ModuleType] = {"html": flamegraph_html, "svg": flamegraph_svg,
-                                  "folded": folded, "pprof": pprof, "speedscope": speedscope}
+#: Each format's module under tracer/reporters/, imported only when that format is
+#: written: the HTML one alone pulled urllib, http and email into every `natrace run`.
+FORMATS: dict[str, str] = {"html": "flamegraph_html", "svg": "flamegraph_svg",
+                           "folded": "folded", "pprof": "pprof", "speedscope": "speedscope"}
 _EXTENSIONS = [(".speedscope.json", "speedscope"), (".html", "html"), (".htm", "html"),
                (".svg", "svg"), (".folded", "folded"), (".txt", "folded"),
                (".pb.gz", "pprof"), (".pprof", "pprof"), (".pb", "pprof")]
@@ -29,5 +30,6 @@ def format_for(path: str) -> str:
 
 
 def render(fmt: str, snap: Snapshot, options: ExportOptions) -> str | bytes:
-    renderer: Callable[[Snapshot, ExportOptions], str | bytes] = FORMATS[fmt].render
+    module = importlib.import_module(f"tracer.reporters.{FORMATS[fmt]}")
+    renderer: Callable[[Snapshot, ExportOptions], str | bytes] = module.render
     return renderer(snap, options)

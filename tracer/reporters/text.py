@@ -39,9 +39,13 @@ def render(snap: Snapshot, top: int = 10) -> str:
                                               if snap.min_age else ""))
     peak = "" if totals.peak_bytes is None else \
         f"; peak seen {est}{size(totals.peak_bytes)} (sampled once a second)"
+    # sampled in the process, a thread's next allocation is seldom seen: whether a block
+    # was freed before it (heaptrack's "temporary") cannot be told
+    temporary = "temporary ones not measured (sampled)" if snap.in_process else \
+        f"{est}{totals.temp_allocs:,} temporary"
     lines.append(f"Allocated while traced: {est}{totals.alloc_bytes:,} bytes in "
                  f"{est}{totals.allocs:,} allocations at {totals.sites} call sites, "
-                 f"{est}{totals.temp_allocs:,} temporary{peak}")
+                 f"{temporary}{peak}")
     if snap.in_process:
         mean = f"every {snap.sample_bytes:,} bytes on average" if snap.sample_bytes else \
             "at the period the process chose"
@@ -63,7 +67,7 @@ def render(snap: Snapshot, top: int = 10) -> str:
                  (", all processes:" if tree else ":"))
     lines.append(_SITE_HEADER)
     for site in user[:top]:
-        lines += _site(site, total, tree)
+        lines += _site(site, total, snap.pid_tag(site))
         interval = site.interval(site.bytes, site.samples, snap.sample_bytes)
         if snap.estimated and site.kind == "malloc" and interval is not None:
             lo, hi = interval
@@ -135,14 +139,14 @@ def _processes(snap: Snapshot, top: int) -> list[str]:
     return out + [""]
 
 
-def _site(site: Site, total: int, with_pid: bool = False) -> list[str]:
+def _site(site: Site, total: int, tag: str = "") -> list[str]:
     module = site.module_class if site.frame else "-"
     growth = "" if site.per_minute is None else f"{'+' if site.per_minute >= 0 else '-'}" \
         f"{size(abs(site.per_minute))}"
     leak = " LEAK" if site.suspect else ""
     out = [f"  {site.bytes:>14,} {site.blocks:>9,} {_pct(site.bytes, total):>6} {growth:>11}  "
            f"{site.kind:6} {module[:16]:16} {site.label(short=True)}{site.library_via}{leak}"
-           + (f" [PID {site.pid}]" if with_pid else "")]
+           f"{tag}"]
     for f in site.frames[site.charge_index + 1: site.charge_index + 1 + STACK_FRAMES_SHOWN]:
         out.append(f"  {'':>14} {'':>9} {'':>6} {'':>11}  {'':6} {'':16}   <- "
                    f"{f.label(short=True)} "
@@ -164,7 +168,8 @@ def _churn(snap: Snapshot, top: int) -> list[str]:
     for site in busiest:
         out.append(f"  {site.allocs:>12,} {_pct(site.allocs, allocs):>6} "
                    f"{site.alloc_bytes:>14,} {site.temp_allocs:>10,} {site.bytes:>14,}  "
-                   f"{site.module_class[:16]:16} {site.label(short=True)}{site.library_via}")
+                   f"{site.module_class[:16]:16} {site.label(short=True)}{site.library_via}"
+                   f"{snap.pid_tag(site)}")
     return out
 
 

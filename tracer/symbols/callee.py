@@ -47,9 +47,10 @@ class CalleeResolver:
             slot = _jump_slot(stub, target) if stub is not None else None
             if slot is None:  # a direct call: name the function itself
                 return self.symbolizer.frame(target, return_address=False).symbol
-            return self._slot_symbol(slot)
+            return self._slot_symbol(slot, target)
         if code[:2] == b"\xff\x15":  # call *disp32(%rip)
-            return self._slot_symbol(ret + int.from_bytes(code[2:], "little", signed=True))
+            return self._slot_symbol(ret + int.from_bytes(code[2:], "little", signed=True),
+                                     ret - 6)
         return None
 
     def _read(self, addr: int, n: int) -> bytes | None:
@@ -66,18 +67,24 @@ class CalleeResolver:
     def _path(self, m: Mapping | None) -> str | None:
         return self.maps.module_path(m) if m is not None and m.file_backed else None
 
-    def _slot_symbol(self, slot: int) -> str | None:
-        """The symbol whose dynamic relocation fills the GOT slot at runtime address `slot`."""
-        m = self.maps.find(slot)
+    def _slot_symbol(self, slot: int, user: int) -> str | None:
+        """The symbol whose dynamic relocation fills the GOT slot at runtime address `slot`,
+        addressed rip-relative by the instruction at `user`, so in the same file: the
+        slot's link-time address comes from the code's mapping, not the slot's own. Maps
+        read while ld.so was mapping the file (a code stop at its text) show the data
+        pages still covered by the read-only segment mapped before them, at the wrong
+        file offset; the slot then had no address, and the answer was kept for good."""
+        m = self.maps.find(user)
         path = self._path(m)
         if m is None or path is None:
             return None
         elf = self.symbolizer.elf_for(m)
         if elf is None:
             return None
-        vaddr = elf.file_offset_to_vaddr(m.file_offset(slot))
-        if vaddr is None:
+        at = elf.file_offset_to_vaddr(m.file_offset(user))
+        if at is None:
             return None
+        vaddr = slot - (user - at)
         if path not in self._slots:
             self._slots[path] = _relocated_slots(path)
         return self._slots[path].get(vaddr)

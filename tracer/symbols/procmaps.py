@@ -124,6 +124,7 @@ class MapsHistory:
         self._seen: set[Mapping] = set()
         self._current: list[Mapping] = []
         self._current_starts: list[int] = []
+        self.gone = False  # a re-read found the process gone: the history is its last read
         self.same_root = self._check_same_root()
         if _read and pid is not None:
             self.refresh()
@@ -164,7 +165,8 @@ class MapsHistory:
         if self.pid is None:
             return False
         lines = self._read_lines()
-        if lines is None:
+        if not lines:  # gone, or a zombie (its maps read empty): keep the last read
+            self.gone = True
             return False
         return self.update(lines)
 
