@@ -22,7 +22,7 @@ class Built:
     plugin: Path  # plugin.node, dlopen'ed by leaky --plugin
     leaky_cpp: Path
     threads: Path  # 1,000 threads x 100 B from thread_body
-    execer: Path  # leaks in before_exec(), then execs or forks
+    execer: Path  # leaks in before_exec(), then execs (from main or a thread) or forks
     busy: Path  # in malloc/free while natrace attaches, then after_busy(): 42 x 42 B
     unreturned: Path  # allocator calls that never return, then leaks on the same thread
     memaligns: Path  # the memalign family with valid and invalid alignments, then leaks
@@ -42,7 +42,7 @@ def build() -> Built:
          f"-Wl,-rpath,{b}", "-ldl")
     _run("g++", *CFLAGS, "-o", b / "leaky_cpp", SRC / "leaky_cpp.cpp")
     _run("gcc", *CFLAGS, "-pthread", "-o", b / "threads", SRC / "threads.c")
-    _run("gcc", *CFLAGS, "-o", b / "execer", SRC / "execer.c")
+    _run("gcc", *CFLAGS, "-pthread", "-o", b / "execer", SRC / "execer.c")
     _run("gcc", *CFLAGS, "-o", b / "busy", SRC / "busy.c")
     _run("g++", *CFLAGS, "-o", b / "unreturned", SRC / "unreturned.cpp")
     _run("gcc", *CFLAGS, "-o", b / "memaligns", SRC / "memaligns.c")
@@ -82,6 +82,7 @@ class NoFp:
     libnofp: Path   # -O2 -fomit-frame-pointer library
     libfp: Path     # a library with frame pointers calling back into chain
     nesting: Path   # leaks from functions inlined into their callers (test_inlined.py)
+    twochains: Path  # one site, caller chains with the same registers (stack-id cache)
 
 
 @functools.cache
@@ -98,7 +99,11 @@ def build_nofp() -> NoFp:
          f"-Wl,-rpath,{b}")
     _run("g++", *nofp, "-o", b / "containers", src / "containers.cpp")
     _run("g++", *nofp, "-o", b / "nesting", src / "nesting.cpp")
-    return NoFp(b / "chain", b / "containers", b / "libnofp.so", b / "libfp.so", b / "nesting")
+    _run("gcc", *nofp, "-shared", "-fPIC", "-o", b / "libtwochains.so", src / "libtwochains.c")
+    _run("gcc", *nofp, "-o", b / "twochains", src / "twochains.c", f"-L{b}", "-ltwochains",
+         f"-Wl,-rpath,{b}")
+    return NoFp(b / "chain", b / "containers", b / "libnofp.so", b / "libfp.so", b / "nesting",
+                b / "twochains")
 
 
 @dataclass(frozen=True)

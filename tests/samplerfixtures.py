@@ -22,6 +22,7 @@ class Built:
     family_cpp: Path  # every operator new/delete variant
     leaker: Path  # leaker.node: leak(n, size) keeps n blocks from leak_blocks()
     signals: Path  # allocates from signal handlers, raised and asynchronous
+    dlopened: Path  # dlopen's the sampler (so it interposes nothing), then allocates
 
 
 def _run(*cmd: str | Path) -> None:
@@ -37,8 +38,10 @@ def build() -> Built:
     _run("gcc", *CFLAGS, "-shared", "-fPIC", "-I/usr/include/node", "-o",
          BUILD / "leaker.node", SRC / "leaker.c")
     _run("gcc", *CFLAGS, "-o", BUILD / "signals", SRC / "signals.c")
+    _run("gcc", *CFLAGS, "-o", BUILD / "dlopened", SRC / "dlopened.c", "-ldl")
     return Built(ROOT / "sampler" / "build" / "libnatrace_sampler.so", BUILD / "family",
-                 BUILD / "family_cpp", BUILD / "leaker.node", BUILD / "signals")
+                 BUILD / "family_cpp", BUILD / "leaker.node", BUILD / "signals",
+                 BUILD / "dlopened")
 
 
 def semaphores(pid: int, library: Path) -> tuple[int, int]:

@@ -125,7 +125,8 @@ def test_budget_samples_harder_when_over_and_relaxes_when_well_under() -> None:
         end = time.thread_time() + 0.3
         while time.thread_time() < end:
             pass
-    assert budget.settle() is False and budget.state().setup_cpu_seconds >= 0.29  # 10 ms ticks
+    # /proc's clock ticks are 10 ms: one can be lost at each end
+    assert budget.settle() is False and budget.state().setup_cpu_seconds >= 0.28
 
 
 def _spin(seconds: float) -> None:

@@ -3,6 +3,7 @@ own mallinfo2() figures (tests/fixtures/src/memory/frag.c prints them)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from memfixtures import build
+from tracing import NATRACE
 
 from tracer.memory import books as booksreader
 from tracer.memory import regions
@@ -166,6 +168,17 @@ def test_layout_is_cached_by_build_id(tmp_path: Path) -> None:
         again = f.books(cache_dir=str(tmp_path), debug_dirs=["/nonexistent"])
     assert first.complete and again.complete
     assert again.free == first.free and again.system_mem == first.system_mem
+
+
+@pytest.mark.bpf
+def test_a_process_that_never_called_malloc_has_complete_empty_books() -> None:
+    """`true` never calls malloc: its main arena is all zeroes (top 0 until malloc's first
+    call), which read as torn after 20 retries a reading (~0.2 s of `run -- true`)."""
+    out = subprocess.run([NATRACE, "run", "--json", "--", "true"], capture_output=True,
+                         text=True, timeout=300, check=True)
+    books = json.loads(out.stdout)["memory"]["books"]
+    assert (books["complete"], books["torn"], books["in_use"], books["free"]) == (True, [], 0, 0)
+    assert [(a["main"], a["system_mem"], a["top"]) for a in books["arenas"]] == [(True, 0, 0)]
 
 
 def test_jemalloc_preloaded_says_what_cannot_be_read() -> None:

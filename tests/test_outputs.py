@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from allocfixtures import build
 from test_recording import snap, write
 from tracing import NATRACE, waiting
 
+from tracer.files import open_trusted
 from tracer.recording import Recording
 
 
@@ -249,3 +251,38 @@ def test_a_fifo_whose_reader_leaves_is_141_with_one_line(long_recording: Path,
     assert proc.returncode == 141
     assert proc.stderr == (f"natrace: -o {fifo}: its reader closed it before everything was "
                            "written\n")
+
+
+def test_a_fifo_with_no_reader_yet_is_waited_for_and_said(recording: Path,
+                                                            tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([NATRACE, "report", str(recording), "-o", str(fifo)],
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()  # said before it blocks: no reader yet
+    assert line == (f"natrace: -o {fifo}: waiting for a reader of the FIFO (Ctrl-C gives "
+                    "up)\n")
+    with open(fifo) as reader:
+        got = reader.read()
+    assert proc.wait(timeout=60) == 0 and proc.stderr.read() == ""
+    assert got == natrace("report", str(recording)).stdout
+
+
+def test_a_fifo_at_a_cache_path_is_no_cache_entry(tmp_path: Path) -> None:
+    """natrace's caches (compiled BPF, unwind rows, probe placement) read an entry only
+    from a regular file: a FIFO at the path is no entry, refused without blocking (a
+    plain open() for reading waits for a writer: natrace hung there). In a child
+    process, so a regression fails the test instead of hanging it."""
+    fifo = tmp_path / "entry"
+    os.mkfifo(fifo, 0o600)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom tracer.files import open_trusted\n"
+         "print(open_trusted(sys.argv[1]), open_trusted(sys.argv[1], 'rb'))", str(fifo)],
+        capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "None None\n"), proc.stderr
+    regular = tmp_path / "regular"
+    regular.write_text("rows")
+    fh = open_trusted(str(regular))
+    assert fh is not None and fh.read() == "rows"
+    fh.close()

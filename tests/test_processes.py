@@ -64,13 +64,53 @@ def check_forker(report: dict[str, Any], root: int) -> None:
         (root, "parent_leak"): 4_000, (workers[0]["pid"], "worker_leak"): found[0][0],
         (workers[1]["pid"], "worker_leak"): found[1][0]}
     assert not any("not traced" in n for n in report["notes"]), report["notes"]
+    for w in workers:  # the same function in two processes: each finding names its own
+        nbytes, blocks, _allocs = own_sites(w)["worker_leak"]
+        says = f" [forker] [PID {w['pid']}] holds {nbytes:,} B in {blocks} blocks"
+        assert any(f.startswith("worker_leak") and says in f for f in report["findings"]), \
+            report["findings"]
     check_adds_up(report)
 
 
 def test_a_forking_server_is_exact_per_process_when_launched(tmp_path: Path) -> None:
-    report, code = run_json(tmp_path, "--", str(build_trees().forker))
+    """... and so is its recording: each site keeps its process (a recording that lost
+    them reported every site as the parent's, the workers with none)."""
+    recording = tmp_path / "r.natrace"
+    report, code = run_json(tmp_path, "--record", str(recording), "--", str(build_trees().forker))
     assert code == 0
     check_forker(report, report["pid"])
+    proc = subprocess.run([NATRACE, "report", "--json", str(recording)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    check_forker(again, report["pid"])
+    assert again["processes"] == report["processes"]
+
+
+def test_an_exited_child_keeps_its_figures_not_its_maps() -> None:
+    """A forking server's short children: once one is gone its sites are kept as first
+    symbolized and its maps and symbolizer dropped (they were kept to the end, for
+    thousands of children); every later snapshot is the same, exact."""
+    from tracer.engine.session import Session, SessionOptions
+    from tracer.probes import target as targets
+    from tracer.reporters import json as json_report
+
+    target = targets.launch([str(build_trees().forker)])
+    session = Session(target, SessionOptions())
+    try:
+        session.start()
+        session.run(None)
+        first = json.loads(json_report.render(session.snapshot()))
+        again = json.loads(json_report.render(session.snapshot()))
+        workers = {pid: c for pid, c in session.children.items() if pid != target.pid}
+    finally:
+        session.close()
+    check_forker(first, target.pid)
+    assert again["processes"] == first["processes"] and again["sites"] == first["sites"]
+    assert len(workers) == 2
+    for pid, child in workers.items():
+        assert child.maps is None and child.sites is not None, pid
+        assert pid not in session._call_sites
 
 
 def test_a_forking_server_is_exact_per_process_when_attached_with_children() -> None:
@@ -110,6 +150,25 @@ def test_a_program_started_by_a_wrapper_is_exact(wrapper: str, tmp_path: Path) -
     report, code = run_json(tmp_path, "--", *argv)
     assert code == 0
     check_plain_child(report, plain)
+
+
+def test_a_shell_loop_is_exact_per_run_with_one_note(tmp_path: Path) -> None:
+    """`sh -c 'for …; do APP; done'` runs APP in a new child each time: each run is a
+    process of the report, exact, and the exec chain they share is one note naming them
+    all (a note per child repeated the same long line once per iteration)."""
+    plain = build_trees().plain
+    report, code = run_json(tmp_path, "--", "sh", "-c", f"for i in 1 2 3; do {plain}; done")
+    assert code == 0
+    runs = [p for p in report["processes"] if p["command"] == str(plain)]
+    assert len(runs) == 3, [p["command"] for p in report["processes"]]
+    for run in runs:
+        assert {k: v[:2] for k, v in own_sites(run).items() if k in PLAIN_TRUTH} == PLAIN_TRUTH
+    chain = f"'/usr/bin/sh -c for i in 1 2 3; do {plain}; done' -> '{plain}'"
+    pids = ", ".join(str(p["pid"]) for p in runs)
+    assert [n for n in report["notes"] if "through exec" in n] == [
+        f"followed 3 processes through exec: {chain} (PIDs {pids}); each one's report is of "
+        "the last program"]
+    check_adds_up(report)
 
 
 def test_npm_start_is_exact(tmp_path: Path) -> None:

@@ -163,7 +163,7 @@ def test_sampled_sites_keep_their_sample_counts_and_older_schemas_still_read(
     """Schema 3 stores each site's samples, so a report from the file shows the same
     intervals as the live one (2,000,000 ± 1.96 · 2,000,000 / √4); a schema 2 or 1
     file (the columns dropped) still reads, its estimates without intervals; schema 3
-    and 4 files, without schema 5's library_index, too."""
+    and 4 files, without schema 5's library_index, and 5, without schema 6's pid, too."""
     path = write(tmp_path / "s.natrace", sampled_snap())
     with Recording(str(path)) as rec:
         assert rec.snapshot() == sampled_snap()
@@ -173,10 +173,10 @@ def test_sampled_sites_keep_their_sample_counts_and_older_schemas_still_read(
     assert (site["samples"], site["alloc_samples"]) == (4, 16)
     assert site["bytes_interval"] == [40_000, 3_960_000]
     assert site["alloc_bytes_interval"] == [4_080_000, 11_920_000]
-    older = {4: ["library_index"], 3: ["library_index"],
-             2: ["library_index", "samples", "alloc_samples"],
-             1: ["library_index", "samples", "alloc_samples", "temp_allocs", "temp_bytes",
-                 "first_at", "last_at"]}
+    older = {5: ["pid"], 4: ["pid", "library_index"], 3: ["pid", "library_index"],
+             2: ["pid", "library_index", "samples", "alloc_samples"],
+             1: ["pid", "library_index", "samples", "alloc_samples", "temp_allocs",
+                 "temp_bytes", "first_at", "last_at"]}
     for version, columns in older.items():
         old = tmp_path / f"v{version}.natrace"
         old.write_bytes(path.read_bytes())

@@ -111,6 +111,37 @@ def test_a_closed_stdout_after_a_run_is_141_and_the_command_still_finishes(
     assert (tmp_path / "r.natrace").stat().st_size > 0  # the other outputs were still saved
 
 
+STDOUT_WRITERS = [["--version"], ["--help"], ["sampler-path"], ["doctor"],
+                  ["report", "RECORDING"]]
+
+
+@pytest.mark.parametrize("stdout", [">/dev/full", ">&-", "</dev/null"])
+@pytest.mark.parametrize("args", STDOUT_WRITERS, ids=" ".join)
+def test_a_stdout_that_takes_nothing_is_one_line_and_exit_5(
+        args: list[str], stdout: str, long_recording: Path) -> None:
+    """A full disk, a closed stdout (`>&-`) or a read-only one: click's own output
+    (--version, --help) and every verb's fail as a report does, never 'internal error'
+    or exit 0 with nothing printed."""
+    argv = " ".join(str(long_recording) if a == "RECORDING" else a for a in args)
+    proc = subprocess.run(["sh", "-c", f"exec {NATRACE} {argv} 1{stdout}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr == ("natrace: cannot write to stdout: No space left on device\n"
+                           if stdout == ">/dev/full" else "natrace: stdout is closed or open "
+                           "for reading only: redirect it (> FILE)\n")
+
+
+def test_a_trace_for_a_closed_stdout_is_refused_before_the_command_runs(
+        tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    proc = subprocess.run(["sh", "-c", f"exec {NATRACE} run -- touch {marker} >&-"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr == ("natrace: stdout is closed or open for reading only: redirect it "
+                           "(> FILE) or give -o FILE\n")
+    assert not marker.exists()
+
+
 @pytest.mark.bpf
 def test_where_the_command_output_goes(tmp_path: Path) -> None:
     # -o FILE: stdout is free, the command keeps it

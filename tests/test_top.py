@@ -17,12 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from allocfixtures import build_trees
 
 from tracer.engine.live import LiveDriver
 from tracer.engine.session import Session, SessionOptions
 from tracer.probes import target as targets
+from tracer.recording import Recording
 from tracer.tui.app import TopApp
-from tracer.tui.views import SUSPECT, Row
+from tracer.tui.views import SUSPECT, Row, modules_table
 
 pytestmark = pytest.mark.bpf
 
@@ -51,12 +53,14 @@ def running(grower: Path) -> Iterator[subprocess.Popen[str]]:
     proc.wait()
 
 
-def perf_event_fds() -> int:
-    """Open perf events of this process: every attached uprobe holds one."""
+def probe_fds() -> int:
+    """This process's probe descriptors: every attached probe holds a BPF link (a
+    perf event beside another tool's bcc probe)."""
     count = 0
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):
-            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[perf_event]"
+            count += os.readlink(f"/proc/self/fd/{fd}") in ("anon_inode:[perf_event]",
+                                                           "anon_inode:bpf_link")
     return count
 
 
@@ -85,24 +89,59 @@ def test_app_ranks_the_leak_first_and_keys_work(grower: Path) -> None:
     """Launched (so the 8 MiB cache made at start is seen): the steady leak is on top and a
     suspect; the bigger cache and the churning buffer are not; sort, filter, pause, stack
     and quit do what they say; quitting detaches every probe and the target runs on."""
-    baseline = perf_event_fds()
+    baseline = probe_fds()
     target = targets.launch([str(grower)])
     session = Session(target, SessionOptions())
     try:
         session.start()
-        assert perf_event_fds() > baseline
+        assert probe_fds() > baseline
         app = TopApp(LiveDriver(session, 0.5), lambda _state, _what: "written")
         asyncio.run(drive(app))
         app.stop_driver()
         assert app._thread is not None and not app._thread.is_alive()
         session.close()
-        assert perf_event_fds() == baseline
+        assert probe_fds() == baseline
         assert bcc_uprobe_events(os.getpid()) == []
         time.sleep(0.3)
         assert target.alive() and state_of(target.pid) in "RS"
     finally:
         session.close()
         target.terminate()
+
+
+def test_a_process_tree_shows_each_function_once_with_its_sum() -> None:
+    """Launched, top follows the forker's two workers (fixtures/src/forker.c): each
+    function is one row with its figures summed over the processes, as its growth is
+    fitted — the table has one row per key (the same function in two processes as two
+    rows with one key crashed the app)."""
+    target = targets.launch([str(build_trees().forker)])
+    session = Session(target, SessionOptions())
+    try:
+        session.start()
+        app = TopApp(LiveDriver(session, 0.2), lambda _state, _what: "written")
+        asyncio.run(drive_to_end(app))
+        app.stop_driver()
+        # the driver thread closed the session at the end (a signal handler put back
+        # off the main thread killed it: the app waited for its first state forever)
+        assert app.state is not None and app.state.ended
+        rows = {r.cells[SYMBOL]: r.cells[1:4] for r in app.shown}
+        assert rows["worker_leak (2 processes)"] == ("4,608 B", "9", "23")  # 3+6 x 512 B
+        assert rows["parent_leak"] == ("4,000 B", "4", "4")
+        assert len(app.shown) == len({r.key for r in app.shown})
+        [own] = [r for r in modules_table(app.state).rows if r.key == "forker"]
+        assert own.cells[1:3] == ("8,608 B", "13")  # 4 x 1000 + 9 x 512 B
+    finally:
+        session.close()
+        target.terminate()
+
+
+async def drive_to_end(app: TopApp) -> None:
+    async with app.run_test(size=(120, 40)) as pilot:
+        deadline = time.monotonic() + 60
+        while not (app.state and app.state.ended) and time.monotonic() < deadline:
+            await pilot.pause(0.2)
+        await pilot.pause(0.3)
+        await pilot.press("q")
 
 
 async def drive(app: TopApp) -> None:
@@ -236,6 +275,63 @@ def test_closing_the_terminal_ends_top(running: subprocess.Popen[str], tmp_path:
         time.sleep(0.2)
     assert not Path(f"/proc/{top}").exists(), "natrace top outlived its terminal"
     assert running.poll() is None and state_of(running.pid) in "RS"
+
+
+def top_in_terminal(name: str, env: str, pid: int, tmp_path: Path,
+                    until: str | None = None) -> tuple[int, str]:
+    """`natrace top -p PID --record` in an 80-column tmux terminal, quit with q once
+    `until` is on screen (or left to end by itself): its exit code, and the terminal's
+    text afterwards (wrapped lines joined)."""
+    done = tmp_path / "exited"
+    tmux("new-session", "-d", "-s", name, "-x", "80", "-y", "24",
+         f"cd {tmp_path} && {env} NO_COLOR=1 {NATRACE} top -p {pid} --interval 500ms "
+         f"--record {tmp_path / 'top.natrace'}; echo $? > {done}; sleep 30")
+    try:
+        if until is not None:
+            screen_until(name, until, 60)
+            tmux("send-keys", "-t", name, "q")
+        deadline = time.monotonic() + 60
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert done.exists()
+        return int(done.read_text()), tmux("capture-pane", "-p", "-J", "-t", name)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
+def test_a_crash_inside_the_app_is_one_line_exit_1_and_the_recording_is_kept(
+        running: subprocess.Popen[str], tmp_path: Path) -> None:
+    """Textual's screenshot timer (TEXTUAL_SCREENSHOT) failing inside the app stands for
+    any bug there: it used to print a screenful of traceback and exit 0."""
+    code, screen = top_in_terminal(
+        f"natrace-top-crash-{os.getpid()}",
+        "TEXTUAL_SCREENSHOT=1 TEXTUAL_SCREENSHOT_LOCATION=/nonexistent", running.pid,
+        tmp_path)
+    assert code == 1
+    lines = [line for line in screen.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        "natrace: internal error: FileNotFoundError: [Errno 2] No such file or directory: "
+        "'/nonexistent/"), screen
+    assert lines[0].endswith("(rerun with --debug for the traceback, and please report it)")
+    with Recording(str(tmp_path / "top.natrace")) as rec:  # the last state shown, saved
+        assert rec.snapshot().pid == running.pid
+    assert running.poll() is None and bcc_uprobe_events(running.pid) == []
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
+def test_a_command_line_with_markup_is_shown_as_text(grower: Path, tmp_path: Path) -> None:
+    """`[/x]` in the target's command line was read as a closing tag: the app crashed."""
+    proc = subprocess.Popen(["[/x]", "one", "[b]two"], executable=str(grower),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+        code, _ = top_in_terminal(f"natrace-top-markup-{os.getpid()}", "", proc.pid,
+                                  tmp_path, until="cmd [/x] one [b]two")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == 0
 
 
 def test_batch_mode_prints_frames_when_stdout_is_no_terminal(

@@ -171,6 +171,24 @@ def test_attached_stacks_are_true_without_frame_pointers() -> None:
 
 
 @pytest.mark.bpf
+def test_the_stack_cache_tells_chains_with_the_same_registers_apart(tmp_path: Path) -> None:
+    """twochains.c reaches one malloc through chains that leave the same pc and sp (the
+    stack-id cache's key): the cache answers most captures, yet each chain keeps its own
+    stack and exact figures, because a changed word above is seen (stale, walked)."""
+    report, code = run_json(tmp_path, "--charge-to", "module:twochains", "--",
+                            str(build_nofp().twochains))
+    assert code == 0
+    above = {"near_a": [], "near_b": [], "far_a": ["step"], "far_b": ["step"]}
+    assert malloc_sites(report) == {function: (20_000, 200) for function in above}
+    for function, between in above.items():
+        frames = ["alloc_here", *between, function, "burst", "main"]
+        assert _symbols(site(report, function))[:len(frames)] == frames
+    unwinding = report["unwinding"]
+    assert unwinding["cached"] > 0 and unwinding["cache_stale"] > 0, unwinding
+    assert not any(report["loss"].values()), report["loss"]
+
+
+@pytest.mark.bpf
 def test_frame_pointer_mode_misses_the_callers(tmp_path: Path) -> None:
     """What --unwind fp (the kernel's walk, as bcc's memleak does) sees of the same chain:
     the frames of functions without a frame pointer are skipped."""

@@ -33,9 +33,13 @@ def waiting(*argv: str) -> Iterator[subprocess.Popen[str]]:
         proc.wait()
 
 
-def release(proc: subprocess.Popen[str]) -> None:
-    """Let a waiting fixture work, and wait until it says `done`."""
+def release(proc: subprocess.Popen[str], expect_ready: bool = False) -> None:
+    """Let a waiting fixture work, and wait until it says `done` (after `ready <pid>`
+    first when `expect_ready`: a fixture natrace launched)."""
     assert proc.stdin is not None and proc.stdout is not None
+    if expect_ready:
+        line = proc.stdout.readline()
+        assert line.startswith("ready"), line
     proc.stdin.write("x")
     proc.stdin.flush()
     line = proc.stdout.readline().strip()
