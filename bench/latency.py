@@ -1,6 +1,7 @@
 """What a user waits for, and natrace's own memory: the targets of issue 21.
 
     sudo .venv/bin/python -m bench.latency [--rounds 3] [--no-loaded | --no-idle]
+                                           [--only floor,snapshot,cold,run,top]
 
 Attach (command start to probes in place) with a warm cache, with a cold cache of
 compiled BPF programs only, and as a first run with every cache cold (symbol indexes
@@ -235,7 +236,11 @@ def floor_round() -> float:
         wp.kill()
 
 
-def measure(rounds: int, log: Callable[[str], None]) -> dict[str, Figure]:
+STEPS = ("floor", "snapshot", "cold", "run", "top")  # what --only picks from
+
+
+def measure(rounds: int, log: Callable[[str], None],
+            only: frozenset[str] = frozenset(STEPS)) -> dict[str, Figure]:
     figures: dict[str, Figure] = {k: Figure() for k in LIMITS}
     for k in COLD:
         figures[f"{k}: natrace and its compiling children, peak RSS MiB"] = Figure()
@@ -244,15 +249,16 @@ def measure(rounds: int, log: Callable[[str], None]) -> dict[str, Figure]:
     for k in ("empty-probe floor", *MODES, *COLD, "run", "top"):
         figures[f"peak RSS MiB: {k}"] = Figure()
     for r in range(1, rounds + 1):
-        steps: list[tuple[str, Callable[[], float]]] = [
-            ("empty-probe floor", floor_round),
-            *[(mode, functools.partial(snapshot_round, a, figures, "attach, warm cache"))
+        steps: list[tuple[str, str, Callable[[], float]]] = [
+            ("floor", "empty-probe floor", floor_round),
+            *[("snapshot", mode, functools.partial(snapshot_round, a, figures,
+                                                   "attach, warm cache"))
               for mode, a in MODES.items()],
-            *[(cold, functools.partial(_cold, figures, cold)) for cold in COLD],
-            ("run", functools.partial(run_round, figures)),
-            ("top", functools.partial(top_round, figures)),
+            *[("cold", cold, functools.partial(_cold, figures, cold)) for cold in COLD],
+            ("run", "run", functools.partial(run_round, figures)),
+            ("top", "top", functools.partial(top_round, figures)),
         ]
-        for name, step in steps:
+        for name, step in [(name, step) for kind, name, step in steps if kind in only]:
             figures[f"peak RSS MiB: {name}"].add(step())
             log(f"[latency {r}/{rounds}] {name}: done, load {os.getloadavg()[0]:.2f}")
     return figures
@@ -319,7 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-loaded", action="store_true", help="skip the loaded runs")
     parser.add_argument("--no-idle", action="store_true",
                         help="skip the idle runs (each half fits one quiet window)")
+    parser.add_argument("--only", default=",".join(STEPS),
+                        help=f"comma-separated steps of a round, of {','.join(STEPS)} "
+                             "(e.g. --only run --rounds 10); the others are 'not measured'")
     args = parser.parse_args(argv)
+    only = frozenset(args.only.split(","))
+    if not only <= set(STEPS):
+        parser.error(f"--only: unknown step(s) {', '.join(sorted(only - set(STEPS)))}")
     if os.geteuid() != 0:
         print("python -m bench.latency: needs root (BPF tools)", file=sys.stderr)
         return 2
@@ -337,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         if (hogs and args.no_loaded) or (not hogs and args.no_idle):
             continue
         with busy_cpus(hogs):
-            out += table(title, measure(args.rounds, log)) + [""]
+            out += table(title, measure(args.rounds, log, only)) + [""]
     sys.stdout.write("\n".join(out) + "\n")
     return 0
 

@@ -19,6 +19,46 @@ class BenchError(RuntimeError):
     """A run that did not complete: reported in its table cell, never hidden."""
 
 
+def wait_attached(natrace: subprocess.Popen[str]) -> None:
+    """Read natrace's stderr until it says its probes are in place (a SystemExit with
+    its last line if it never does)."""
+    assert natrace.stderr
+    last = ""
+    for last in natrace.stderr:
+        if "attached to" in last:
+            return
+    raise SystemExit(f"natrace did not attach: {last.strip()}")
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def adopt_orphans() -> None:
+    """Become the reaper of our descendants' orphans, so reap_orphans() can wait for
+    them: natrace's detach helper outlives natrace, holding its probes until it exits."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap_orphans(timeout: float = 30.0) -> None:
+    """Wait until every child of ours has exited (a run's own are reaped already; what
+    is left was adopted). A tool's probes must be gone before the next tool's start:
+    bcc 0.26's attach_uprobe counts a garbage semaphore (0x6), and the kernel refuses
+    a probe on an instruction that another still-registered probe counts differently
+    (natrace's count none), so memleak-bpfcc failed right after a natrace run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+
+
 class LineReader:
     """Reads a stream on a thread; every line kept with its arrival time."""
 

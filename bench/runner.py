@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.procs import BenchError
+from bench.procs import BenchError, adopt_orphans, reap_orphans
 from bench.stats import Pair
 from bench.tools import Bare, Run, Tool
 from bench.workloads import Workload
@@ -17,12 +17,16 @@ Results = dict[str, dict[str, list[Pair]]]  # workload -> tool -> pairs
 
 def _once(tool: Tool, spec: Workload) -> Run:
     with tempfile.TemporaryDirectory(prefix="natrace-bench-") as scratch:
-        return tool.run(spec, Path(scratch))
+        try:
+            return tool.run(spec, Path(scratch))
+        finally:
+            reap_orphans()  # its probes gone before the next tool attaches
 
 
 def measure(specs: list[Workload], tools: list[Tool], rounds: int,
             log: Callable[[str], None]) -> Results:
     bare = Bare()
+    adopt_orphans()
     results: Results = {}
     for spec in specs:
         per_tool = results.setdefault(spec.name, {bare.name: []})

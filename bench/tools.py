@@ -225,12 +225,16 @@ class Floor(Attaching):
 
     env = {"PYTHONPATH": str(REPO)}
 
-    def __init__(self, free_at_zero: bool) -> None:
+    def __init__(self, free_at_zero: bool, syscalls: int = 0) -> None:
         self.free_at_zero = free_at_zero
-        self.name = "floor, free at +0" if free_at_zero else "empty-probe floor"
+        self.syscalls = syscalls  # empty programs on each raw_syscalls tracepoint
+        self.name = ("floor, free at +0" if free_at_zero else "empty-probe floor") + \
+            (" + raw_syscalls" if syscalls == 1 else f" + {syscalls}x raw_syscalls"
+             if syscalls else "")
 
     def command(self, pid: int, scratch: Path) -> list[str]:
-        cmd = [sys.executable, "-m", "bench.floor", "-p", str(pid)]
+        cmd = [sys.executable, "-m", "bench.floor", "-p", str(pid), "--syscalls",
+               str(self.syscalls)]
         return [*cmd, "--free-at-zero"] if self.free_at_zero else cmd
 
     def attached(self, tracer: Proc) -> float:
@@ -331,6 +335,8 @@ def all_tools() -> list[Tool]:
         Natrace("natrace full", []),
         # Same, stacks by frame pointers only: what the CFI walk costs per call.
         Natrace("natrace full (fp stacks)", ["--unwind", "fp"], needs_option="--unwind"),
+        # no triage: the memory syscalls from libc's syscall sites, no raw_syscalls program
+        Natrace("natrace full --no-triage", ["--no-triage"]),
         OtherCheckout(),
         Natrace("natrace sampled 512K", ["--sample", "512K"]),
         # production mode: natrace leaves the triage tracepoints out by itself
@@ -349,6 +355,7 @@ def all_tools() -> list[Tool]:
                 needs_option="--no-allocs"),
         Floor(free_at_zero=False),
         Floor(free_at_zero=True),
+        Floor(free_at_zero=False, syscalls=1),  # natrace's sys_enter/sys_exit pair
         Memleak(),
         Heaptrack(),
         Valgrind(),
