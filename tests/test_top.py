@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from allocfixtures import build_trees
 
-from tracer.engine.live import LiveDriver
+from tracer.engine.live import LiveDriver, LiveState
 from tracer.engine.session import Session, SessionOptions
 from tracer.probes import target as targets
 from tracer.recording import Recording
@@ -130,6 +130,40 @@ def test_a_process_tree_shows_each_function_once_with_its_sum() -> None:
         assert len(app.shown) == len({r.key for r in app.shown})
         [own] = [r for r in modules_table(app.state).rows if r.key == "forker"]
         assert own.cells[1:3] == ("8,608 B", "13")  # 4 x 1000 + 9 x 512 B
+    finally:
+        session.close()
+        target.terminate()
+
+
+class FailingDriver(LiveDriver):
+    """A driver whose second poll fails, standing for any failure in the driver thread."""
+
+    def next_state(self) -> LiveState | None:
+        if getattr(self, "_shown", False):
+            raise OSError(5, "Input/output error")
+        self._shown = True
+        return super().next_state()
+
+
+def test_a_failure_in_the_driver_thread_ends_the_app_as_its_crash(grower: Path) -> None:
+    """It used to kill only the thread: the view froze on its last state and `q` exited 0."""
+    target = targets.launch([str(grower)])
+    session = Session(target, SessionOptions())
+    try:
+        session.start()
+        app = TopApp(FailingDriver(session, 0.3), lambda _state, _what: "written")
+
+        async def wait_for_the_end() -> None:
+            async with app.run_test(size=(80, 24)) as pilot:
+                deadline = time.monotonic() + 60
+                while app.is_running and time.monotonic() < deadline:
+                    await pilot.pause(0.2)
+
+        asyncio.run(wait_for_the_end())
+        app.stop_driver()
+        assert isinstance(app.crash, OSError) and app.crash.errno == 5
+        assert app.state is not None  # the first state was shown: top saves it
+        assert app._thread is not None and not app._thread.is_alive()
     finally:
         session.close()
         target.terminate()

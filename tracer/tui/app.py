@@ -148,13 +148,22 @@ class TopApp(App[None]):
     def _drive(self) -> None:
         """The driver thread: poll, sample, post; ends when the driver stops. A stop
         signal (the terminal closed, SIGTERM) ends the app too: a top nobody can see or
-        quit must not keep the probes in place."""
+        quit must not keep the probes in place. So does a failure while polling or
+        sampling, taken as the app's crash: a frozen view that `q` leaves with 0 would
+        hide it."""
         assert self.driver is not None
-        while (state := self.driver.next_state()) is not None:
-            try:
-                self.post_message(StateReady(state))
-            except RuntimeError:  # the app's loop is gone
-                return
+        try:
+            while (state := self.driver.next_state()) is not None:
+                try:
+                    self.post_message(StateReady(state))
+                except RuntimeError:  # the app's loop is gone
+                    return
+        except Exception as error:  # run_tui returns it, top reports it in one line
+            if self.crash is None:
+                self.crash = error
+            with contextlib.suppress(RuntimeError):  # the app's loop may be gone
+                self.call_from_thread(self.exit)
+            return
         if self.driver.session.stop_requested is not None:
             with contextlib.suppress(RuntimeError):  # the app's loop may be gone
                 self.call_from_thread(self.exit)
