@@ -44,9 +44,8 @@ def adopt_orphans() -> None:
 def reap_orphans(timeout: float = 30.0) -> None:
     """Wait until every child of ours has exited (a run's own are reaped already; what
     is left was adopted). A tool's probes must be gone before the next tool's start:
-    bcc 0.26's attach_uprobe counts a garbage semaphore (0x6), and the kernel refuses
-    a probe on an instruction that another still-registered probe counts differently
-    (natrace's count none), so memleak-bpfcc failed right after a natrace run."""
+    a probe left in place would slow the next tool's runs (and stock memleak-bpfcc
+    cannot attach beside one: bench/memleak.py)."""
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -201,11 +201,12 @@ class Memleak(Attaching):
 
     name = "memleak-bpfcc"
     reports_leaks = True
-    env = {"PYTHONUNBUFFERED": "1"}
+    env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     _header = "stacks with outstanding allocations"
 
     def command(self, pid: int, scratch: Path) -> list[str]:
-        return ["memleak-bpfcc", "-p", str(pid), str(MEMLEAK_INTERVAL)]
+        # the stock script, with bcc's attach binding fixed (bench/memleak.py)
+        return [sys.executable, "-m", "bench.memleak", "-p", str(pid), str(MEMLEAK_INTERVAL)]
 
     def attached(self, tracer: Proc) -> float:
         t, _ = tracer.out.wait_for(self._header, 300)
