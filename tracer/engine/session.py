@@ -265,16 +265,19 @@ class Session:
             self.triage.modules_changed = False
         if changed or self.maps is None:
             self.probes.modules_changed = False
-            self._refresh_maps()
-            if changed and self.maps is not None and self.maps.gone:
-                self._note_maps_missed()
+            self._reread_maps(changed)
             if changed and self._past_gate():
                 self.handles.refresh(self.target)
 
+    def _reread_maps(self, code_mapped: bool) -> None:
+        """The maps read again; when the target mapped code and exited before natrace
+        could read them (an attached process is not held at its exit), the last maps
+        read are kept and the report says why frames in that code are missing."""
+        self._refresh_maps()
+        if code_mapped and self.maps is not None and self.maps.gone:
+            self._note_maps_missed()
+
     def _note_maps_missed(self) -> None:
-        """The target mapped code and exited before natrace could re-read its maps (an
-        attached process is not held at its exit): the last maps read are kept, and the
-        report says why frames in that code are missing."""
         note = (f"process {self.target.pid} exited before natrace could read its memory map "
                 "again: frames in code it mapped last (e.g. a library dlopen'ed just before "
                 "exiting) could not be named, and their bytes are charged to their nearest "
@@ -540,9 +543,7 @@ class Session:
         if not self.target.alive():  # the last mapping events may have come after the last poll
             self.probes.poll()
         changed = self.probes.modules_changed
-        self._refresh_maps()
-        if changed and self.maps is not None and self.maps.gone:
-            self._note_maps_missed()
+        self._reread_maps(changed)
         call_sites = self._call_sites_for(self.target.pid, self.maps)
         if not self.options.allocs:
             raw = []
