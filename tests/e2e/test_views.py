@@ -3,34 +3,76 @@ flamegraph format, and `natrace top` in batch mode."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import scenario
+from agenting import wait_for
 from conftest import Env
 from expect import check
 
 pytestmark = pytest.mark.bpf
 
 NATRACE = str(Path(sys.executable).with_name("natrace"))
-SECONDS = 10
+
+
+LONGEST = 600  # the app's own bound; the tests end it once natrace has seen enough
+LEAK_SNAPSHOTS = 10  # a growth sample precedes each snapshot: the suspect rule needs 5
+
+
+def snapshots_holding(rec: Path, function: str) -> int:
+    """Snapshots of a recording in progress in which `function`'s site holds bytes."""
+    if not rec.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{rec}?mode=ro", uri=True)) as db:
+            return int(db.execute(
+                "SELECT count(DISTINCT s.snapshot_id) FROM sites s JOIN stack_frames sf"
+                " ON sf.stack_id = s.stack_id AND sf.position = s.charge_index"
+                " JOIN frames f ON f.id = sf.frame_id WHERE f.symbol = ? AND s.bytes > 0",
+                (function,)).fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0  # busy (a snapshot is being written), or the schema not written yet
 
 
 @pytest.fixture(scope="module")
 def recorded(e2e: Env, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, scenario.Truth]:
-    rec = tmp_path_factory.mktemp("rec") / "app.natrace"
-    proc = subprocess.run(
-        [NATRACE, "record", "-o", str(rec), "--interval", "1s", "--",
-         *scenario.app_command(e2e.conninfo, SECONDS)],
-        env={**os.environ, "VAULT_ADDON": str(e2e.addon)}, capture_output=True, text=True,
-        timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    done = next(ln for ln in proc.stdout.splitlines() if ln.startswith("done "))
+    """The app recorded while it leaks, until LEAK_SNAPSHOTS snapshots hold the addon's
+    leak (a fixed run of seconds gave a loaded machine's slow snapshots too few growth
+    samples: no suspect), then stopped and left to exit."""
+    tmp = tmp_path_factory.mktemp("rec")
+    rec = tmp / "app.natrace"
+    with (tmp / "stderr").open("w") as err:
+        tracer = subprocess.Popen(
+            [NATRACE, "record", "-o", str(rec), "--interval", "1s", "--",
+             *scenario.app_command(e2e.conninfo, LONGEST, wait=True)],
+            env={**os.environ, "VAULT_ADDON": str(e2e.addon)}, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=err, text=True)
+    assert tracer.stdin is not None and tracer.stdout is not None
+    try:
+        assert tracer.stdout.readline().startswith("ready")
+        tracer.stdin.write("go\n")
+        tracer.stdin.flush()
+        wait_for(f"{LEAK_SNAPSHOTS} snapshots holding the addon's leak", lambda: (
+            True if snapshots_holding(rec, "vault_stash_blocks") >= LEAK_SNAPSHOTS else None),
+            patience=600)
+        tracer.stdin.write("stop\n")
+        tracer.stdin.flush()
+        done = tracer.stdout.readline()
+        assert done.startswith("done "), done
+        tracer.stdin.close()  # the app exits: the recording's last snapshot
+        assert tracer.wait(timeout=600) == 0, (tmp / "stderr").read_text()
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
     return rec, scenario.truth_from(done, e2e.libpq_per_call)
 
 
@@ -69,7 +111,9 @@ def test_every_flamegraph_format(recorded: tuple[Path, scenario.Truth], tmp_path
 
 
 def test_top_batch_marks_the_addon_leak(e2e: Env) -> None:
-    app = subprocess.Popen(scenario.app_command(e2e.conninfo, SECONDS, wait=True),
+    """The app leaks throughout top's 8 frames (ended only after them), so every frame's
+    growth sample sees the leak however long each takes on a loaded machine."""
+    app = subprocess.Popen(scenario.app_command(e2e.conninfo, LONGEST, wait=True),
                            env={**os.environ, "VAULT_ADDON": str(e2e.addon)},
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert app.stdin is not None and app.stdout is not None
@@ -82,7 +126,7 @@ def test_top_batch_marks_the_addon_leak(e2e: Env) -> None:
         assert "attached to PID" in top.stderr.readline()
         app.stdin.write("go\n")
         app.stdin.flush()
-        out, err = top.communicate(timeout=300)
+        out, err = top.communicate(timeout=600)
         assert top.returncode == 0, err
         last = out.split("\n\n")[-3:]
         frame = "\n".join(last)

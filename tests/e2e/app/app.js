@@ -10,7 +10,9 @@
 //
 // --wait: print "ready <pid>", wait for a line on stdin, run, print
 // "done <truth as JSON>", then wait for stdin to close (so natrace can attach first
-// and snapshot after). Without --wait: run, print the same line, exit.
+// and snapshot after); a second line ends the run at the next tick, before --seconds
+// (so a test can run it until natrace has seen enough, however slow the machine).
+// Without --wait: run, print the same line, exit.
 'use strict';
 const path = require('path');
 const readline = require('readline');
@@ -24,6 +26,7 @@ const argValue = (name, dflt) => {
 };
 const seconds = argValue('--seconds', 6);
 const wait = process.argv.includes('--wait');
+let stopping = false;  // --wait's second line
 
 const STASH_BLOCK = 4000;   // vault.c
 const KEEP_EVERY_TICKS = 25;
@@ -46,7 +49,7 @@ function serve(done) {
       truth.kept_results += vault.keepResults(conninfo, QUERIES, KEEP_EVERY);
       vault.contend(4, 40000);
     }
-    if (Date.now() < end) {
+    if (Date.now() < end && !stopping) {
       setTimeout(tick, 20);
     } else {
       client.end();
@@ -70,7 +73,10 @@ if (!wait) {
   const rl = readline.createInterface({ input: process.stdin });
   let started = false;
   rl.on('line', () => {
-    if (started) return;
+    if (started) {
+      stopping = true;
+      return;
+    }
     started = true;
     serve(finish);
   });
