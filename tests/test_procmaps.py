@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -91,9 +90,11 @@ def test_history_keeps_unmapped_and_prefers_newest() -> None:
 
 
 def test_live_maps_and_module_path() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    # read once it runs its own code: every mapping of its start-up is made by then
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('ok', flush=True); "
+                             "time.sleep(30)"], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.2)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ok"
         h = MapsHistory(proc.pid)
         exe = os.path.realpath(sys.executable)
         mine = [m for m in h.mappings if m.clean_path == exe]
