@@ -73,10 +73,11 @@ def test_arenas_counted_per_thread(args: tuple[str, ...], env: dict[str, str], h
         if not args:  # no heap has grown to 64 MiB: the simple shape check applies
             assert heaps_from_maps(proc.pid) == heaps
         assert all(h.start % (64 * MIB) == 0 and h.reserved == 64 * MIB for h in summary.heaps)
-        for _ in range(50):  # a thread's stack is named once it blocks in a system call
-            stacks = sum(1 for r in regions.read_smaps(proc.pid) if r.backing == "stack")
-            if stacks == 9:
-                break
+        # a thread's stack is named once it blocks in a system call (pause(), right after
+        # the barrier that lets main print ready): a loaded machine may run it seconds later
+        deadline = time.monotonic() + 60
+        while (stacks := sum(1 for r in regions.read_smaps(proc.pid) if r.backing == "stack")
+               ) != 9 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert stacks == 9  # main + 8 threads
 
