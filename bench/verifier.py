@@ -31,7 +31,7 @@ def _units(unwind: str) -> list[tuple[str, dict[str, int | str]]]:
     a, t, h = AllocOptions(), TriageOptions(), HandleOptions()
     events = "/sys/kernel/tracing/events"
     units: list[tuple[str, dict[str, int | str], type[ProbeSet]]] = [
-        ("alloc.bpf.c", {"SAMPLE_BYTES": 0, "MAX_ALLOCS": a.max_allocs,
+        ("alloc.bpf.c", {"SAMPLE_BYTES": 0, **a.table_defines(),
                          "MAX_STACKS": a.stack_map_size, "RINGBUF_PAGES": a.ringbuf_pages,
                          "TARGET_PAGE_SIZE": os.sysconf("SC_PAGE_SIZE")},
          AllocProbes),

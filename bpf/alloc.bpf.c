@@ -3,7 +3,7 @@
  * syscall instructions of libc's and the loader's wrappers.
  *
  * malloc/free run millions of times a second, so they are aggregated here, in
- * the kernel: outstanding blocks by address (allocs) and per-CPU per-stack
+ * the kernel: outstanding blocks by address (blocks) and per-CPU per-stack
  * counters (sites: each CPU adds to its own copy, so no call writes a cache line
  * another CPU writes; Python sums the copies). mmap/munmap/mremap/brk are rare enough to stream to Python,
  * which handles them as range operations (partial munmap, mremap).
@@ -16,7 +16,9 @@
  *                    otel_memory:alloc/free USDT probes are attached, each sampled
  *                    block recorded with the weight the process gave it
  *   TARGET_PAGE_SIZE what pvalloc rounds sizes up to
- *   MAX_ALLOCS, MAX_STACKS, STACK_DEPTH, RINGBUF_PAGES
+ *   BUCKET_BITS      log2 of the outstanding-block table's buckets (blocks)
+ *   MAX_SPILLS       blocks the spill hash (allocs) holds, for full buckets
+ *   MAX_STACKS, STACK_DEPTH, RINGBUF_PAGES
  */
 #include <uapi/linux/ptrace.h>
 #include "natrace.h"
@@ -50,7 +52,17 @@ struct capture_event {
 #define CONT_SITE_EVENT 2 /* tail_kp__2__site_event */
 #include "stacks.bpf.h"
 
-BPF_HASH(allocs, struct alloc_key, struct alloc_info, MAX_ALLOCS);
+/* Outstanding blocks by process and address: buckets of NATRACE_BUCKET_SLOTS in an array
+ * (natrace.h), each slot claimed and emptied by compare-and-swap on its key word. A
+ * BPF hash costs a block's malloc/free pair ~650 ns (the bucket and the element each a
+ * cache miss, a bucket lock, the freelist); a bucket is one line of keys and the
+ * block's own line. The blocks of a full bucket go to the `allocs` hash (spills:
+ * how many it holds, so that no other call looks there while it is empty). */
+#define BUCKETS (1 << BUCKET_BITS)
+BPF_F_TABLE("array", u32, struct alloc_bucket, blocks, BUCKETS, BPF_F_MMAPABLE);
+BPF_F_TABLE("hash", struct alloc_key, struct alloc_info, allocs, MAX_SPILLS,
+            BPF_F_NO_PREALLOC);
+BPF_ARRAY(spills, u64, 1);
 /* Allocated on insert: per-CPU values cost (CPUs x 64 B) per site, only for sites seen. */
 BPF_F_TABLE("percpu_hash", struct site_key, struct site_stats, sites, MAX_STACKS + 16,
             BPF_F_NO_PREALLOC);
@@ -128,19 +140,119 @@ static __always_inline u64 weight_blocks_fp(const struct alloc_info *info) {
     return 1ULL << NATRACE_BLOCK_SHIFT;
 }
 
+/* The bucket of block `addr` of process `tgid` and its key word there (natrace.h); 0
+ * when the key does not fit a word (an address at or above 2^48, a tgid of 23 bits or
+ * more): the block goes to the spill hash. A bucket is a 128-byte range of addresses
+ * (4 of glibc's smallest chunks, 8 of 16 bytes); the ranges of one 2^BUCKET_BITS-bucket
+ * stretch of the address space take consecutive buckets from a start hashed from the
+ * stretch and the process, so neighbouring blocks share table pages. */
+static __always_inline int block_slot(u32 tgid, u64 addr, u32 *bucket, u64 *word) {
+    if ((addr >> 48) || (tgid >> NATRACE_SLOT_TGID_BITS))
+        return 0;
+    u64 high = addr >> (7 + BUCKET_BITS);
+    u64 start = (((high << NATRACE_SLOT_TGID_BITS) | tgid) * 0x9E3779B97F4A7C15ULL) >>
+                (64 - BUCKET_BITS);
+    *bucket = (u32)(((addr >> 7) + start) & (BUCKETS - 1));
+    *word = (high << (NATRACE_SLOT_TGID_SHIFT + NATRACE_SLOT_TGID_BITS)) |
+            ((u64)tgid << NATRACE_SLOT_TGID_SHIFT) | (addr & 127);
+    return 1;
+}
+
+static __always_inline int spilled(void) {
+    int zero = 0;
+    u64 *n = spills.lookup(&zero);
+    return n && *n;
+}
+
+static __always_inline void count_spill(s64 n) {
+    int zero = 0;
+    u64 *c = spills.lookup(&zero);
+    if (c)
+        __sync_fetch_and_add(c, n);
+}
+
+/* The first slot of bucket `bk` whose key word is `w` (with 0: its first empty slot),
+ * or -1. */
+static __always_inline int bucket_slot(const struct alloc_bucket *bk, u64 w) {
+    int at = -1;
+#pragma unroll
+    for (int i = NATRACE_BUCKET_SLOTS - 1; i >= 0; i--) {
+        if (bk->key[i] == w)
+            at = i;
+    }
+    return at;
+}
+
+/* Take block (tgid, addr) out of the table into *info: 1 if it was there (0 also when
+ * another path took it first). */
+static __always_inline int take_block(u32 tgid, u64 addr, struct alloc_info *info) {
+    u32 b;
+    u64 w;
+    if (block_slot(tgid, addr, &b, &w)) {
+        struct alloc_bucket *bk = blocks.lookup(&b);
+        if (!bk)
+            return 0;
+        int i = bucket_slot(bk, w);
+        if (i >= 0) {
+            i &= NATRACE_BUCKET_SLOTS - 1;
+            *info = bk->info[i];
+            return __sync_val_compare_and_swap(&bk->key[i], w, 0) == w;
+        }
+    }
+    if (!spilled())
+        return 0;
+    struct alloc_key key = {.addr = addr, .tgid = tgid};
+    struct alloc_info *found = allocs.lookup(&key);
+    if (!found)
+        return 0;
+    *info = *found;
+    if (allocs.delete(&key) != 0)
+        return 0;
+    count_spill(-1);
+    return 1;
+}
+
+/* Put block (tgid, addr) in the table: 0, -EEXIST when it is there already, or the
+ * spill hash's error when the hash is full too. A slot is claimed as BUSY, written,
+ * then given its key (Python skips BUSY slots); a full bucket, or a slot another CPU
+ * claimed first, sends the block to the spill hash. */
+static __always_inline int put_block(u32 tgid, u64 addr, const struct alloc_info *info) {
+    struct alloc_key key = {.addr = addr, .tgid = tgid};
+    if (spilled() && allocs.lookup(&key))
+        return -EEXIST;
+    u32 b;
+    u64 w;
+    if (block_slot(tgid, addr, &b, &w)) {
+        struct alloc_bucket *bk = blocks.lookup(&b);
+        if (!bk)
+            return -ENOENT;
+        if (bucket_slot(bk, w) >= 0)
+            return -EEXIST;
+        int i = bucket_slot(bk, 0);
+        if (i >= 0) {
+            i &= NATRACE_BUCKET_SLOTS - 1;
+            if (__sync_val_compare_and_swap(&bk->key[i], 0, NATRACE_SLOT_BUSY) == 0) {
+                bk->info[i] = *info;
+                __sync_lock_test_and_set(&bk->key[i], w);   /* after the info */
+                return 0;
+            }
+        }
+    }
+    int err = allocs.insert(&key, info);
+    if (err == 0)
+        count_spill(1);
+    return err;
+}
+
 /* `st`: the releasing thread's entry state (NULL if it has none), or, with `find_st`,
  * found here once the block is (a free of a block natrace never saw, allocated before
  * it attached, pays no task-storage lookup): freeing the block the thread recorded
  * last makes that block a temporary allocation. */
 static __always_inline void release(u32 tgid, u64 addr, struct entry_state *st,
                                     int find_st) {
-    struct alloc_key key = {.addr = addr, .tgid = tgid};
-    struct alloc_info *found = allocs.lookup(&key);
-    if (!found)
+    struct alloc_info info;
+    if (!take_block(tgid, addr, &info))
         return;
-    struct alloc_info info = *found;
-    if (allocs.delete(&key) != 0)
-        return;   /* another path released it first */
     if (find_st)
         st = thread_state(0);
     int temporary = st && st->last == addr;
@@ -174,9 +286,7 @@ static __always_inline void record_block(struct stack_capture *cap) {
     info.ts_ns = cap->ev.ts_ns;
     info.stack_id = cap->stack_id;
     count_stack_error(info.stack_id);
-#ifdef USDT_SAMPLED
     info.weight = cap->ev.weight;
-#endif
 
     u32 tgid = bpf_get_current_pid_tgid() >> 32;   /* run by the allocating task */
     struct site_key sk = {.stack_id = info.stack_id, .tgid = tgid};
@@ -193,12 +303,11 @@ static __always_inline void record_block(struct stack_capture *cap) {
     }
     /* Insert-if-absent spares a lookup on every allocation; an address already
      * there was released by a path we don't see: drop the old record first. */
-    struct alloc_key key = {.addr = addr, .tgid = tgid};
-    int err = allocs.insert(&key, &info);
+    int err = put_block(tgid, addr, &info);
     if (err == -EEXIST) {
         release(tgid, addr, NULL, 0);
         count(NATRACE_CNT_STALE, 1);
-        err = allocs.insert(&key, &info);
+        err = put_block(tgid, addr, &info);
     }
     if (err != 0) {
         count(NATRACE_CNT_UNTRACKED, 1);

@@ -130,9 +130,23 @@ struct alloc_info {
     u64 ts_ns;
     s32 stack_id;   /* negative: -errno of the failed stack capture */
     u32 pad;
-#ifdef USDT_SAMPLED
     u64 weight;     /* sampled in the process: the probe's unbiased bytes estimate */
-#endif
+};
+
+/* Outstanding blocks (bpf/alloc.bpf.c's `blocks`): an array of buckets, each the blocks
+ * of one 128-byte range of addresses of one process (ranges spread over the buckets),
+ * read by Python through mmap. The bucket's keys share one cache line; a key word is
+ * 0 (empty), NATRACE_SLOT_BUSY (being written) or the block's tgid at
+ * NATRACE_SLOT_TGID_SHIFT, the address's bits the bucket does not tell around it
+ * (never 0 or BUSY: a tgid is never 0; they fit with 2^6 buckets or more). A block
+ * whose bucket is full goes to the `allocs` hash. */
+#define NATRACE_BUCKET_SLOTS 8
+#define NATRACE_SLOT_BUSY 1
+#define NATRACE_SLOT_TGID_SHIFT 7
+#define NATRACE_SLOT_TGID_BITS 22
+struct alloc_bucket {
+    u64 key[NATRACE_BUCKET_SLOTS];
+    struct alloc_info info[NATRACE_BUCKET_SLOTS];
 };
 
 /* Per call site (stack id), one copy per CPU (alloc.bpf.c's percpu_hash): a CPU

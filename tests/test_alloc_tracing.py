@@ -98,6 +98,21 @@ def test_jemalloc_preloaded_is_traced_exactly(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("preload", ["", JEMALLOC])
+def test_blocks_past_the_table_spill_and_stay_exact(preload: str, tmp_path: Path) -> None:
+    """--max-allocs 2048: a table of 1,024 slots (bpf/alloc.bpf.c's buckets) and a spill
+    hash of 1,024. leaky holds more than 1,024 blocks at once (churn's 1,024 live slots
+    above its earlier leaks, then leak_many's 1,000): the blocks past the table's slots
+    are spilled, found again at their frees, and every figure stays exact."""
+    report, code = run_json(tmp_path, "--max-allocs", "2048", "--", str(build().leaky),
+                            "--churn", "100000", "--many", "1000", preload=preload)
+    assert code == 0
+    sites = malloc_sites(report)
+    for function, expected in {**LEAKY_TRUTH, "leak_many": (1_000_000, 1_000)}.items():
+        assert sites.get(function) == expected, (function, sites)
+    assert not any(report["loss"].values()), report["loss"]
+
+
+@pytest.mark.parametrize("preload", ["", JEMALLOC])
 def test_cxx_new_is_charged_to_its_caller(preload: str, tmp_path: Path) -> None:
     """libstdc++'s new calls malloc; jemalloc's own new and delete bypass it."""
     report, code = run_json(tmp_path, "--", str(build().leaky_cpp), preload=preload)

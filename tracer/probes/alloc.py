@@ -9,11 +9,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import math
+import mmap
 import os
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from tracer.errors import TargetError
 from tracer.model.mappings import MappingTracker, Owner
@@ -54,6 +57,14 @@ class AllocOptions:
     # "auto": the process's own sampler when it has otel_memory probes, else uprobes on
     # the allocator; "exact": uprobes always; "in-process": the sampler or an error
     probes: str = "auto"
+
+    def table_defines(self) -> dict[str, int]:
+        """The outstanding-block table's size (bpf/alloc.bpf.c): max_allocs blocks, half
+        or more of them in the buckets (8 slots each, a power of two of them), the rest in
+        the spill hash that takes the blocks of full buckets."""
+        bits = max(6, (self.max_allocs // (2 * _BUCKET_SLOTS)).bit_length() - 1)  # 6: natrace.h
+        slots = _BUCKET_SLOTS << bits
+        return {"BUCKET_BITS": bits, "MAX_SPILLS": max(64, self.max_allocs - slots)}
 
 
 @dataclass(frozen=True)
@@ -124,7 +135,7 @@ class AllocProbes(ProbeSet):
         usdt, _inert = self._usdt(target)
         defines: dict[str, int | str] = {
             "SAMPLE_BYTES": 0 if usdt else self.options.sample_bytes,
-            "MAX_ALLOCS": self.options.max_allocs,
+            **self.options.table_defines(),
             "MAX_STACKS": self.options.stack_map_size,
             "RINGBUF_PAGES": self.options.ringbuf_pages,
             "TARGET_PAGE_SIZE": os.sysconf("SC_PAGE_SIZE"),
@@ -352,6 +363,12 @@ class AllocProbes(ProbeSet):
         and, from the call counts, the calls they counted (the report is of the last
         program, as the samplers' count, which starts afresh at the exec)."""
         self._set_aside(r for r in self.sites() if r.pid == pid)
+        for m, off, at in self._buckets():
+            for i in at:
+                if self._slot_tgid(_KEY.unpack_from(m, off + 8 * i)[0]) == pid:
+                    _KEY.pack_into(m, off + 8 * i, 0)  # stopped at its exec: nothing writes it
+        # the spilled ones with the hash's entries below (the kernel's count of them stays
+        # over: each call then looks in the hash, exact still)
         tables = [self._bpf[name] for name in ("allocs", "sites")]
         for table in tables:
             for key in [k for k, _v in map_items(table) if k.tgid == pid]:
@@ -476,10 +493,10 @@ class AllocProbes(ProbeSet):
         blocks at least `min_age` seconds old (allocations made stay all of them)."""
         cutoff = time.monotonic_ns() - int(min_age * 1e9)
         acc: dict[tuple[int, int], list[int]] = {}
-        for key, info in self._iter_allocs():
+        for tgid, info in self._iter_allocs():
             if info.ts_ns > cutoff:
                 continue
-            slot = acc.setdefault((key.tgid, info.stack_id), [0, 0, 0])
+            slot = acc.setdefault((tgid, info.stack_id), [0, 0, 0])
             slot[0] += self._weight_bytes(info)
             slot[1] += self._weight_blocks_fp(info)
             slot[2] += 1
@@ -490,8 +507,38 @@ class AllocProbes(ProbeSet):
                         else 0)
                 for r in self.sites()]
 
-    def _iter_allocs(self) -> Iterator[tuple[Any, Any]]:
-        return map_items(self._bpf["allocs"])
+    def _iter_allocs(self) -> Iterator[tuple[int, Any]]:
+        """(tgid, block) of every outstanding block: the table's, then the spilled."""
+        for m, off, at in self._buckets():
+            for i in at:
+                word = _KEY.unpack_from(m, off + 8 * i)[0]
+                info = _Block._make(_INFO.unpack_from(m, off + _INFO_AT + _INFO.size * i))
+                if word > _SLOT_BUSY and _KEY.unpack_from(m, off + 8 * i)[0] == word:
+                    yield self._slot_tgid(word), info  # not emptied or reclaimed meanwhile
+        for key, info in map_items(self._bpf["allocs"]):
+            yield key.tgid, info
+
+    def _buckets(self) -> Iterator[tuple[mmap.mmap, int, list[int]]]:
+        """The table (bpf/alloc.bpf.c's `blocks`) mapped a chunk of buckets at a time and
+        unmapped (natrace's RSS grows by one chunk, not the table): for each bucket with
+        blocks, the chunk (writable), the bucket's offset in it and its taken slots."""
+        table = self._bpf["blocks"]
+        size = ctypes.sizeof(table.Leaf)
+        count = len(table)
+        aligned = math.lcm(size, mmap.PAGESIZE) // size  # buckets to a page-aligned offset
+        per_chunk = max(1, _CHUNK // (size * aligned)) * aligned
+        bucket = struct.Struct(f"={_BUCKET_SLOTS}Q{size - 8 * _BUCKET_SLOTS}x")
+        for first in range(0, count, per_chunk):
+            n = min(per_chunk, count - first)
+            with mmap.mmap(table.map_fd, n * size, mmap.MAP_SHARED,
+                           mmap.PROT_READ | mmap.PROT_WRITE, offset=first * size) as m:
+                for b, keys in enumerate(bucket.iter_unpack(m)):
+                    at = [i for i, w in enumerate(keys) if w > _SLOT_BUSY]
+                    if at:
+                        yield m, b * size, at
+
+    def _slot_tgid(self, word: int) -> int:
+        return (word >> _TGID_SHIFT) & _TGID_MASK
 
     def _weight_bytes(self, info: Any) -> int:
         """The same weights as bpf/alloc.bpf.c's weight_bytes and weight_blocks_fp."""
@@ -527,6 +574,27 @@ class AllocProbes(ProbeSet):
                 calls["sampler_fired"] = sampler.sampled
         return loss, calls
 
+
+
+_HEADER = bpfprog.constants()
+_BUCKET_SLOTS = _HEADER["NATRACE_BUCKET_SLOTS"]
+_SLOT_BUSY = _HEADER["NATRACE_SLOT_BUSY"]
+_TGID_SHIFT = _HEADER["NATRACE_SLOT_TGID_SHIFT"]
+_TGID_MASK = (1 << _HEADER["NATRACE_SLOT_TGID_BITS"]) - 1
+_KEY = struct.Struct("=Q")
+_INFO = struct.Struct("=QQiIQ")  # natrace.h's struct alloc_info
+_INFO_AT = 8 * _BUCKET_SLOTS  # its offset in a bucket, after the keys
+_CHUNK = 4 << 20  # bytes of the table mapped at a time, a multiple of the page size
+
+
+class _Block(NamedTuple):
+    """An outstanding block as the table holds it (natrace.h's alloc_info)."""
+
+    size: int
+    ts_ns: int
+    stack_id: int
+    pad: int
+    weight: int
 
 
 def entry_probe_offset(ep: EntryPoint) -> int:
