@@ -99,7 +99,7 @@ class AllocatorBooks:
         return self.readable and not self.torn and not self.unwalked
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the memory watch keeps up to 512 of them
 class BooksReading:
     """One reading of the books, for the timeline a leak verdict needs."""
 

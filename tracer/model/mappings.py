@@ -28,7 +28,7 @@ class Owner:
     allocator_internal: bool
 
 
-@dataclass
+@dataclass(slots=True)  # slots: one per live mapping and heap piece, for the whole trace
 class _Range:
     start: int
     end: int
@@ -62,13 +62,21 @@ class MappingTracker:
         self._insert(_Range(new, new_end, owners[0]))
 
     def brk(self, new_break: int, owner: Owner) -> None:
-        """A new program break: growth is charged to `owner`, shrinking releases the top."""
+        """A new program break: growth is charged to `owner`, shrinking releases the top.
+        Growth right above a range of the same owner extends it: a heap that grows
+        by thousands of sbrk calls (a leaking process) is a few ranges, not one
+        object per call, so natrace's memory stays flat while the target's grows."""
         old = self._brk
         self._brk = new_break
         if old is None or new_break == old:
             return
         if new_break > old:
-            self._insert(_Range(old, new_break, owner))
+            i = bisect.bisect_left(self._starts, old)
+            below = self._ranges[i - 1] if i else None
+            if below is not None and below.end == old and below.owner == owner:
+                below.end = new_break
+            else:
+                self._insert(_Range(old, new_break, owner))
         else:
             self._remove(new_break, old)
 

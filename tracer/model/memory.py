@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from tracer.model.books import AllocatorBooks, BooksReading, RssSplit, Verdict
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a timeline keeps up to 2048 of them
 class MemorySample:
     """One reading of the process's memory counters (bytes; uss/pss/swap None when the
     kernel would not say)."""
