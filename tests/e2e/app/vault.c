@@ -14,6 +14,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define STASH_BLOCK 4000
 #define VAULT_QUERY "SELECT g, repeat('x', 200) FROM generate_series(1, 20) AS g"
@@ -58,6 +59,11 @@ __attribute__((noinline)) static void vault_locked_work(long rounds) {
         pthread_mutex_lock(&vault_lock);
         for (int k = 0; k < 2000; k++)   /* a long critical section: real contention */
             shared_counter++;
+        if (i % 4000 == 0) {   /* and a 1 ms hold now and then: the others wait for certain,
+                                  however a busy machine schedules the threads */
+            struct timespec ms = {0, 1000000};
+            nanosleep(&ms, NULL);
+        }
         pthread_mutex_unlock(&vault_lock);
     }
 }
