@@ -7,7 +7,7 @@ the leak it reports must equal the workload's own count. Not a CI test (it takes
 minutes): run it by hand and note the result in bench/RESULTS.md. $NATRACE_OTHER (another
 checkout's natrace) soaks that one instead, e.g. main before a change.
 
-    python -m bench.soak [--minutes 10] [--pairs N] [--every 30]
+    python -m bench.soak [--minutes 10] [--pairs N] [--every 30] [--leak-every 1000]
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ def _sample_rss(pid: int, every: float, out: list[tuple[float, float]],
             return
 
 
-def soak(minutes: float, pairs: int | None, every: float = 30.0) -> dict[str, Any]:
+def soak(minutes: float, pairs: int | None, every: float = 30.0,
+         leak_every: int = 1000) -> dict[str, Any]:
     pairs = pairs or int(minutes * 60 * PAIRS_PER_SECOND)
-    leaks = pairs // 1000
+    leaks = pairs // leak_every
     workload = subprocess.Popen([str(build() / "malloc_heavy"), str(pairs), str(leaks)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert workload.stdin is not None and workload.stdout is not None
@@ -103,8 +104,11 @@ def main() -> int:
                         help="malloc/free pairs (default: sized from --minutes)")
     parser.add_argument("--every", type=float, default=30.0,
                         help="seconds between readings of natrace's VmRSS")
+    parser.add_argument("--leak-every", type=int, default=1000,
+                        help="pairs per leaked block (fewer: the target's heap grows and "
+                             "fragments faster, as at full speed on a quiet machine)")
     args = parser.parse_args()
-    result = soak(args.minutes, args.pairs, args.every)
+    result = soak(args.minutes, args.pairs, args.every, args.leak_every)
     print(json.dumps(result, indent=2))
     exact = (result["leak_blocks_reported"] == result["leak_blocks_true"]
              and result["leak_bytes_reported"] == result["leak_bytes_true"])
