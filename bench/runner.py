@@ -31,7 +31,9 @@ def measure(specs: list[Workload], tools: list[Tool], rounds: int,
     for spec in specs:
         per_tool = results.setdefault(spec.name, {bare.name: []})
         for r in range(1, rounds + 1):
-            for tool in tools:
+            # every other round in reverse order (A B C, C B A, ...): a drift of the
+            # machine over a round weighs on no tool more than another
+            for tool in tools if r % 2 else tools[::-1]:
                 if not tool.applies(spec) or tool.unavailable():
                     continue
                 pair = Pair(None, None)

@@ -86,6 +86,31 @@ def summarize(pairs: list[Pair]) -> Summary | None:
     )
 
 
+def per_call(pair: Pair, on_cpu: bool = False) -> float | None:
+    """The tool's cost per call in one round: (traced - bare) / calls, of the hot phase's
+    wall clock or (`on_cpu`) of the workload's own CPU; None if the round failed or the
+    workload does not report its CPU."""
+    b, t = pair.bare, pair.traced
+    if not b or not t or not t.calls:
+        return None
+    if on_cpu:
+        return (_cpu(t) - _cpu(b)) / t.calls if _cpu(t) and _cpu(b) else None
+    return (t.hot_ns - b.hot_ns) / t.calls
+
+
+def per_call_ratios(tool: list[Pair], base: list[Pair], on_cpu: bool = False) -> list[float]:
+    """Round by round, the tool's cost per call over the base tool's in the same round
+    (the rounds interleave the two, so a slow drift of the machine cancels out)."""
+    if len(tool) != len(base):
+        return []
+    ratios = []
+    for t, b in zip(tool, base, strict=True):
+        num, den = per_call(t, on_cpu), per_call(b, on_cpu)
+        if num is not None and den is not None and num > 0 and den > 0:
+            ratios.append(num / den)
+    return ratios
+
+
 def _cpu(run: Run) -> int:
     """The workload's own CPU ns during its hot phase (0: it does not say)."""
     return int(run.fields.get("cpu_ns", 0))

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from bench.report import _interval_check
-from bench.stats import Pair, ratio_interval, summarize
+from bench.report import _interval_check, per_call_check
+from bench.stats import Pair, per_call_ratios, ratio_interval, summarize
 from bench.tools import Run
 
 
@@ -51,3 +51,25 @@ def test_the_target_cpu_decides_when_the_workload_reports_it() -> None:
     row = _interval_check("sqlite: sampler dormant",
                           summarize(_pairs(wall, [1.002, 1.004, 1.001, 1.003, 1.002])), 1.01)
     assert "| CPU 1.002× (" in row and "; wall " in row and row.endswith("| met |"), row
+
+
+def _per_call_pairs(ns: list[float], calls: int = 1000) -> list[Pair]:
+    """Rounds whose tool costs these ns per call over a bare hot phase of 1 s."""
+    return [Pair(Run(10**9, calls), Run(10**9 + round(n * calls), calls)) for n in ns]
+
+
+def test_per_call_is_judged_round_by_round_against_its_base() -> None:
+    """Round r's ns/call over the base's in round r: a drift that moves both alike
+    (here 1,000 -> 1,500 ns for the base) leaves the ratio alone."""
+    base = _per_call_pairs([1000, 1200, 1500, 1100, 1300])
+    tool = _per_call_pairs([1100, 1320, 1650, 1210, 1430])
+    assert per_call_ratios(tool, base) == pytest.approx([1.1] * 5)
+    row = per_call_check("malloc: full / floor", tool, base, 1.2)
+    assert "**1.10×** median of 5 rounds (spread 1.10–1.10" in row, row
+    assert row.endswith("| 1.20× | met |"), row
+    over = _per_call_pairs([1300, 1560, 1950, 1430, 1690])
+    assert per_call_check("x", over, base, 1.2).endswith("| missed by 1.08× |")
+    scattered = _per_call_pairs([1000, 1560, 1500, 1430, 1300])
+    assert per_call_check("x", scattered, base, 1.2).endswith(
+        "| not resolved: the interval straddles the limit |")
+    assert per_call_check("x", tool, base[:4], 1.2).endswith("| not measured |")
