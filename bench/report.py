@@ -182,7 +182,8 @@ def per_call_check(label: str, tool: list[Pair], base: list[Pair], limit: float)
     elif low > limit:
         verdict = f"missed by {mean / limit:.2f}×"
     else:
-        verdict = "not resolved: the interval straddles the limit"
+        side = "within" if statistics.median(wall) <= limit else "past"
+        verdict = f"not resolved: the interval straddles the limit (median {side} it)"
     return f"| {label} | {shown} | {limit:.2f}× | {verdict} |"
 
 

@@ -71,5 +71,5 @@ def test_per_call_is_judged_round_by_round_against_its_base() -> None:
     assert per_call_check("x", over, base, 1.2).endswith("| missed by 1.08× |")
     scattered = _per_call_pairs([1000, 1560, 1500, 1430, 1300])
     assert per_call_check("x", scattered, base, 1.2).endswith(
-        "| not resolved: the interval straddles the limit |")
+        "| not resolved: the interval straddles the limit (median within it) |")
     assert per_call_check("x", tool, base[:4], 1.2).endswith("| not measured |")
