@@ -334,11 +334,12 @@ static __always_inline void record_block(struct stack_capture *cap) {
 #endif
 }
 
-/* `weight`: the process's own estimate (USDT_SAMPLED), else unused. The block is
- * recorded once its stack is taken: here if the stack-id cache has it, else by
- * record_block's continuation after the walk (stacks.bpf.h). */
+/* `weight`: the process's own estimate (USDT_SAMPLED), else unused; `unwind`: the
+ * process's unwind slot. The block is recorded once its stack is taken: here if the
+ * stack-id cache has it, else by record_block's continuation after the walk
+ * (stacks.bpf.h). */
 static __always_inline void record(struct pt_regs *ctx, u64 addr, u64 size, u64 caller,
-                                   u64 weight) {
+                                   u64 weight, u32 unwind) {
     count(NATRACE_CNT_ALLOC_CALLS, 1);
 #if SAMPLE_BYTES > 0
     if (size < SAMPLE_BYTES && (bpf_get_prandom_u32() % SAMPLE_BYTES) >= size) {
@@ -346,7 +347,7 @@ static __always_inline void record(struct pt_regs *ctx, u64 addr, u64 size, u64 
         return;
     }
 #endif
-    struct stack_capture *cap = capture_begin(CONT_RECORD, caller);
+    struct stack_capture *cap = capture_begin(CONT_RECORD, caller, unwind);
     if (cap) {
         cap->ev.addr = addr;
         cap->ev.size = size;
@@ -379,8 +380,9 @@ int tail_kp__1__record_block(struct pt_regs *ctx) {
  * (A program of its own: verified apart from alloc_return's record().) */
 int otel_alloc(struct pt_regs *ctx) {
     u64 ptr = PT_REGS_PARM1(ctx), size = PT_REGS_PARM2(ctx), weight = PT_REGS_PARM3(ctx);
-    if (is_armed() && ptr && weight)
-        record(ctx, ptr, size, 0, weight);
+    struct natrace_proc *p = armed_proc();
+    if (p && ptr && weight)
+        record(ctx, ptr, size, 0, weight, p->unwind);
     return 0;
 }
 #endif
@@ -427,18 +429,23 @@ static __always_inline int wrapper_live(struct entry_state *st, u64 sp) {
 
 /* The state of the current thread if its process is armed, else NULL. While the
  * targets' generation has not moved since the thread saw its process armed, that still
- * holds: the `targets` lookup is spared (the thread state is found without a hash). */
+ * holds, and so does the process's unwind slot kept beside it (Python moves the
+ * generation when it gives a process another slot): the `targets` lookup is spared
+ * (the thread state is found without a hash). */
 static __always_inline struct entry_state *armed_thread(void) {
     u64 gen = targets_generation();
     struct entry_state *st = thread_state(0);
     if (st && st->armed_gen == gen)
         return st;
-    if (!armed_proc())
+    struct natrace_proc *p = armed_proc();
+    if (!p)
         return NULL;
     if (!st)
         st = thread_state(1);
-    if (st)
+    if (st) {
         st->armed_gen = gen;   /* read before the lookup: a change since moves it on */
+        st->unwind = p->unwind;
+    }
     return st;
 }
 
@@ -573,7 +580,7 @@ int alloc_return(struct pt_regs *ctx) {
     }
     if (block) {
         st->last = block;   /* a free of it before it is recorded finds nothing */
-        record(ctx, block, size, caller, 0);
+        record(ctx, block, size, caller, 0, st->unwind);
     }
     return 0;
 }
@@ -617,8 +624,10 @@ static __always_inline int born(long ret) {
     struct natrace_proc *parent = targets.lookup(&f->parent);
     if (!parent || !parent->armed)
         return 0;
+    /* its mappings are its parent's: so is its unwind table, until natrace gives it
+     * its own slot at this stop */
     struct natrace_proc child = {.armed = 1, .stop = NATRACE_STOP_FORK, .parent = f->parent,
-                                .follow = 1};
+                                .follow = 1, .unwind = parent->unwind};
     if (targets.insert(&tgid, &child) != 0)
         return 0;   /* no room: named in the report as not traced */
     f->traced = 1;
@@ -719,6 +728,22 @@ static __always_inline void emit_mem_event(const struct mem_event *e) {
     mem_events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 }
 
+/* A followed child mapped code: it stops (before running any of it) until natrace has
+ * put that code's rows in its unwind table (tracer/engine/session.py), as a launched
+ * target does (target.bpf.h). Not while another stop is pending, nor once natrace is
+ * detaching (it turns follow_children off first). */
+static __always_inline void stop_child_for_unwind_rows(struct natrace_proc *p) {
+#ifdef UNWIND_CFI
+    int zero = 0;
+    u32 *on = follow_children.lookup(&zero);
+    if (!on || !*on || p->stop)
+        return;
+    p->stop = NATRACE_STOP_CODE;
+    bpf_send_signal(19 /* SIGSTOP */);
+    wake_natrace();
+#endif
+}
+
 /* The event of a memory syscall that returned `ret`, with the stack of the thread at
  * its return (mmap and brk): from raw_syscalls' sys_exit, or (`site`) from a uprobe
  * just past the syscall instruction in libc's or the loader's wrapper, where the
@@ -741,8 +766,12 @@ static __always_inline int mem_event(void *ctx, struct natrace_proc *p, u32 kind
         e.addr = ret;
         e.len = a->a1;
         stack = a->flags & NATRACE_EVF_ANON;
-        if ((a->flags & NATRACE_EVF_EXEC) && !(a->flags & NATRACE_EVF_ANON) && !p->parent)
-            stop_for_unwind_rows();   /* the table is of the launched process's code */
+        if ((a->flags & NATRACE_EVF_EXEC) && !(a->flags & NATRACE_EVF_ANON)) {
+            if (!p->parent)
+                stop_for_unwind_rows();   /* the launched process's new code */
+            else
+                stop_child_for_unwind_rows(p);
+        }
         break;
     case NATRACE_EV_MUNMAP:
         e.addr = a->a0;
@@ -760,7 +789,8 @@ static __always_inline int mem_event(void *ctx, struct natrace_proc *p, u32 kind
         break;
     }
     if (stack) {
-        struct stack_capture *cap = capture_begin(site ? CONT_SITE_EVENT : CONT_MEM_EVENT, 0);
+        struct stack_capture *cap = capture_begin(site ? CONT_SITE_EVENT : CONT_MEM_EVENT, 0,
+                                                  p->unwind);
         if (cap) {
             cap->ev.mem = e;
             if (site)

@@ -130,7 +130,7 @@ static __always_inline int create_return(struct pt_regs *ctx, u32 pair) {
         forget(&key, ps);   /* its destroy went through a path natrace does not see */
         __sync_fetch_and_add(&ps->stale, 1);
     }
-    struct stack_capture *cap = capture_begin(CONT_CREATED, 0);
+    struct stack_capture *cap = capture_begin(CONT_CREATED, 0, unwind_slot());
     if (!cap) {
         __sync_fetch_and_add(&ps->untracked, 1);
         return 0;

@@ -18,16 +18,24 @@ struct natrace_stack {
 
 /* ---- unwinding without frame pointers (bpf/stacks.bpf.h, tracer/probes/unwinding.py) ----
  *
- * One table for the whole target: rows sorted by runtime address, each saying how to
- * step from a frame at or above its address to the caller's, until the next row. An
+ * One table per traced address space: rows sorted by runtime address, each saying how
+ * to step from a frame at or above its address to the caller's, until the next row. An
  * object without frame pointers contributes its CFI rows (tracer/symbols/cfi.py),
  * one with frame pointers (or JIT code) a single FP row; each executable mapping ends
- * with a NO_MAPPING row. Python fills the idle half of the table, then points
- * unwind_conf at it. The probe sets of one session share one table (one program's maps). */
+ * with a NO_MAPPING row. Every process's table is a segment of the one unwind_rows
+ * array, handed out by Python; a process's unwind_conf slot (natrace_proc.unwind)
+ * says where its segment is. A rewrite goes to a fresh segment, then the slot points
+ * at it: a walk never reads a half-written table. A forked child's slot points at its
+ * parent's segment until its mappings differ. The probe sets of one session share
+ * the table (one program's maps). */
 #define NATRACE_UNWIND_STEPS 19        /* binary-search steps over ... */
-#define NATRACE_UNWIND_ROWS 524288     /* ... the rows of each half: 1 << NATRACE_UNWIND_STEPS
-                                          (8 MiB; python3.11 with libpq and its TLS stack
-                                          needs ~260k, libc 28k, libcrypto 86k) */
+#define NATRACE_UNWIND_ROWS 524288     /* ... the rows of one process's segment at most:
+                                          1 << NATRACE_UNWIND_STEPS (python3.11 with libpq
+                                          and its TLS stack needs ~260k, libc 28k,
+                                          libcrypto 86k) */
+#define NATRACE_UNWIND_TABLE 1048576   /* rows of all segments: 2 x NATRACE_UNWIND_ROWS (16 MiB) */
+#define NATRACE_UNWIND_SLOTS 1024      /* unwind_conf's entries: one per traced process
+                                          (NATRACE_MAX_PROCS) */
 
 /* How a row finds the canonical frame address (CFA); the return address is at CFA-8. */
 #define NATRACE_CFA_NONE 0          /* no unwind information covers this address */
@@ -51,9 +59,10 @@ struct unwind_row {
 };
 
 struct unwind_conf {
-    u32 base;       /* the half in use starts at this index of unwind_rows */
-    u32 count;      /* its rows */
-    u32 gen;        /* bumped by every rewrite: stacks.bpf.h's cache keeps walks per table */
+    u32 base;       /* the process's segment starts at this index of unwind_rows */
+    u32 count;      /* its rows (0: none, frame pointers) */
+    u32 gen;        /* a new one for every segment written (one counter for all slots):
+                       stacks.bpf.h's cache keeps walks per table */
     u32 pad;
 };
 
@@ -193,7 +202,8 @@ struct entry_state {
     u64 armed_gen;    /* the targets' generation at which its process was seen armed
                          (bpf/target.bpf.h's targets_generation; 0: not seen) */
     u32 depth;
-    u32 kind;
+    u16 kind;
+    u16 unwind;       /* its process's unwind slot (natrace_proc.unwind), read with armed_gen */
 };
 
 /* A traced process (bpf/target.bpf.h's `targets`, by tgid). */
@@ -204,12 +214,15 @@ struct natrace_proc {
     u32 stop;         /* NATRACE_STOP_*: why it last stopped itself for natrace (0: none) */
     u32 parent;       /* the traced process that forked it; 0: the one natrace was given */
     u32 follow;       /* 1: it stops at exec for natrace to follow it; 0: an exec ends it */
-    u32 pad;
+    u32 unwind;       /* its slot in unwind_conf (bpf/stacks.bpf.h): 0 for the process
+                         natrace was given; a forked child's starts as its parent's, and
+                         tracer/probes/unwinding.py gives it its own at its fork stop */
 };
 #define NATRACE_MAX_PROCS 1024
 #define NATRACE_STOP_FORK 1   /* a child just born, before its first instruction */
 #define NATRACE_STOP_EXEC 2   /* exec'd another program, before its first instruction */
 #define NATRACE_STOP_EXIT 3   /* in _Exit: its address space is still there */
+#define NATRACE_STOP_CODE 4   /* a followed child mapped code: its unwind rows are loaded */
 
 /* A process (or thread, dropped when it exits) the target forked: natrace follows one
  * process, and names those it does not trace, exited or not. */

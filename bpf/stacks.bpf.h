@@ -10,7 +10,8 @@
  * Frames come from the kernel's frame-pointer walk (bpf_get_stack), or, with
  * UNWIND_CFI defined, from natrace's own walk: CFI rows (tracer/symbols/cfi.py) for
  * objects whose code keeps no frame pointers, rbp for the others and for JIT code,
- * each frame's object found in the target's executable mappings. Whatever the walk
+ * each frame's object found in its process's executable mappings (each traced process
+ * has a table of its own: unwind_conf's slot natrace_proc.unwind). Whatever the walk
  * cannot follow ends the stack, the reason kept in the stack and counted: nothing
  * is guessed.
  *
@@ -101,6 +102,8 @@ struct stack_capture {
     u32 cont;           /* the continuation's slot */
     s32 stack_id;       /* the result, for the continuation */
     u32 flags;          /* CAPTURE_* */
+    u32 slot;           /* the process's unwind_conf slot (natrace_proc.unwind) */
+    u32 pad;
     u64 bp_word_at;     /* where the bp in use was read, if CAPTURE_BP_READ */
     struct stack_words words;   /* what the walk used, for the cache */
     u64 scratch[STACK_CACHE_SPAN / 8];   /* the cache's re-read */
@@ -123,8 +126,10 @@ static __always_inline void stack_drop(void) {
 
 /* This CPU's capture slot, for a capture site to fill; NULL if there is none. The
  * site then calls tail_kp/tail_tp.call(ctx, STACK_WALK) and, if that returns (no walk
- * program: natrace is detaching), stack_drop(). */
-static __always_inline struct stack_capture *capture_begin(u32 cont, u64 caller) {
+ * program: natrace is detaching), stack_drop(). `unwind`: the current process's
+ * unwind_conf slot (natrace_proc.unwind, which the site has looked up or cached). */
+static __always_inline struct stack_capture *capture_begin(u32 cont, u64 caller,
+                                                           u32 unwind) {
     int zero = 0;
     struct stack_capture *cap = stack_capture.lookup(&zero);
     if (!cap)
@@ -135,6 +140,7 @@ static __always_inline struct stack_capture *capture_begin(u32 cont, u64 caller)
     cap->n = 0;
     cap->stack_id = -EFAULT;
     cap->flags = 0;
+    cap->slot = unwind;
     return cap;
 }
 
@@ -163,8 +169,9 @@ static __always_inline struct stack_capture *capture_resume(void) {
 #endif
 
 #ifdef UNWIND_CFI
-BPF_ARRAY(unwind_conf, struct unwind_conf, 1);
-BPF_ARRAY(unwind_rows, struct unwind_row, 2 * NATRACE_UNWIND_ROWS);
+/* Each traced process's table: a segment of unwind_rows, by its slot. */
+BPF_ARRAY(unwind_conf, struct unwind_conf, NATRACE_UNWIND_SLOTS);
+BPF_ARRAY(unwind_rows, struct unwind_row, NATRACE_UNWIND_TABLE);
 
 #ifndef UNWIND_DEPTH
 #define UNWIND_DEPTH NATRACE_STACK_DEPTH
@@ -360,10 +367,10 @@ static __always_inline void words_use_bp(struct stack_capture *cap, u64 bp) {
     }
 }
 
-/* The walk's first run: its registers, the table in force. 0: no table. */
+/* The walk's first run: its registers, its process's table in force. 0: no table. */
 static __always_inline int unwind_start(struct stack_capture *cap, const struct unwind_regs *r) {
-    int zero = 0;
-    struct unwind_conf *confp = unwind_conf.lookup(&zero);
+    u32 slot = cap->slot;
+    struct unwind_conf *confp = unwind_conf.lookup(&slot);
     if (!confp)
         return 0;
     cap->conf = *confp;
@@ -423,7 +430,8 @@ static __always_inline int unwind_chunk(struct stack_capture *cap, const u32 chu
         /* Every frame's pc is a return address (frame 0: the uretprobe's, or the
          * instruction after a syscall) and may lie just past a noreturn call: the row
          * of the call instruction itself is the one in force. Code outside the table's
-         * mappings (mapped since it was loaded: a dlopen a moment ago) is walked by
+         * mappings (mapped since it was loaded: an attached process's dlopen a moment
+         * ago) is walked by
          * frame pointers; if that fails, the end is counted as "no mapping", and
          * Python keeps no frame that does not follow a call instruction. */
         /* i < UNWIND_DEPTH <= 127 here, but clang turns the index into a pointer

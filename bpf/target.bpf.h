@@ -58,6 +58,17 @@ static __always_inline int is_armed(void) {
     return armed_proc() != NULL;
 }
 
+/* The current process's unwind slot (natrace_proc.unwind: its table in stacks.bpf.h's
+ * unwind_conf), for a capture site that has not looked its process up. */
+static __always_inline u32 unwind_slot(void) {
+#ifdef UNWIND_CFI
+    struct natrace_proc *p = target_proc(bpf_get_current_pid_tgid());
+    return p ? p->unwind : 0;
+#else
+    return 0;   /* the kernel's frame-pointer walk: no table */
+#endif
+}
+
 /* The targets' generation: it moves whenever any traced process's `armed` changes, so
  * a thread can keep "my process was armed at generation G" and skip the `targets`
  * lookup while G holds (alloc.bpf.c's allocator entries). Two counters, each written

@@ -63,7 +63,7 @@ static __always_inline void count(u32 which, u64 n) {
 /* The capture slot for an event whose stack is to be taken (stacks.bpf.h: CFI-unwound
  * through libc unless --unwind fp); NULL, counted, if there is none. */
 static __always_inline struct stack_capture *capture(u32 cont) {
-    struct stack_capture *cap = capture_begin(cont, 0);
+    struct stack_capture *cap = capture_begin(cont, 0, unwind_slot());
     if (!cap)
         count(NATRACE_TC_STACK_LOST, 1);
     return cap;

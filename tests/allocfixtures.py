@@ -83,6 +83,7 @@ class NoFp:
     libfp: Path     # a library with frame pointers calling back into chain
     nesting: Path   # leaks from functions inlined into their callers (test_inlined.py)
     twochains: Path  # one site, caller chains with the same registers (stack-id cache)
+    childleak: Path  # run as a followed child: exec'd by a shell, or forked (no exec)
 
 
 @functools.cache
@@ -102,8 +103,10 @@ def build_nofp() -> NoFp:
     _run("gcc", *nofp, "-shared", "-fPIC", "-o", b / "libtwochains.so", src / "libtwochains.c")
     _run("gcc", *nofp, "-o", b / "twochains", src / "twochains.c", f"-L{b}", "-ltwochains",
          f"-Wl,-rpath,{b}")
+    _run("gcc", *nofp, "-shared", "-fPIC", "-o", b / "libchildplug.so", src / "libchildplug.c")
+    _run("gcc", *nofp, "-o", b / "childleak", src / "childleak.c")
     return NoFp(b / "chain", b / "containers", b / "libnofp.so", b / "libfp.so", b / "nesting",
-                b / "twochains")
+                b / "twochains", b / "childleak")
 
 
 @dataclass(frozen=True)

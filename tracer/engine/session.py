@@ -308,11 +308,20 @@ class Session:
                 return
         else:
             self.maps.refresh()
-        for child in self.children.values():
+        for pid, child in self.children.items():
             if child.maps is not None and not child.exited:
                 child.maps.refresh()
+                self._child_rows(pid, child)
         for probes in self._probe_sets():
             probes.update_unwind(self.maps)
+
+    def _child_rows(self, pid: int, child: Child) -> None:
+        """A child's unwind table brought up to its maps just read; freed once it is
+        gone."""
+        if child.maps is None or child.maps.gone:
+            self.probes.forget_unwind(pid)
+        else:
+            self.probes.update_unwind(child.maps)
 
     def _probe_sets(self) -> list[ProbeSet]:
         return [p for p in (self.probes, self.triage, self.handles) if p is not None]
@@ -337,8 +346,9 @@ class Session:
 
     def _tend_children(self) -> None:
         """Children stop themselves for natrace (bpf/alloc.bpf.c, target.bpf.h): at
-        birth (probe them), at exec (follow them into the new program) and in _Exit (read
-        their maps while they exist). Do what each stop is for, then resume it."""
+        birth (probe them), at exec (follow them into the new program), at each code
+        mapping (its unwind rows) and in _Exit (read their maps while they exist). Do
+        what each stop is for, then resume it."""
         c = bpfprog.constants()
         for pid, proc in self.probes.procs().items():
             if pid == self.target.pid or not proc.stop:
@@ -350,6 +360,7 @@ class Session:
                 if not child.target.alive():  # killed before natrace saw the stop
                     child.exited = True
                     self.probes.clear_stop(pid)
+                    self.probes.forget_unwind(pid)
                 continue
             try:
                 with bpfprog.captured_stderr():
@@ -357,18 +368,28 @@ class Session:
                         child.maps = MapsHistory(pid)
                         child.allocator_modules = _allocator_modules(child.target)
                         self.probes.add_process(child.target)
+                        self._child_rows(pid, child)
                     elif proc.stop == c["NATRACE_STOP_EXEC"]:
                         child.followed.append(" ".join(child.target.argv))
                         child.target.follow_exec()
                         child.maps = MapsHistory(pid)
                         child.allocator_modules = _allocator_modules(child.target)
+                        self._child_rows(pid, child)
                         self.probes.follow_exec(child.target)
+                    elif proc.stop == c["NATRACE_STOP_CODE"]:  # rows before it runs the code
+                        if child.maps is None:
+                            child.maps = MapsHistory(pid)
+                        else:
+                            child.maps.refresh()
+                        self._child_rows(pid, child)
+                        self.probes.clear_stop(pid)
                     else:  # in _Exit: the last moment its address space exists
                         if child.maps is not None:
                             child.maps.refresh()
                         self.probes.read_exiting(pid)
                         child.exited = True
                         self.probes.clear_stop(pid)
+                        self.probes.forget_unwind(pid)
             except Exception as err:  # gone meanwhile, or a file could not be probed
                 self._untraced[pid] = f"{' '.join(child.target.argv)}: {err}"
                 self.probes.clear_stop(pid)

@@ -299,9 +299,11 @@ class AllocProbes(ProbeSet):
         process) on its allocator files, its _Exit stop; it records once resumed. A
         vfork child runs in its parent's address space until it execs: the parent's
         uprobes already fire for it (they filter by address space), and its own would
-        run every probe twice; it gets its own at its exec."""
+        run every probe twice; it gets its own at its exec. Its unwind table starts as
+        its parent's."""
         if not shares_memory(target.pid, target.parent):
             self._probe_files(target)
+        self.adopt_unwind(target.pid, target.parent)
         self.clear_stop(target.pid)
 
     def follow_exec(self, target: Target) -> None:

@@ -114,7 +114,7 @@ class ProbeSet:
         self._stacks = StackReader(self._bpf)
         if unwind != "fp":
             self._code_stops = target.launched
-            self.unwind = UnwindTables(self._bpf, unwind, owned=not shared)
+            self.unwind = UnwindTables(self._bpf, unwind, owned=not shared, pid=target.pid)
             if not shared and not target.launched:
                 with contextlib.suppress(OSError):
                     self.unwind.update(MapsHistory(target.pid))
@@ -158,9 +158,23 @@ class ProbeSet:
         return {name: bpf[name].map_fd for name in ("unwind_conf", "unwind_rows")}
 
     def update_unwind(self, maps: MapsHistory) -> None:
-        """The target's code changed: bring the unwind table up to date."""
+        """A traced process's code changed (the target's, or a child's adopted by
+        adopt_unwind): bring its unwind table up to date."""
         if self.unwind is not None and self._bpf is not None:
             self.unwind.update(maps)
+
+    def adopt_unwind(self, pid: int, parent: int) -> None:
+        """A child stopped at birth gets an unwind table of its own, its parent's rows
+        to begin with (tracer/probes/unwinding.py); update_unwind() keeps it."""
+        if self.unwind is not None and self._bpf is not None:
+            slot = self.unwind.adopt(pid, parent)
+            if slot is not None:
+                self._set_proc(pid, unwind=slot)
+
+    def forget_unwind(self, pid: int) -> None:
+        """A child has exited: its unwind table's rows and slot are free again."""
+        if self.unwind is not None and self._bpf is not None:
+            self.unwind.forget(pid)
 
     def unwind_report(self) -> tuple[dict[str, str], dict[str, int], tuple[int, int]]:
         """(object path -> "cfi" | "fp", walks by why they ended, (captures the stack-id
@@ -236,7 +250,7 @@ class ProbeSet:
         for name, v in fields.items():
             setattr(value, name, v)
         table[key] = value
-        if "armed" in fields:
+        if "armed" in fields or "unwind" in fields:  # threads keep both (bpf/alloc.bpf.c)
             _targets_changed(self._bpf)
 
     def follow(self, pid: int) -> None:
