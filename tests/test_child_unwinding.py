@@ -61,3 +61,22 @@ def test_no_walk_of_a_childs_blocks_is_cut_short(how: str, tmp_path: Path) -> No
     [s] = [s for s in _child(report)["sites"] if s["function"] == "__libc_start_call_main"]
     assert (s["bytes"], s["blocks"], s["allocs"]) == (310_000, 320, 320), s
     assert not any(report["loss"].values()), report["loss"]
+
+
+def test_a_shell_loops_children_give_their_rows_back(tmp_path: Path) -> None:
+    """40 children run one after another, each with ~31k rows (libc, ld.so) written
+    three times (exec, libc's mapping, the dlopen): 3.7M rows in all, against a table of
+    2^20. Each exited child's rows and slot are freed, so every run is unwound in full
+    and no object falls back to frame pointers for want of room."""
+    prog = str(build_nofp().childleak)
+    report, code = run_json(tmp_path, "--", "sh", "-c", f"for i in $(seq 40); do {prog}; done")
+    assert code == 0
+    runs = [p for p in report["processes"] if p["command"] == prog]
+    assert len(runs) == 40, [p["command"] for p in report["processes"]]
+    for run in runs:
+        for function, (figures, frames) in TRUTH.items():
+            [s] = [s for s in run["sites"] if s["function"] == function]
+            assert (s["bytes"], s["blocks"]) == figures, (run["pid"], function, s)
+            assert [f["symbol"] for f in s["stack"]] == frames, (run["pid"], s["stack"])
+    assert "fp (table full)" not in report["unwinding"]["objects"].values()
+    assert not any(report["loss"].values()), report["loss"]
