@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
+import select
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -306,22 +310,76 @@ def test_real_terminal_80x24_no_color(running: subprocess.Popen[str], tmp_path: 
     assert bcc_uprobe_events(running.pid) == []
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
-def test_closing_the_terminal_ends_top(running: subprocess.Popen[str], tmp_path: Path) -> None:
-    """The terminal goes away (SIGHUP): top ends, detached, instead of tracing on unseen."""
-    name = f"natrace-top-hup-{os.getpid()}"
-    tmux("new-session", "-d", "-s", name, "-x", "80", "-y", "24",
-         f"cd {tmp_path} && NO_COLOR=1 {NATRACE} top -p {running.pid} --interval 500ms")
+def in_terminal(command: str, columns: int, rows: int) -> tuple[subprocess.Popen[bytes], int]:
+    """`sh -c command` as the session leader of a new terminal (a pty of our own, so the
+    test decides when its output is read and when it hangs up): the process and the
+    terminal's master side."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+    def controlling_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(["sh", "-c", command], stdin=slave, stdout=slave, stderr=slave,
+                            preexec_fn=controlling_terminal)
+    os.close(slave)
+    return proc, master
+
+
+def read_until(master: int, text: bytes) -> None:
+    seen = b""
+    deadline = time.monotonic() + 60  # only against a hang
+    while text not in seen and time.monotonic() < deadline:
+        if select.select([master], [], [], 0.5)[0]:
+            seen = seen[-4096:] + os.read(master, 65536)
+    assert text in seen, f"{text!r} never reached the terminal"
+
+
+@pytest.mark.parametrize("started", ["by the terminal", "from a shell",
+                                     "from a shell that outlives the hang-up"])
+def test_closing_the_terminal_ends_top(running: subprocess.Popen[str], tmp_path: Path,
+                                       started: str) -> None:
+    """The terminal goes away (EIO on every write; SIGHUP and SIGCONT for the session's
+    leader, and for top once a leading shell has gone): top ends, detached, its --record
+    file saved, instead of tracing on unseen. Under a shell that lives on (here one that
+    ignores SIGHUP) no signal comes at all: Textual's writer thread died on the first
+    failed write, the redraws filled its queue and top blocked there for good, the
+    probes left in place, the recording never written."""
+    rec = tmp_path / "top.natrace"
+    top_cmd = f"{NATRACE} top -p {running.pid} --interval 100ms --record {rec}"
+    command = {"by the terminal": f"cd {tmp_path} && exec {top_cmd}",
+               "from a shell": f"cd {tmp_path} && {top_cmd}; sleep 60",
+               "from a shell that outlives the hang-up":
+                   f"trap '' HUP; cd {tmp_path} && {top_cmd}; sleep 60"}[started]
+    shell, master = in_terminal(f"NO_COLOR=1 {command}", 160, 48)
     try:
-        screen_until(name, SUSPECT)
-        top = int(tmux("list-panes", "-t", name, "-F", "#{pane_pid}").split()[0])
+        read_until(master, SUSPECT.encode())
+        top = shell.pid if started == "by the terminal" else children(shell.pid)[0]
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
-    deadline = time.monotonic() + 60
-    while Path(f"/proc/{top}").exists() and time.monotonic() < deadline:
+        os.close(master)  # the hang-up
+    deadline = time.monotonic() + 60  # only against a hang
+    while not ended(top) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not Path(f"/proc/{top}").exists(), "natrace top outlived its terminal"
+    assert ended(top), "natrace top outlived its terminal"
+    shell.kill()
+    shell.wait()
     assert running.poll() is None and state_of(running.pid) in "RS"
+    with Recording(str(rec)) as recording:  # the last state shown, saved
+        assert recording.snapshot().pid == running.pid
+
+
+def ended(pid: int) -> bool:
+    """Exited: gone, or a zombie its parent (the test, for a shell it exec'd) has not reaped."""
+    try:
+        return state_of(pid) == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(p) for p in fh.read().split()]
 
 
 def top_in_terminal(name: str, env: str, pid: int, tmp_path: Path,

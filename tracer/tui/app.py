@@ -18,11 +18,13 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
+from textual.driver import Driver
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, Static
 
 from tracer.engine.live import LiveDriver, LiveState
+from tracer.tui.terminal import TerminalDriver
 from tracer.tui.views import (
     SUSPECT,
     VIEWS,
@@ -107,8 +109,9 @@ class TopApp(App[None]):
         Binding("f", "write('flamegraph')", "Flame"),
     ]
 
-    def __init__(self, driver: LiveDriver | None, writer: Writer, view: str = "sites") -> None:
-        super().__init__()
+    def __init__(self, driver: LiveDriver | None, writer: Writer, view: str = "sites",
+                 driver_class: type[Driver] | None = None) -> None:
+        super().__init__(driver_class=driver_class)
         self.driver = driver
         self.writer = writer
         self.state: LiveState | None = None  # what is on screen
@@ -303,7 +306,7 @@ def run_tui(driver: LiveDriver, writer: Writer,
     """Run the app until quit or Ctrl-C; the driver is stopped before returning. The
     state last on screen, for the --record/--flamegraph files saved at the end, and
     the exception that ended the app if it crashed (raised once those are saved)."""
-    app = TopApp(driver, writer, view)
+    app = TopApp(driver, writer, view, TerminalDriver)
     try:
         app.run()
     finally:
