@@ -5,8 +5,9 @@
  * malloc/free run millions of times a second, so they are aggregated here, in
  * the kernel: outstanding blocks by address (blocks) and per-CPU per-stack
  * counters (sites: each CPU adds to its own copy, so no call writes a cache line
- * another CPU writes; Python sums the copies). mmap/munmap/mremap/brk are rare enough to stream to Python,
- * which handles them as range operations (partial munmap, mremap).
+ * another CPU writes; Python sums the copies). mmap/munmap/mremap/mprotect/brk are
+ * rare enough to stream to Python, which handles them as range operations (partial
+ * munmap, mremap, a reservation's pieces made accessible).
  *
  * Compile-time parameters (set by tracer/probes/alloc.py):
  *   WAIT_EXEC        defined when natrace launched the target: record nothing
@@ -669,6 +670,7 @@ int free_enter(struct pt_regs *ctx) {
 /* ---- anonymous mappings ------------------------------------------------ */
 
 #define MAP_ANONYMOUS_FLAG 0x20
+#define MAP_FIXED_FLAG 0x10
 #define PROT_EXEC_FLAG 0x4
 
 /* A memory syscall's arguments (a0-a3: its first four, in the syscall's registers)
@@ -684,9 +686,18 @@ static __always_inline void mem_args(struct syscall_args *a, long nr, u64 a0, u6
         a->flags = (a3 & MAP_ANONYMOUS_FLAG) ? NATRACE_EVF_ANON : 0;
         if (a2 & PROT_EXEC_FLAG)
             a->flags |= NATRACE_EVF_EXEC;
+        if (!a2)
+            a->flags |= NATRACE_EVF_NOACCESS;
+        if (a3 & MAP_FIXED_FLAG)
+            a->flags |= NATRACE_EVF_FIXED;
         break;
     case NR_MUNMAP:   /* (addr, len) */
         a->a1 = a1;
+        break;
+    case NR_MPROTECT:   /* (addr, len, prot) */
+        a->a1 = a1;
+        if (!a2)
+            a->flags = NATRACE_EVF_NOACCESS;
         break;
     case NR_MREMAP:   /* (addr, old_len, new_len, flags, new_addr) */
         a->a1 = a1;
@@ -774,6 +785,7 @@ static __always_inline int mem_event(void *ctx, struct natrace_proc *p, u32 kind
         }
         break;
     case NATRACE_EV_MUNMAP:
+    case NATRACE_EV_MPROTECT:
         e.addr = a->a0;
         e.len = a->a1;
         break;
@@ -846,7 +858,7 @@ int tail_kp__2__site_event(struct pt_regs *ctx) {
 
 /* The memory syscalls without raw_syscalls (tracer/probes/syscallsites.py): a uprobe
  * just after each `mov $NR, %eax; syscall` of libc's and the loader's wrappers (mmap,
- * munmap, mremap, brk: sbrk and malloc call the same ones), on the conditional jump
+ * munmap, mremap, mprotect, brk: sbrk, malloc and pthread_create call the same ones), on the conditional jump
  * that tests the result where one follows (emulated, not single-stepped), where rax
  * holds what the syscall returned and every argument register used still holds its
  * argument. Then no syscall of the process takes the kernel's traced-syscall path: not
@@ -878,13 +890,18 @@ int site_brk(struct pt_regs *ctx) {
     return syscall_site(ctx, NR_BRK, NATRACE_EV_BRK);
 }
 
+int site_mprotect(struct pt_regs *ctx) {
+    return syscall_site(ctx, NR_MPROTECT, NATRACE_EV_MPROTECT);
+}
+
 /* raw_syscalls, dispatched by number (target.bpf.h): the memory syscalls and a forked
  * child's first return. These run for every syscall of every process: a syscall no
  * natrace unit traces returns at once, and when triage.bpf.c traces too its programs
  * are not attached but tail-called from here (sys_next), so a syscall costs the
  * machine one natrace program per direction, not two. */
 static __always_inline int alloc_sys_enter(struct bpf_raw_tracepoint_args *ctx, long nr) {
-    if (nr != NR_MMAP && nr != NR_MUNMAP && nr != NR_MREMAP && nr != NR_BRK)
+    if (nr != NR_MMAP && nr != NR_MUNMAP && nr != NR_MREMAP && nr != NR_BRK &&
+        nr != NR_MPROTECT)
         return 0;
     struct pt_regs *regs = syscall_regs(ctx);
     u64 a0 = syscall_arg(regs, 0);
@@ -930,6 +947,9 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         break;
     case NR_BRK:
         syscall_exit(ctx, NATRACE_EV_BRK, ret);
+        break;
+    case NR_MPROTECT:
+        syscall_exit(ctx, NATRACE_EV_MPROTECT, ret);
         break;
     }
     sys_next.call(ctx, SYS_NEXT_EXIT);

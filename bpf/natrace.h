@@ -114,12 +114,15 @@ struct unwind_conf {
 #define NATRACE_EV_MREMAP 3
 #define NATRACE_EV_BRK 4
 #define NATRACE_EV_STOP 5   /* no mapping: a traced process stopped for natrace (a wake-up) */
+#define NATRACE_EV_MPROTECT 6   /* no stack: the range keeps its owner */
 
 /* mem_event.flags */
 #define NATRACE_EVF_ALLOCATOR 1   /* made by the allocator itself (inside a malloc-family call) */
 #define NATRACE_EVF_ANON 2        /* anonymous mapping */
 #define NATRACE_EVF_EXEC 4        /* executable mapping: the process's module list changed */
 #define NATRACE_EVF_SITE 8        /* seen at a syscall site's uprobe (its pc: syscallsites.py) */
+#define NATRACE_EVF_NOACCESS 16   /* mmap/mprotect with PROT_NONE: address space, no memory */
+#define NATRACE_EVF_FIXED 32      /* mmap with MAP_FIXED: over whatever was there */
 
 /* Outstanding blocks and call sites are per address space: a forked child holds the
  * same addresses as its parent, an exec'd one different code at the same ones. */
@@ -234,11 +237,11 @@ struct natrace_fork {
     u32 pad;
 };
 
-/* mmap/munmap/mremap/brk, after the call returned successfully. */
+/* mmap/munmap/mremap/mprotect/brk, after the call returned successfully. */
 struct mem_event {
     u64 ts_ns;
-    u64 addr;       /* mmap: result; munmap: start; mremap: old address; brk: new break */
-    u64 len;        /* mmap/munmap: length; mremap: old length; brk: 0 */
+    u64 addr;       /* mmap: result; munmap/mprotect: start; mremap: old address; brk: new break */
+    u64 len;        /* mmap/munmap/mprotect: length; mremap: old length; brk: 0 */
     u64 new_addr;   /* mremap: new address */
     u64 new_len;    /* mremap: new length */
     u64 caller;     /* return address into the syscall wrapper's caller (0 if unread) */

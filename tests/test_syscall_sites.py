@@ -110,7 +110,8 @@ def _memory_sites(report: dict[str, Any]) -> list[tuple[Any, ...]]:
 def test_without_triage_the_memory_syscalls_come_from_libcs_syscall_sites() -> None:
     """--no-triage: no raw_syscalls program; one uprobe on the instruction after each
     memory syscall of libc and ld.so; and the report of --triage (raw_syscalls, today's
-    path), figure for figure and frame for frame: mmap, munmap (partial), mremap, brk
+    path), figure for figure and frame for frame: mmap, munmap (partial), mremap, a
+    PROT_NONE reservation committed and decommitted by mprotect and MAP_FIXED mmap, brk
     through sbrk, mmap inside malloc, the loader's anonymous .bss of a dlopen."""
     sites_report, sites_links = _traced("--no-triage")
     raw_report, raw_links = _traced("--triage")
@@ -127,7 +128,7 @@ def test_without_triage_the_memory_syscalls_come_from_libcs_syscall_sites() -> N
     finally:
         probe.kill()
         probe.wait()
-    assert len(expected) == 7  # libc: mmap, munmap, mremap, brk; ld.so: mmap, munmap, brk
+    assert len(expected) == 9  # libc: mmap, munmap, mremap, mprotect, brk; ld.so: all but mremap
     assert expected <= _site_probes(sites_links)
     assert not expected & _site_probes(raw_links)
 
@@ -137,6 +138,15 @@ def test_without_triage_the_memory_syscalls_come_from_libcs_syscall_sites() -> N
                    for kind, fn, size, blocks, internal, _stack in memory}
     # mapper.c: 8 + 3 + 4 pages live in 4 ranges (the second split by its munmap)
     assert by_function[("mmap", "map_some")] == (15 * PAGE, 4, False)
+    # 64 pages reserved PROT_NONE, 32 made rw- by mprotect, 8 of them decommitted by
+    # mmap(MAP_FIXED, PROT_NONE) and 4 by mprotect(PROT_NONE): 20 pages, all charged to the
+    # reserving mmap's caller; the 44 PROT_NONE ones named in a note, not counted
+    assert by_function[("mmap", "reserve")] == (20 * PAGE, 3, False)
+    for report in (sites_report, raw_report):
+        reserved = [n for n in report["notes"] if n.startswith("address space reserved")]
+        assert reserved == ["address space reserved PROT_NONE while traced: 176.0 KiB in 3 "
+                            "ranges, not counted as unfreed (until mprotect makes it "
+                            "accessible)"], report["notes"]
     assert by_function[("mmap", "big")] == ((1 << 20) + PAGE, 1, True)  # malloc's own mmap
     # the loader's mmap of mapper_lib.so's 1 MiB .bss (ld.so's own wrapper), charged
     # to dlopen's caller

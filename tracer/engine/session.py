@@ -40,6 +40,7 @@ from tracer.probes.triage import TriageOptions, TriageProbes
 from tracer.symbols.attribution import DEFAULT_ALLOCATOR_MODULES, first_frame_outside
 from tracer.symbols.procmaps import MapsHistory
 from tracer.symbols.symbolizer import Symbolizer, jit_note
+from tracer.units import format_size
 
 POLL_SECONDS = 0.05
 GROWTH_SECONDS = 1.0  # how often each call site's bytes are sampled for leak suspects
@@ -414,6 +415,20 @@ class Session:
         return [f"{len(kids)} child process(es) of {self.target.pid} are not "
                 f"traced{why}: {shown}{more}"]
 
+    def _reserved_note(self) -> list[str]:
+        """The program's PROT_NONE address space, left out of unfreed (model/mappings.py):
+        V8's cage and code range alone reserve hundreds of MiB that hold nothing."""
+        if not self.options.allocs:
+            return []
+        size = count = 0
+        for proc, _maps, _allocator in self._processes():
+            n, ranges = self.probes.mappings(proc.pid).reserved()
+            size, count = size + n, count + ranges
+        if not size:
+            return []
+        return [f"address space reserved PROT_NONE while traced: {format_size(size)} in "
+                f"{count} ranges, not counted as unfreed (until mprotect makes it accessible)"]
+
     def _stopped_note(self) -> list[str]:
         """An attached process stopped by someone else (a launched one stops in exit()
         for natrace's own sake)."""
@@ -600,7 +615,7 @@ class Session:
             **self._triage_report(call_sites, duration),
             handles=handle_types(self.handles, call_sites),
             notes=self.notes + self.probes.notes + self._followed_note() + self._children_note()
-            + self._stopped_note()
+            + self._stopped_note() + self._reserved_note()
             + jit_note(call_sites.symbolizer, len(call_sites.unnamed_jit)),
             unwinding=self._unwinding(),
             processes=[proc for proc, _m, _a in self._processes()],

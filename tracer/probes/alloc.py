@@ -443,11 +443,15 @@ class AllocProbes(ProbeSet):
         if kind == c["NATRACE_EV_MMAP"]:
             if ev.flags & c["NATRACE_EVF_ANON"]:
                 owner = Owner(self._syscall_stack(ev), "mmap", internal)
-                tracker.mmap(ev.addr, ev.len, owner)
+                tracker.mmap(ev.addr, ev.len, owner,
+                             accessible=not ev.flags & c["NATRACE_EVF_NOACCESS"],
+                             fixed=bool(ev.flags & c["NATRACE_EVF_FIXED"]))
             else:
                 tracker.munmap(ev.addr, ev.len)  # a file mapping replaced the range
         elif kind == c["NATRACE_EV_MUNMAP"]:
             tracker.munmap(ev.addr, ev.len)
+        elif kind == c["NATRACE_EV_MPROTECT"]:
+            tracker.mprotect(ev.addr, ev.len, accessible=not ev.flags & c["NATRACE_EVF_NOACCESS"])
         elif kind == c["NATRACE_EV_MREMAP"]:
             tracker.mremap(ev.addr, ev.len, ev.new_addr, ev.new_len)
         elif kind == c["NATRACE_EV_BRK"]:

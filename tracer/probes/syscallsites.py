@@ -7,12 +7,12 @@ process then runs natrace's programs, its futex calls included, and on x86-64 si
 Linux 6.11 so does every traced malloc's return (a uretprobe returns through a
 syscall), ~250 ns each here. When nothing else in the session needs raw_syscalls
 (no triage, no child stopped at its birth), bpf/alloc.bpf.c takes mmap, munmap,
-mremap and brk from a uprobe on the instruction just after each
+mremap, mprotect and brk from a uprobe on the instruction just after each
 `mov $NR, %eax; syscall` in libc.so.6 and ld.so: there rax holds what the syscall
 returned, every argument register still holds its argument (the kernel keeps them),
 and pc, sp and rbp are the syscall's own, so the event and its stack are the ones
 sys_exit would have seen. glibc calls the same code from malloc (sysmalloc's mmap,
-sbrk's brk), pthread_create (stacks) and dlopen (the loader's own copy).
+sbrk's brk), pthread_create (stacks, their mprotect) and dlopen (the loader's own copy).
 
 Not seen there: a direct syscall(SYS_mmap, ...) (tcmalloc makes them), a static
 program's or musl's, another allocator library's: `find` then answers None and the
@@ -32,9 +32,10 @@ from tracer.probes.allocators import inode_of
 from tracer.probes.target import elf_interpreter, is_static_executable
 
 #: The syscalls bpf/alloc.bpf.c accounts, x86-64 numbers -> its uprobe program.
-SYSCALLS = {9: "site_mmap", 11: "site_munmap", 25: "site_mremap", 12: "site_brk"}
-_NAMES = {9: "mmap", 11: "munmap", 25: "mremap", 12: "brk"}
-_SITE = re.compile(rb"\xb8([\x09\x0b\x19\x0c])\x00\x00\x00\x0f\x05")  # mov $NR,%eax; syscall
+SYSCALLS = {9: "site_mmap", 11: "site_munmap", 25: "site_mremap", 12: "site_brk",
+            10: "site_mprotect"}
+_NAMES = {9: "mmap", 11: "munmap", 25: "mremap", 12: "brk", 10: "mprotect"}
+_SITE = re.compile(rb"\xb8([\x09\x0a\x0b\x19\x0c])\x00\x00\x00\x0f\x05")  # mov $NR,%eax; syscall
 _SITE_LEN = 7
 _LIBC = re.compile(r"(^|/)libc\.so\.6$")
 _LOADER = re.compile(r"(^|/)ld-linux[^/]*\.so[.\d]*$")
@@ -53,7 +54,7 @@ class SyscallSite:
     out of line, ~5.7 us), else `pc` itself."""
 
     path: str
-    syscall: str  # mmap, munmap, mremap, brk
+    syscall: str  # mmap, munmap, mremap, mprotect, brk
     vaddr: int
     program: str  # its uprobe's BPF program
     pc: int
@@ -88,7 +89,7 @@ def _probe_at(code: bytes, at: int, syscall: str) -> int:
 
 
 def sites_in(path: str) -> list[SyscallSite]:
-    """Every `mov $NR, %eax; syscall` of the four syscalls in a file's executable
+    """Every `mov $NR, %eax; syscall` of the five syscalls in a file's executable
     segments. glibc's wrappers set the number right before the instruction."""
     sites = []
     try:
