@@ -155,3 +155,24 @@ def test_a_system_librarys_allocations_are_its_callers_in_its_module() -> None:
     assert [(m, b) for m, b, _, _ in snap.by_module()] == [("libpq", 1 << 20),
                                                           ("addon:vault", 1 << 19)]
     assert held.key != own.key and held.library_via == " via PQexec" and own.library_via == ""
+
+
+def test_from_names_the_way_in_not_a_threads_or_processs_start() -> None:
+    """`via X, from Y`: Y is the frame that entered the charged module, named only when
+    it says something: not a stripped runtime's thread trampoline or libc's start code."""
+    stdcxx = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.30"
+    libc = "/usr/lib/x86_64-linux-gnu/libc.so.6"
+    construct = Frame(0x5000, "/opt/app", 0x500, "std::string::_M_construct", 0x20,
+                      module_class="app")
+    entry = Frame(0x5100, "/opt/app", 0x510, "cache_entry", 0x2c, module_class="app")
+    trampoline = Frame(0x6000, stdcxx, 0xd44a3, None, module_class="libstdc++")
+    start = Frame(0x6100, libc, 0x94ac3, "start_thread", 0x305, module_class="libc")
+    plugin = Frame(0x6200, "/opt/libplug.so", 0x620, "plug_run", 0x11, module_class="libplug")
+    threaded = site([construct, entry, trampoline, start], 1 << 20, 10, 10, charge_index=1,
+                    via="_M_construct")
+    called = site([construct, entry, plugin, start], 1 << 20, 10, 10, charge_index=1,
+                  via="_M_construct")
+    assert findings(Snapshot(1, "app", 0.0, 1.0, sites=[threaded]))[0].endswith(
+        "10 of its 10 allocations unfreed via _M_construct")
+    assert findings(Snapshot(1, "app", 0.0, 1.0, sites=[called]))[0].endswith(
+        "unfreed via _M_construct, from plug_run [libplug]")

@@ -167,9 +167,21 @@ def site_line(site: Site, snap: Snapshot) -> str:
         text += f" via {site.via}"
         caller = next((f for f in site.frames[site.charge_index:]
                        if f.module_class != site.module_class), None)
-        if caller is not None:
+        if caller is not None and _names_an_entry(caller):
             text += f", from {short_name(caller)} [{caller.module_class}]"
     return text
+
+
+#: Where processes and threads start (__libc_start_call_main, start_thread, clone3): a
+#: chain that leaves the charged module only for them came from no caller worth naming.
+_START_CLASSES = frozenset({"libc", "ld.so"})
+
+
+def _names_an_entry(frame: Frame) -> bool:
+    """A frame worth naming as the way into the charged module: symbolized (a runtime's
+    stripped thread trampoline, `libstdc++.so.6+0xd44a3`, tells nothing), and not the
+    C library's start of the process or thread."""
+    return bool(frame.symbol) and frame.module_class not in _START_CLASSES
 
 
 def _class(frame: Frame | None) -> str:
