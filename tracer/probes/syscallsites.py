@@ -34,8 +34,10 @@ from tracer.probes.target import elf_interpreter, is_static_executable
 #: The syscalls bpf/alloc.bpf.c accounts, x86-64 numbers -> its uprobe program.
 SYSCALLS = {9: "site_mmap", 11: "site_munmap", 25: "site_mremap", 12: "site_brk",
             10: "site_mprotect"}
-_NAMES = {9: "mmap", 11: "munmap", 25: "mremap", 12: "brk", 10: "mprotect"}
-_SITE = re.compile(rb"\xb8([\x09\x0a\x0b\x19\x0c])\x00\x00\x00\x0f\x05")  # mov $NR,%eax; syscall
+_NAMES = {nr: program.removeprefix("site_") for nr, program in SYSCALLS.items()}
+#: mov $NR,%eax; syscall, for each NR above
+_SITE = re.compile(rb"\xb8([" + b"".join(re.escape(bytes([nr])) for nr in SYSCALLS)
+                   + rb"])\x00\x00\x00\x0f\x05")
 _SITE_LEN = 7
 _LIBC = re.compile(r"(^|/)libc\.so\.6$")
 _LOADER = re.compile(r"(^|/)ld-linux[^/]*\.so[.\d]*$")

@@ -54,9 +54,6 @@ class TerminalOutput:
     def fileno(self) -> int:
         return self._stream.fileno()
 
-    def isatty(self) -> bool:
-        return True
-
 
 class TerminalDriver(LinuxDriver):
     """LinuxDriver over a TerminalOutput, which a SIGHUP marks gone before the handler
