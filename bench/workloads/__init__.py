@@ -47,7 +47,7 @@ def build() -> Path:
     """Compile every workload (always from source: never a stale binary)."""
     BUILD.mkdir(parents=True, exist_ok=True)
     for name in ("malloc_heavy", "futex_heavy", "mmap_heavy", "alloc_fastpath",
-                 "syscall_loop"):
+                 "syscall_loop", "malloc_batches"):
         _run("gcc", *CFLAGS, "-pthread", "-o", BUILD / name, SRC / f"{name}.c")
     _run("gcc", *CFLAGS, "-shared", "-fPIC", "-I/usr/include/node", "-o",
          BUILD / "addon.node", SRC / "addon.c")
