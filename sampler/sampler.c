@@ -8,7 +8,8 @@
  *   otel_memory:free(void *ptr)                                    free of a sampled one
  *
  * Dormant (no tracer attached, both semaphores 0): one load and one predictable branch per
- * call before the tail call to the real allocator. Traced: a thread-local countdown of bytes
+ * call before the tail call to the real allocator: four instructions in every entry point
+ * (tests/test_sampler.py reads them). Traced: a thread-local countdown of bytes
  * to the next sample point, drawn from an exponential distribution with mean `period`
  * (a Poisson process over allocated bytes); an allocation whose bytes cross k points is
  * sampled with weight k * period, which is an unbiased estimate of its size (E[k] = size /
@@ -43,11 +44,33 @@
 #define unlikely(x) __builtin_expect(!!(x), 0)
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
 
-/* The kernel (uprobe ref_ctr) or the tracer counts attached consumers here. */
-unsigned short otel_memory_alloc_semaphore __attribute__((section(".probes"), used));
-unsigned short otel_memory_free_semaphore __attribute__((section(".probes"), used));
-#define ALLOC_ON() unlikely(LOAD(otel_memory_alloc_semaphore))
-#define FREE_ON() unlikely(LOAD(otel_memory_free_semaphore))
+/* The kernel (uprobe ref_ctr) or the tracer counts attached consumers in the two
+ * semaphores. They share one aligned word with `boot`, set for good once a start-up
+ * arena block exists, so that a dormant free or realloc tests every reason to leave its
+ * tail call with a single load: free reads `free` and `boot` as one 32-bit word,
+ * realloc the whole gate as 64 bits. */
+static union {
+    struct {
+        uint16_t free;   /* otel_memory_free_semaphore */
+        uint16_t boot;   /* nonzero: pointers into the start-up arena may come back */
+        uint16_t alloc;  /* otel_memory_alloc_semaphore */
+        uint16_t spare;
+    } s;
+    uint32_t free_or_boot;
+    uint64_t any;
+} gate __attribute__((section(".probes"), aligned(8), used));
+/* sys/sdt.h names each probe's semaphore by symbol: these name the gate's halfwords. */
+__asm__(".hidden otel_memory_free_semaphore\n"
+        ".type otel_memory_free_semaphore, @object\n"
+        ".size otel_memory_free_semaphore, 2\n"
+        ".set otel_memory_free_semaphore, gate\n"
+        ".hidden otel_memory_alloc_semaphore\n"
+        ".type otel_memory_alloc_semaphore, @object\n"
+        ".size otel_memory_alloc_semaphore, 2\n"
+        ".set otel_memory_alloc_semaphore, gate + 4\n");
+extern unsigned short otel_memory_free_semaphore, otel_memory_alloc_semaphore;
+#define ALLOC_ON() unlikely(LOAD(gate.s.alloc))
+#define FREE_ON() unlikely(LOAD(gate.s.free))
 
 #define DEFAULT_PERIOD (512u << 10)
 
@@ -117,6 +140,7 @@ static void *arena_alloc(size_t n, size_t align) {
     size_t at = __atomic_fetch_add(&arena_used, need, __ATOMIC_RELAXED);
     if (n > ARENA_SIZE || at + need > ARENA_SIZE)
         return NULL;
+    __atomic_store_n(&gate.s.boot, 1, __ATOMIC_RELAXED);  /* before the block is handed out */
     uintptr_t p = ((uintptr_t)arena + at + 16 + align - 1) & ~(uintptr_t)(align - 1);
     ((size_t *)p)[-1] = n;
     return (void *)p;
@@ -430,15 +454,20 @@ EXPORT void *malloc(size_t n) {
     return next.malloc(n);
 }
 
-static __attribute__((noinline)) void traced_free(void *p) {
-    forget(p);
+/* A free that has to look further: traced, or a start-up arena block may be coming back. */
+static __attribute__((noinline)) void gated_free(void *p) {
+    if (unlikely(LOAD(gate.s.boot))) {
+        if (in_arena(p))
+            return;
+        if (!FREE_ON())
+            return next.free(p);
+    }
+    forget(p);  /* without arena blocks only a tracer opens the gate */
     next.free(p);
 }
 EXPORT void free(void *p) {
-    if (unlikely(in_arena(p)))
-        return;
-    if (FREE_ON())
-        return traced_free(p);
+    if (unlikely(LOAD(gate.free_or_boot)))
+        return gated_free(p);
     next.free(p);
 }
 
@@ -456,15 +485,18 @@ static void *arena_realloc(void *p, size_t n) {
     return q;
 }
 
-EXPORT void *realloc(void *p, size_t n) {
+static __attribute__((noinline)) void *gated_realloc(void *p, size_t n) {
     if (unlikely(in_arena(p)))
         return arena_realloc(p, n);
-    if (likely(!(LOAD(otel_memory_alloc_semaphore) | LOAD(otel_memory_free_semaphore))))
-        return next.realloc(p, n);
     if (FREE_ON())
         forget(p);  /* a failed realloc leaves p live but untracked */
     void *q = next.realloc(p, n);
     return ALLOC_ON() && n != 0 ? account(q, n) : q;
+}
+EXPORT void *realloc(void *p, size_t n) {
+    if (unlikely(LOAD(gate.any)))
+        return gated_realloc(p, n);
+    return next.realloc(p, n);
 }
 
 /* glibc's reallocarray calls realloc through the PLT, that is ours: built on our realloc
@@ -478,11 +510,16 @@ EXPORT void *reallocarray(void *p, size_t n, size_t m) {
     return realloc(p, t);
 }
 
-EXPORT int posix_memalign(void **out, size_t align, size_t n) {
+static __attribute__((noinline)) int traced_posix_memalign(void **out, size_t align, size_t n) {
     int err = next.posix_memalign(out, align, n);
-    if (ALLOC_ON() && err == 0)
+    if (err == 0)
         account(*out, n);
     return err;
+}
+EXPORT int posix_memalign(void **out, size_t align, size_t n) {
+    if (ALLOC_ON())
+        return traced_posix_memalign(out, align, n);
+    return next.posix_memalign(out, align, n);
 }
 
 static size_t page_round(size_t n) {
@@ -604,28 +641,34 @@ static void resolve_cxx(void) {
  * probe fires from runs through this frame (libstdc++'s new has no frame pointer, and a
  * walk through it would skip its caller); only a failure goes to libstdc++'s new, for
  * its new_handler loop and bad_alloc. */
-#define BODY_new(sym, args, size, align)                                                    \
-    if (likely(!ALLOC_ON()))                                                                \
-        return next_##sym args;                                                             \
+#define TRACED_new(sym, args, size, align)                                                  \
     if (cxx_own)                                                                            \
         return account(next_##sym args, size);                                              \
     void *p = cxx_alloc(size, align);                                                       \
     if (unlikely(p == NULL))                                                                \
         return next_##sym args;                                                             \
     return account(p, size);
-#define BODY_delete(sym, args, size, align)                                                 \
-    if (FREE_ON() && cxx_own)                                                               \
+#define TRACED_delete(sym, args, size, align)                                               \
+    if (cxx_own)                                                                            \
         forget(p);                                                                          \
     next_##sym args;
-#define BOOT_new(sym, args) return next_##sym args;
-#define BOOT_delete(sym, args) next_##sym args;
+#define ON_new ALLOC_ON
+#define ON_delete FREE_ON
 
+/* Dormant, each operator is its semaphore's test and a tail call; the rest is out of line. */
 #define DEFINE(kind, sym, params, args, size, align, fallback)                                     \
     static RET_##kind boot_##sym params {                                                   \
         resolve_cxx();                                                                      \
-        BOOT_##kind(sym, args)                                                              \
+        return next_##sym args;                                                             \
     }                                                                                       \
-    EXPORT RET_##kind sym params { BODY_##kind(sym, args, size, align) }
+    static __attribute__((noinline)) RET_##kind traced_##sym params {                       \
+        TRACED_##kind(sym, args, size, align)                                               \
+    }                                                                                       \
+    EXPORT RET_##kind sym params {                                                          \
+        if (ON_##kind())                                                                    \
+            return traced_##sym args;                                                       \
+        return next_##sym args;                                                             \
+    }
 CXX_OPERATORS(DEFINE)
 
 /* ---- process life ------------------------------------------------------------------------ */

@@ -23,6 +23,7 @@ class Built:
     leaker: Path  # leaker.node: leak(n, size) keeps n blocks from leak_blocks()
     signals: Path  # allocates from signal handlers, raised and asynchronous
     dlopened: Path  # dlopen's the sampler (so it interposes nothing), then allocates
+    startup_arena: Path  # the sampler compiled in: start-up arena blocks freed, grown
 
 
 def _run(*cmd: str | Path) -> None:
@@ -39,9 +40,11 @@ def build() -> Built:
          BUILD / "leaker.node", SRC / "leaker.c")
     _run("gcc", *CFLAGS, "-o", BUILD / "signals", SRC / "signals.c")
     _run("gcc", *CFLAGS, "-o", BUILD / "dlopened", SRC / "dlopened.c", "-ldl")
+    _run("gcc", *CFLAGS, "-I", ROOT / "sampler", "-o", BUILD / "startup_arena",
+         SRC / "startup_arena.c", "-ldl", "-lm", "-lpthread")
     return Built(ROOT / "sampler" / "build" / "libnatrace_sampler.so", BUILD / "family",
                  BUILD / "family_cpp", BUILD / "leaker.node", BUILD / "signals",
-                 BUILD / "dlopened")
+                 BUILD / "dlopened", BUILD / "startup_arena")
 
 
 def semaphores(pid: int, library: Path) -> tuple[int, int]:

@@ -106,6 +106,25 @@ def test_dormant_node_with_an_addon(built: Built, tmp_path: Path) -> None:
     assert out.stdout.strip() == "object 2199000"
 
 
+def test_start_up_arena_blocks_never_reach_the_allocator(built: Built) -> None:
+    """Dormant free and realloc test the semaphores and the arena flag in one load: once
+    an arena block exists, they look further and keep it from glibc."""
+    assert _run([built.startup_arena], []) == "ok\n"
+
+
+def test_dormant_entry_points_are_a_test_and_a_tail_call(built: Built) -> None:
+    """What a dormant call costs: one load of the gate, a branch, the jump to the next
+    allocator (issue 20's dormant limit is counted in instructions)."""
+    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(built.library)],
+                         capture_output=True, text=True, check=True).stdout
+    for name in ("malloc", "free", "calloc", "realloc", "posix_memalign", "_Znwm", "_ZdlPv",
+                 "_ZdlPvm", "_ZnwmSt11align_val_t"):
+        body = dis.split(f"<{name}>:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        ops = [line.split("\t")[1].split()[0] for line in body[:4]]
+        assert ops[0] in ("mov", "movzwl") and ops[1] == "test" and ops[2] == "jne", (name, ops)
+        assert ops[3] == "jmp" and "*" in body[3], (name, body[3])
+
+
 def test_sampler_path_is_the_built_library(built: Built) -> None:
     out = subprocess.run([tracing.NATRACE, "sampler-path"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == str(built.library)
