@@ -437,6 +437,23 @@ static inline void *account(void *p, size_t n) {
     return p;
 }
 
+/* The allocation of n bytes to come crosses a sample point (counted down before the
+ * call, so that an allocation that crosses none is a tail call: no frame, no return). */
+static inline int crosses(size_t n) {
+    struct thread_state *t = &ts;
+    t->countdown -= (int64_t)n;
+    return unlikely(t->countdown < 0);
+}
+
+/* After crosses(): sample the block, or give its bytes back when there is none. */
+static __attribute__((noinline)) void *sampled(void *p, size_t n) {
+    if (likely(p != NULL))
+        sample(p, n);
+    else
+        ts.countdown += (int64_t)n;
+    return p;
+}
+
 /* Called before the real free: after it another thread may get the address back. */
 static inline void forget(void *p) {
     if (p != NULL && set_remove(p))
@@ -446,7 +463,9 @@ static inline void forget(void *p) {
 /* ---- the C entry points ------------------------------------------------------------------ */
 
 static __attribute__((noinline)) void *traced_malloc(size_t n) {
-    return account(next.malloc(n), n);
+    if (crosses(n))
+        return sampled(next.malloc(n), n);
+    return next.malloc(n);
 }
 EXPORT void *malloc(size_t n) {
     if (ALLOC_ON())
@@ -471,10 +490,18 @@ EXPORT void free(void *p) {
     next.free(p);
 }
 
+static __attribute__((noinline)) void *sampled_calloc(size_t n, size_t m) {
+    return sampled(next.calloc(n, m), n * m);  /* NULL when n * m overflows: given back */
+}
+static __attribute__((noinline)) void *traced_calloc(size_t n, size_t m) {
+    if (crosses(n * m))
+        return sampled_calloc(n, m);
+    return next.calloc(n, m);
+}
 EXPORT void *calloc(size_t n, size_t m) {
-    if (likely(!ALLOC_ON()))
-        return next.calloc(n, m);
-    return account(next.calloc(n, m), n * m);  /* NULL when n * m overflows */
+    if (ALLOC_ON())
+        return traced_calloc(n, m);
+    return next.calloc(n, m);
 }
 
 static void *arena_realloc(void *p, size_t n) {
