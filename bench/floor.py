@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 from tracer.probes import bpfimage, bpfprog
 from tracer.probes import target as targets
@@ -26,6 +28,20 @@ PROGRAM = """
 int on_entry(void *ctx) { return 0; }
 int on_return(void *ctx) { return 0; }
 """
+
+
+def attach_raw_syscalls(bcc: Any, fds: Sequence[int]) -> list[int]:
+    """Links of the programs `fds` on raw_syscalls' sys_enter and sys_exit in turn
+    (bcc's attach_raw_tracepoint keeps one program per tracepoint); closing a link
+    detaches its program."""
+    links = []
+    for i, fd in enumerate(fds):
+        tp = ("sys_enter", "sys_exit")[i % 2]
+        link = bcc.lib.bpf_attach_raw_tracepoint(fd, tp.encode())
+        if link < 0:
+            raise SystemExit(f"cannot attach an empty program to {tp}")
+        links.append(link)
+    return links
 
 
 def probe_points(pid: int, free_at_zero: bool) -> list[tuple[str, int, bool]]:
@@ -50,14 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     bcc = bpfprog.import_bcc()
     bpf = bcc.BPF(text=PROGRAM + "".join(
         f"int {name}(void *ctx) {{ return 0; }}\n" for name in syscall_programs))
-    n, links = 0, []  # bcc's attach_raw_tracepoint takes one program per tracepoint
-    for i, name in enumerate(syscall_programs):
-        fd = bpf.load_func(name, bpf.RAW_TRACEPOINT).fd
-        links.append(bcc.lib.bpf_attach_raw_tracepoint(
-            fd, ("sys_enter", "sys_exit")[i % 2].encode()))
-        if links[-1] < 0:
-            raise SystemExit(f"cannot attach {name}")
-        n += 1
+    links = attach_raw_syscalls(bcc, [bpf.load_func(name, bpf.RAW_TRACEPOINT).fd
+                                      for name in syscall_programs])
+    n = len(links)
     for path, addr, has_return in probe_points(args.pid, args.free_at_zero):
         # perf events counting no semaphore, as natrace's probes: bcc's attach_uprobe
         # would count a stack word, and the kernel refuses a probe on an instruction

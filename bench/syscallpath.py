@@ -122,11 +122,9 @@ class Switch:
         if self.kind != "raw":
             self._tracepoints(attach=True)
             return
-        for fd, tp in zip(self.fds, (b"sys_enter", b"sys_exit")):
-            link = self.bcc.lib.bpf_attach_raw_tracepoint(fd, tp)
-            if link < 0:
-                raise SystemExit(f"cannot attach an empty program to {tp.decode()}")
-            self.links.append(link)
+        from bench.floor import attach_raw_syscalls  # imports bcc, like bpfprog above
+
+        self.links = attach_raw_syscalls(self.bcc, self.fds)
 
     def off(self) -> None:
         if not self.attached:

@@ -427,22 +427,20 @@ fire:
     t->busy = 0;
 }
 
-static inline void *account(void *p, size_t n) {
-    if (likely(p != NULL)) {
-        struct thread_state *t = &ts;
-        t->countdown -= (int64_t)n;
-        if (unlikely(t->countdown < 0))
-            sample(p, n);
-    }
-    return p;
-}
-
-/* The allocation of n bytes to come crosses a sample point (counted down before the
- * call, so that an allocation that crosses none is a tail call: no frame, no return). */
+/* n bytes allocated (or, before the call, about to be) are counted down: 1 when they
+ * cross a sample point. Counted before the call, an allocation that crosses none can be
+ * a tail call: no frame, no return through the sampler. */
 static inline int crosses(size_t n) {
     struct thread_state *t = &ts;
     t->countdown -= (int64_t)n;
     return unlikely(t->countdown < 0);
+}
+
+/* A block allocated: counted, and sampled when it crossed a point. */
+static inline void *account(void *p, size_t n) {
+    if (likely(p != NULL) && crosses(n))
+        sample(p, n);
+    return p;
 }
 
 /* After crosses(): sample the block, or give its bytes back when there is none. */
