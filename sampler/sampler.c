@@ -377,11 +377,34 @@ static int64_t draw(struct thread_state *t, uint64_t mean) {
     return d >= 9.2e18 ? INT64_MAX : (int64_t)d;
 }
 
+/* NATRACE_SAMPLER_PERIOD and _SEED, read once: by the constructor, or by the first sample
+ * when a library initialised before this one allocates (libstdc++'s emergency pool does,
+ * with the probes already on in a launched process), so that its draw already has the
+ * period asked for. Never later than the constructor, so natrace's own writes of the
+ * period to a running process stand. */
+static int environment_read;
+
+static void read_environment(void) {
+    if (__atomic_exchange_n(&environment_read, 1, __ATOMIC_ACQ_REL))
+        return;
+    const char *period = getenv("NATRACE_SAMPLER_PERIOD");
+    if (period && *period) {
+        unsigned long long v = strtoull(period, NULL, 10);
+        if (v > 0)
+            natrace_sampler.period = v;
+    }
+    const char *seed = getenv("NATRACE_SAMPLER_SEED");
+    if (seed && *seed)
+        seed_base = strtoull(seed, NULL, 10) | 1;
+}
+
 static __attribute__((noinline, cold)) void sample(void *p, size_t n) {
     struct thread_state *t = &ts;
     if (t->busy)
         return;
     t->busy = 1;
+    if (unlikely(!LOAD(environment_read)))
+        read_environment();
     uint64_t period = LOAD(natrace_sampler.period);
     if (period == 0)
         period = DEFAULT_PERIOD;
@@ -712,15 +735,7 @@ static int interposes(void);
 static __attribute__((constructor)) void init(void) {
     resolve();
     natrace_sampler.interposing = (uint32_t)interposes();
-    const char *period = getenv("NATRACE_SAMPLER_PERIOD");
-    if (period && *period) {
-        unsigned long long v = strtoull(period, NULL, 10);
-        if (v > 0)
-            natrace_sampler.period = v;
-    }
-    const char *seed = getenv("NATRACE_SAMPLER_SEED");
-    if (seed && *seed)
-        seed_base = strtoull(seed, NULL, 10) | 1;
+    read_environment();
     natrace_sampler.set_slots = 1u << SET_BITS;
     pthread_atfork(NULL, NULL, after_fork_child);
 }

@@ -252,6 +252,20 @@ def test_cpp_operators(built: Built, under: str) -> None:
     _exact(_site(report, "allocate_all()"), CPP_LIVE)
 
 
+def test_launched_cpp_program_is_sampled_from_its_first_allocation(built: Built,
+                                                                    tmp_path: Path) -> None:
+    """libstdc++ is initialised before the preloaded sampler and allocates (its emergency
+    pool) with the probes already on: the sampler reads the period natrace put in its
+    environment then, not at its own constructor, so at period 1 every allocation fires,
+    as exact tracing counts them (8 kept, 13 freed, stdout's buffer)."""
+    sampled = _run(tmp_path / "s.json", "--sampled", "--sample", "1", "--", built.family_cpp,
+                   stdin="xx")
+    exact = _run(tmp_path / "e.json", "--", built.family_cpp, stdin="xx")
+    assert sampled["calls"]["allocs"] == sampled["calls"]["sampler_fired"] == 22
+    assert exact["calls"]["allocs"] == 22
+    _exact(_site(sampled, "allocate_all()"), CPP_LIVE)
+
+
 def test_an_attached_process_that_exits_between_polls(built: Built) -> None:
     """natrace reads the sampler's counters on every poll and while a launched process
     or a child is held in _Exit; an attached process is never held, and one that works
