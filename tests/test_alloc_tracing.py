@@ -67,8 +67,10 @@ def assert_leaky_truth(report: dict[str, Any], with_plugin: bool) -> None:
     assert "temporary" not in sites
     mmap = site(report, "leak_mmap", "mmap")
     assert (mmap["bytes"], mmap["blocks"]) == (12 * 4096, 2)  # 16 pages, 4 unmapped mid-way
+    assert (mmap["allocs"], mmap["alloc_bytes"]) == (1, 16 * 4096)  # one mmap, allocated
     grown = site(report, "leak_mremap", "mmap")
     assert (grown["bytes"], grown["blocks"]) == (6 * 4096, 1)  # 2 pages mremap'ed to 6
+    assert (grown["allocs"], grown["alloc_bytes"]) == (1, 2 * 4096)  # mremap is no new one
     assert site(report, "plugin_leak" if with_plugin else "leak_malloc")["stack"]
     assert not any(report["loss"].values()), report["loss"]
 

@@ -30,11 +30,19 @@ def test_live_bytes_per_owner_match_a_page_model(sequence: list[tuple]) -> None:
     tracker = MappingTracker()
     model: dict[int, tuple[Owner, bool]] = {}  # page -> (owner, accessible)
     brk: int | None = None
+    made: dict[Owner, tuple[int, int]] = {}  # owner -> (mappings made, bytes)
+
+    def count(owner: Owner, pages: int) -> None:
+        calls, size = made.get(owner, (0, 0))
+        made[owner] = (calls + 1, size + pages * PAGE)
+
     for op, *args in sequence:
         if op == "mmap":
             page, length, owner, accessible, fixed = args
             tracker.mmap(page * PAGE, length, owner, accessible, fixed)
             n = -(-length // PAGE)
+            if accessible or (owner.allocator_internal and not fixed):  # not a decommit
+                count(owner, n)
             for p in range(page, page + n):
                 kept = model.get(p) if fixed and not accessible else None  # a decommit
                 model[p] = (kept[0] if kept else owner, accessible)
@@ -61,6 +69,7 @@ def test_live_bytes_per_owner_match_a_page_model(sequence: list[tuple]) -> None:
             page, = args
             tracker.brk(page * PAGE, HEAP)
             if brk is not None and page > brk:
+                count(HEAP, page - brk)
                 model.update({p: (HEAP, True) for p in range(brk, page)})
             elif brk is not None:
                 for p in range(page, brk):
@@ -78,7 +87,10 @@ def test_live_bytes_per_owner_match_a_page_model(sequence: list[tuple]) -> None:
             want[owner] = want.get(owner, 0) + PAGE
         else:
             reserved += PAGE
-    assert {o: size for o, size, _ in tracker.totals()} == want
+    totals = list(tracker.totals())
+    assert {o: size for o, size, *_ in totals if size} == want
+    assert {o: (calls, size) for o, _, _, calls, size in totals if calls} == made
+    assert set(want) <= {o for o, *_ in totals}
     assert tracker.reserved()[0] == reserved
 
 
@@ -92,10 +104,10 @@ def test_a_reservation_committed_and_decommitted_piece_by_piece() -> None:
     assert list(tracker.totals()) == [] and tracker.reserved() == (64 * PAGE, 1)
     for i in range(4):
         tracker.mprotect(8 * i * PAGE, 8 * PAGE, True)
-    assert list(tracker.totals()) == [(v8, 32 * PAGE, 1)]
+    assert list(tracker.totals()) == [(v8, 32 * PAGE, 1, 0, 0)]
     tracker.mmap(8 * PAGE, 8 * PAGE, decommit, accessible=False, fixed=True)
     tracker.mprotect(24 * PAGE, 4 * PAGE, False)
-    assert list(tracker.totals()) == [(v8, 20 * PAGE, 3)]
+    assert list(tracker.totals()) == [(v8, 20 * PAGE, 3, 0, 0)]
     assert tracker.reserved() == (44 * PAGE, 3)
     tracker.mprotect(8 * PAGE, 8 * PAGE, True)  # committed again: still the reservation's
-    assert list(tracker.totals()) == [(v8, 28 * PAGE, 2)]
+    assert list(tracker.totals()) == [(v8, 28 * PAGE, 2, 0, 0)]

@@ -57,7 +57,8 @@ class Aggregator:
         self.allocator_modules = allocator_modules  # whose malloc-family frames are skipped
 
     def sites(self, raw: Iterable[RawSite], stack_of: Callable[[int], tuple[int, ...]],
-              mappings: Iterable[tuple[Owner, int, int]] = (), origin_ns: int = 0) -> list[Site]:
+              mappings: Iterable[tuple[Owner, int, int, int, int]] = (),
+              origin_ns: int = 0) -> list[Site]:
         """Every site that allocated while traced or still holds memory, freed or not
         (churn counts in allocated/allocations), most unfreed bytes first. `origin_ns`:
         when tracing began (CLOCK_MONOTONIC), for the sites' first/latest allocation."""
@@ -77,9 +78,10 @@ class Aggregator:
             site.first_at = (r.first_ns - origin_ns) / 1e9 if r.first_ns else None
             site.last_at = (r.last_ns - origin_ns) / 1e9 if r.last_ns else None
             sites.append(site)
-        for owner, size, ranges in mappings:
-            sites.append(self._site(owner.kind, owner.stack, size, ranges,
-                                    owner.allocator_internal))
+        for owner, size, ranges, calls, made in mappings:
+            site = self._site(owner.kind, owner.stack, size, ranges, owner.allocator_internal)
+            site.allocs, site.alloc_bytes = calls, made
+            sites.append(site)
         grouped = group_by(sites, lambda s: s.key, lambda s: (s.bytes << 64) + s.alloc_bytes,
                            _merge_site)
         for site in grouped:

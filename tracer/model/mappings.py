@@ -58,6 +58,14 @@ class MappingTracker:
         self._starts: list[int] = []
         self._ranges: list[_Range] = []
         self._brk: int | None = None
+        #: each owner's accessible mmaps and brk growths while traced, [calls, bytes]:
+        #: its "allocated while traced", unmapped since or not
+        self._made: dict[Owner, list[int]] = {}
+
+    def _count_made(self, owner: Owner, length: int) -> None:
+        made = self._made.setdefault(owner, [0, 0])
+        made[0] += 1
+        made[1] += length
 
     def mmap(self, addr: int, length: int, owner: Owner, accessible: bool = True,
              fixed: bool = False) -> None:
@@ -67,6 +75,8 @@ class MappingTracker:
             return
         self._remove(addr, end)  # MAP_FIXED replaces whatever was there
         self._insert(_Range(addr, end, owner, accessible))
+        if accessible or owner.allocator_internal:  # as counted() holds it
+            self._count_made(owner, end - addr)
 
     def mprotect(self, addr: int, length: int, accessible: bool) -> None:
         """Live ranges in [addr, addr+length) made accessible or PROT_NONE; address
@@ -98,6 +108,7 @@ class MappingTracker:
         if old is None or new_break == old:
             return
         if new_break > old:
+            self._count_made(owner, new_break - old)
             i = bisect.bisect_left(self._starts, old)
             below = self._ranges[i - 1] if i else None
             if below is not None and below.end == old and below.owner == owner \
@@ -112,9 +123,12 @@ class MappingTracker:
         if self._brk is None:
             self._brk = brk
 
-    def totals(self) -> Iterator[tuple[Owner, int, int]]:
-        """(owner, live bytes, ranges) for each owner with live ranges that hold memory
-        (PROT_NONE pieces of the program's are left out: see reserved())."""
+    def totals(self) -> Iterator[tuple[Owner, int, int, int, int]]:
+        """(owner, live bytes, ranges, mappings made, bytes made) for each owner with
+        live ranges that hold memory (PROT_NONE pieces of the program's are left out:
+        see reserved()) or that mapped any while traced (accessible mmaps and brk
+        growths, as allocations are counted; a PROT_NONE reservation committed later by
+        mprotect counts none)."""
         acc: dict[Owner, list[int]] = {}
         for r in self._ranges:
             if not r.counted():
@@ -122,8 +136,11 @@ class MappingTracker:
             slot = acc.setdefault(r.owner, [0, 0])
             slot[0] += r.end - r.start
             slot[1] += 1
+        for owner in self._made.keys() - acc.keys():
+            acc[owner] = [0, 0]
         for owner, (size, count) in acc.items():
-            yield owner, size, count
+            calls, made = self._made.get(owner, (0, 0))
+            yield owner, size, count, calls, made
 
     def reserved(self) -> tuple[int, int]:
         """(bytes, ranges) of the program's PROT_NONE address space: not counted."""

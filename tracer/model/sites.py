@@ -14,8 +14,9 @@ SiteKey = tuple[str, bool, str, str, str]
 class Site:
     """What was allocated through one call site: memory still held (`bytes`, `blocks`:
     unfreed) and every allocation made while traced, freed or not (`allocs`,
-    `alloc_bytes`), of which `temp_allocs`/`temp_bytes` were temporary (freed by the
-    allocating thread before it allocated again, heaptrack's sense). `first_at`/
+    `alloc_bytes`; a mapping site's accessible mmaps and brk growths), of which
+    `temp_allocs`/`temp_bytes` were temporary (freed by the allocating thread before it
+    allocated again, heaptrack's sense). `first_at`/
     `last_at`: seconds into the trace of its first and latest allocation (None: not
     known).
 
