@@ -118,7 +118,6 @@ fi
 # them by source, flags, kernel and bcc): the first trace attaches warm, ~0.5 s instead
 # of 2-4 s of compiling. Attach by PID (snapshot, top, record, guard) and launch (run).
 if [ "$(id -u)" = 0 ]; then
-    log "compiling natrace's BPF programs for this kernel"
     sleep 60 &
     idle=$!
     "$venv/bin/natrace" snapshot -p "$idle" --duration 0.1 >/dev/null 2>&1 || true
