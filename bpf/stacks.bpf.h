@@ -115,6 +115,10 @@ struct stack_capture {
 #define CAPTURE_BP_READ 8   /* the bp in use was read from the stack, at bp_word_off */
 #define CAPTURE_BP_USED 16  /* the first bp was used: the cache compares it */
 #define CAPTURE_STARTED 32  /* the walk's start is taken and the cache was tried */
+#define CAPTURE_PC_EXACT 64 /* frame 0's pc is the instruction itself (a page fault's), not
+                               a return address: its own row is in force, not its
+                               predecessor's (an instruction fetch faults at a
+                               function's first byte) */
 BPF_PERCPU_ARRAY(stack_capture, struct stack_capture, 1);
 
 static __always_inline void stack_drop(void) {
@@ -384,7 +388,7 @@ static __always_inline int unwind_start(struct stack_capture *cap, const struct 
     cap->pc = cap->pc0 = pc;
     cap->sp = cap->sp0 = sp;
     cap->bp = cap->bp0 = bp;
-    cap->flags = CAPTURE_BP_FIRST;
+    cap->flags = CAPTURE_BP_FIRST | (cap->flags & CAPTURE_PC_EXACT);
     cap->words.n = 0;
     cap->words.span = 0;
     return 1;
@@ -442,7 +446,8 @@ static __always_inline int unwind_chunk(struct stack_capture *cap, const u32 chu
         cap->st.ips[slot & 127] = pc;
         n = i + 1;
         struct unwind_row row = {};
-        int known = unwind_find_row(&conf, pc - 1, &row) &&
+        u64 at = i == 0 && (cap->flags & CAPTURE_PC_EXACT) ? pc : pc - 1;
+        int known = unwind_find_row(&conf, at, &row) &&
                     row.cfa != NATRACE_CFA_NO_MAPPING;
         if (!known) {
             row.cfa = NATRACE_CFA_FP;

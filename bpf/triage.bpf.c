@@ -381,7 +381,9 @@ RAW_TRACEPOINT_PROBE(page_fault_user) {
     if (!ours())
         return 0;
     count(NATRACE_TC_FAULTS, 1);
-    if (capture(CONT_FAULT)) {
+    struct stack_capture *cap = capture(CONT_FAULT);
+    if (cap) {
+        cap->flags |= CAPTURE_PC_EXACT;   /* the faulting instruction */
         tail_tp.call(ctx, STACK_WALK);
         stack_drop();
     }

@@ -24,11 +24,11 @@ PAGE = 4096
 
 
 @functools.cache
-def build(name: str) -> Path:
+def build(name: str, *flags: str) -> Path:
     BUILD.mkdir(parents=True, exist_ok=True)
     out = BUILD / name
-    subprocess.run(["gcc", "-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o", str(out),
-                    str(SRC / f"{name}.c")], check=True, capture_output=True)
+    subprocess.run(["gcc", "-O1", "-g", "-fno-omit-frame-pointer", "-pthread", *flags, "-o",
+                    str(out), str(SRC / f"{name}.c")], check=True, capture_output=True)
     return out
 
 
@@ -148,3 +148,18 @@ def test_triage_mode_attributes_page_faults_without_malloc_probes(tmp_path: Path
     # function that writes it (fault-around only applies to file-backed pages).
     assert by_function["touch_pages"] == 256
     assert faults["total"] >= 256
+
+
+@pytest.mark.bpf
+def test_a_fault_at_a_functions_first_instruction_is_that_function_with_its_callers(
+        tmp_path: Path) -> None:
+    """A page fault's pc is the faulting instruction, not a return address: named and
+    unwound from its own row, not from the byte before it (the function before, or
+    padding without unwind rows, which ended such stacks at their first frame)."""
+    report, proc = run_json(tmp_path, "--", str(build("codefault", "-O2",
+                                                          "-fomit-frame-pointer")))
+    assert proc.returncode == 0, proc.stderr
+    far = [s for s in report["faults"]["sites"] if s["stack"][0].startswith("far_away ")]
+    assert [(s["faults"], s["function"], [f.split("+")[0] for f in s["stack"][1:3]])
+            for s in far] == [(1, "far_away", ["main", "__libc_start_call_main"])], \
+        report["faults"]["sites"]

@@ -117,6 +117,19 @@ def test_gaps_between_functions_have_no_rows() -> None:
     assert table.find(0) is None
 
 
+def test_the_loaders_entry_point_is_the_outermost_frame() -> None:
+    """ld.so's _start has no FDE; every start-up stack (and its libraries'
+    constructors', from _dl_start_user) ends there: the outermost frame, not an early
+    end for want of unwind rows."""
+    from elftools.elf.elffile import ELFFile
+
+    path = str(Path("/lib64/ld-linux-x86-64.so.2").resolve())
+    with open(path, "rb") as fh:
+        entry = ELFFile(fh).header["e_entry"]
+    table = cfi.parse_file(path)
+    assert [table.find(entry + k).cfa for k in (0, 8, 0x30)] == [cfi.CFA_END] * 3
+
+
 def test_rows_are_moved_and_clipped_to_a_mapping() -> None:
     """A mapping's rows in runtime addresses: the row in force at its start moved to
     it, rows at or past its end dropped, a "no information" row before the first."""

@@ -31,8 +31,8 @@ class TriageBuilder:
         self.probes = probes
         self.call_sites = call_sites
 
-    def call_site(self, stack_id: int) -> CallSite:
-        return self.call_sites.call_site(stack_id, self.probes.stack)
+    def call_site(self, stack_id: int, exact_pc: bool = False) -> CallSite:
+        return self.call_sites.call_site(stack_id, self.probes.stack, exact_pc=exact_pc)
 
     # -- locks ----------------------------------------------------------------------
 
@@ -104,7 +104,7 @@ class TriageBuilder:
             return FaultSummary(False)
         grouped: dict[tuple[str, str], FaultSite] = {}
         for stack_id, n in raw.items():
-            site = self.call_site(stack_id)
+            site = self.call_site(stack_id, exact_pc=True)  # the faulting instruction
             fs = grouped.setdefault(_function_key(site), FaultSite(site, 0))
             fs.faults += n
         return FaultSummary(True, total, sorted(grouped.values(), key=lambda f: -f.faults))

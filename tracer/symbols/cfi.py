@@ -35,7 +35,7 @@ from tracer.symbols.elfsyms import default_cache_dir, read_build_id
 from tracer.symbols.leb128 import sleb as _sleb
 from tracer.symbols.leb128 import uleb as _uleb
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the entry point's code without an FDE is the outermost frame
 _MAGIC = b"NATCFI1\0"
 
 #: bpf/natrace.h's struct unwind_row: pc (object vaddr where the row begins),
@@ -156,7 +156,7 @@ def parse_file(path: str) -> UnwindTable:
                 f.seek(sec["sh_offset"])
                 data = f.read(sec["sh_size"])
                 table = parse_section(data, sec["sh_addr"], eh=name == ".eh_frame",
-                                      source=name)
+                                      source=name, entry=elf.header["e_entry"])
                 return dataclasses.replace(table, segments=segments)
             return dataclasses.replace(EMPTY, segments=segments)
     except Exception:  # hostile or vanished files: no rows, like "no symbols"
@@ -413,8 +413,12 @@ def _parse_cie(data: bytes, pos: int, end: int, eh: bool, sec_addr: int) -> _Cie
     return cie
 
 
-def parse_section(data: bytes, sec_addr: int, *, eh: bool, source: str) -> UnwindTable:
-    """Rows of one .eh_frame (eh=True) or .debug_frame section loaded at `sec_addr`."""
+def parse_section(data: bytes, sec_addr: int, *, eh: bool, source: str,
+                  entry: int = 0) -> UnwindTable:
+    """Rows of one .eh_frame (eh=True) or .debug_frame section loaded at `sec_addr`.
+    `entry`: the ELF entry point, whose code is the outermost frame even without an
+    FDE (ld.so's _start, which calls _dl_start and, as _dl_start_user, _dl_init: every
+    stack of a program's start-up and of its libraries' constructors ends there)."""
     cies: dict[int, tuple[_Cie, _State]] = {}
     fdes: list[tuple[int, list[tuple[int, int, int, int, int]]]] = []
     functions = rbp_functions = 0
@@ -470,7 +474,16 @@ def parse_section(data: bytes, sec_addr: int, *, eh: bool, source: str) -> Unwin
         except (IndexError, ValueError, struct.error):
             pass  # one broken entry loses its function, not the table
         pos = end
+    if entry and not any(pc <= entry < rows[-1][0] for pc, rows in fdes):
+        after = min((pc for pc, _ in fdes if pc > entry), default=entry + _ENTRY_CODE)
+        fdes.append((entry, [(entry, CFA_END, 0, RBP_SAME, 0),
+                             (min(after, entry + _ENTRY_CODE), CFA_NONE, 0, RBP_SAME, 0)]))
     return UnwindTable(_merge(fdes), functions, rbp_functions, source)
+
+
+#: How far an entry point's code without an FDE is taken to reach (ld.so's is 0x5a
+#: bytes on x86-64), unless a function's FDE starts sooner.
+_ENTRY_CODE = 256
 
 
 def _merge(fdes: list[tuple[int, list[tuple[int, int, int, int, int]]]]) -> bytes:
