@@ -148,3 +148,23 @@ def test_the_compiling_child_answers_bccs_kallsyms_lookup_itself() -> None:
          "from tracer.probes import bpfcompile; bpfcompile.short_kallsyms(); "
          "print(sum(1 for _ in open('/proc/kallsyms')))"], capture_output=True, check=True)
     assert int(child.stdout) > 1000
+
+
+def test_a_smaller_compile_runs_niced_while_a_larger_one_does() -> None:
+    """The largest compile (alloc.bpf.c in a session) is a cold attach's critical path:
+    a smaller one beside it yields the CPU, then runs at natrace's priority once the
+    larger is done (so on a loaded machine it never waits behind the load to the end)."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    text, cflags, _ = bpfprog._request("triage.bpf.c", DEFINES)
+    large = bpfprog._Compile("large.bpf.c", text, cflags)
+    small = bpfprog._Compile("small.bpf.c", "int f(void *ctx) { return 0; }", [])
+    try:
+        assert [os.getpriority(os.PRIO_PROCESS, c._proc.pid) for c in (large, small)] == \
+            [own, own + bpfprog._SMALLER_NICE]
+        large.result()
+        assert small._proc.poll() is not None or \
+            os.getpriority(os.PRIO_PROCESS, small._proc.pid) == own
+        small.result()
+    finally:
+        large.discard()
+        small.discard()
