@@ -247,3 +247,15 @@ def test_our_line_decoder_gives_pyelftools_rows(which: str) -> None:
                     want.setdefault(s.address, None)
     assert len(want) > 10
     assert {a: ours.lookup(a) for a in want} == want
+
+
+def test_the_loaders_entry_point_is_named_start() -> None:
+    """Debian's ld.so keeps no symbol for its entry point, where every stack of a
+    program's start-up ends (its _start calls _dl_start): named _start, not an offset."""
+    from elftools.elf.elffile import ELFFile
+
+    path = os.path.realpath("/lib64/ld-linux-x86-64.so.2")
+    with open(path, "rb") as fh:
+        entry = ELFFile(fh).header["e_entry"]
+    syms = ElfSymbols(path, cache_dir="")
+    assert syms.lookup(entry + 8) == ("_start", 8)

@@ -30,7 +30,7 @@ from elftools.elf.elffile import ELFFile
 from tracer.symbols.leb128 import sleb, uleb
 
 DEFAULT_DEBUG_DIRS: tuple[str, ...] = ("/usr/lib/debug",)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the entry point named when no symbol covers it
 _MAGIC = b"NATSYM1\0"
 _FUNC_TYPES = (2, 10)  # STT_FUNC, STT_GNU_IFUNC
 _SHN_UNDEF, _SHN_LORESERVE = 0, 0xFF00
@@ -228,6 +228,14 @@ class ElfSymbols:
         self._starts = array.array("Q", keys)
         self._sizes = array.array("Q", (best[k][1] for k in keys))
         self._names = [best[k][2] for k in keys]
+        entry = elf.header["e_entry"]
+        if entry and entry not in best and self.lookup(entry) is None:
+            # ld.so's entry point has no symbol left in Debian's build, yet every stack
+            # of a program's start-up ends in it (its _start calls _dl_start)
+            at = bisect.bisect_left(keys, entry)
+            self._starts.insert(at, entry)
+            self._sizes.insert(at, 0)
+            self._names.insert(at, "_start")
         self._line_file = self._find_line_file(elf)
 
     def _find_line_file(self, elf: ELFFile) -> str | None:
