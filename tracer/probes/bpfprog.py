@@ -37,7 +37,7 @@ from tracer.symbols.elfsyms import default_cache_dir
 _HEADER = "natrace.h"
 _CACHE_FORMAT = 1  # bump when bpfcompile.Image changes shape
 _COMPILE_TIMEOUT = 300.0
-_SMALLER_NICE = 10  # a compile beside a larger one: see _Compile
+_SMALLER_NICE = 10  # a compile beside a larger one: see _yield_to_larger
 
 #: How programs were obtained, for tests and the benchmark: compiled or from the cache.
 STATS: collections.Counter[str] = collections.Counter()
